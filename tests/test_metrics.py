@@ -180,3 +180,10 @@ def test_compare_to_baseline():
     assert r.diff_lo < r["diff"] < r.diff_hi
     with pytest.raises(BadInput):
         compare_to_baseline(summarise(hand_table()), baseline="nope")
+
+
+def test_summarise_same_after_parquet_round_trip(tmp_path):
+    """The runner stores trials as parquet: list columns come back as numpy arrays."""
+    df = hand_table()
+    df.to_parquet(tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(summarise(df), summarise(pd.read_parquet(tmp_path / "t.parquet")))
