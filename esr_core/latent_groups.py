@@ -1,0 +1,203 @@
+"""Latent groups: named, coloured, weighted sets of latents used as a watch lane, a heatmap
+colouring and an ablation target. Built-in groups ship as JSON in ``assets/groups/``
+(``{name, colour, members, weights, description}``, extra keys kept), e.g. the resistance circuit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import quote, unquote
+
+import numpy as np
+
+from .errors import BadInput
+from .interventions import Intervention
+from .paths import ASSETS_DIR
+
+GROUPS_DIR = ASSETS_DIR / "groups"
+_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
+MAX_MEMBERS = 4096
+
+
+@dataclass
+class LatentGroup:
+    name: str
+    members: list[int]
+    weights: list[float] = field(default_factory=list)
+    colour: str = "#009E73"
+    description: str = ""
+    builtin: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.name = str(self.name).strip()
+        if not self.name:
+            raise BadInput("A latent group needs a name")
+        try:
+            self.members = [int(m) for m in self.members]
+        except (TypeError, ValueError):
+            raise BadInput(f"Group '{self.name}': members must be integer latent ids") from None
+        if not self.members:
+            raise BadInput(f"Group '{self.name}' has no members")
+        if len(self.members) > MAX_MEMBERS:
+            raise BadInput(f"Group '{self.name}' has {len(self.members)} members; the limit is {MAX_MEMBERS}")
+        if any(m < 0 for m in self.members):
+            raise BadInput(f"Group '{self.name}': latent ids cannot be negative")
+        if not self.weights:
+            self.weights = [1.0] * len(self.members)
+        try:
+            self.weights = [float(w) for w in self.weights]
+        except (TypeError, ValueError):
+            raise BadInput(f"Group '{self.name}': weights must be numbers") from None
+        if len(self.weights) != len(self.members):
+            raise BadInput(f"Group '{self.name}': {len(self.members)} members but {len(self.weights)} weights")
+        if any(not math.isfinite(w) for w in self.weights):
+            raise BadInput(f"Group '{self.name}': weights must be finite")
+        if not _COLOUR.match(str(self.colour or "")):
+            self.colour = "#009E73"
+
+    # -- use --------------------------------------------------------------------------
+    def lane(self, acts: np.ndarray, watch: Sequence[int], how: str = "sum") -> np.ndarray:
+        """Weighted sum (or weighted mean) of the members' columns of ``acts`` [T, len(watch)]."""
+        acts = np.asarray(acts, dtype=float).reshape(-1, len(watch)) if len(watch) else np.zeros((len(acts), 0))
+        col = {int(w): j for j, w in enumerate(watch)}
+        total = np.zeros(acts.shape[0])
+        wsum = 0.0
+        for m, w in zip(self.members, self.weights):
+            if m in col:
+                total += w * acts[:, col[m]]
+                wsum += abs(w)
+        if how == "mean" and wsum > 0:
+            total /= wsum
+        return total
+
+    def lane_from_tops(self, tops: Sequence[Sequence[tuple[int, float]]], how: str = "sum") -> np.ndarray:
+        """Same as :meth:`lane` but from per-token top-k lists (members outside the top-k count as 0)."""
+        wt = dict(zip(self.members, self.weights))
+        out = np.array([sum(wt.get(int(i), 0.0) * float(v) for i, v in t) for t in tops], dtype=float)
+        if how == "mean":
+            out /= max(sum(abs(w) for w in self.weights), 1e-12)
+        return out
+
+    def ablations(self, positions: str = "all") -> list[Intervention]:
+        """One ablate intervention per member (the group as an ablation target)."""
+        return [Intervention(latent=m, mode="ablate", strength=0.0, units="raw", positions=positions)
+                for m in self.members]
+
+    def check(self, d_sae: int) -> None:
+        bad = [m for m in self.members if m >= d_sae]
+        if bad:
+            raise BadInput(f"Group '{self.name}' names latents {bad[:5]} beyond this SAE's 0..{d_sae - 1}")
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.extra)
+        d.update(name=self.name, colour=self.colour, members=list(self.members), weights=list(self.weights),
+                 description=self.description)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], builtin: bool = False) -> "LatentGroup":
+        if not isinstance(d, dict):
+            raise BadInput("A latent group must be a JSON object with name and members")
+        if "name" not in d or "members" not in d:
+            raise BadInput("A latent group needs 'name' and 'members'")
+        if not isinstance(d["members"], list):
+            raise BadInput(f"Group '{d.get('name')}': members must be a list")
+        extra = {k: v for k, v in d.items() if k not in ("name", "colour", "members", "weights", "description")}
+        return cls(name=d["name"], members=d["members"], weights=d.get("weights") or [],
+                   colour=d.get("colour", "#009E73"), description=str(d.get("description", "")),
+                   builtin=builtin, extra=extra)
+
+
+def parse_members(text: str) -> tuple[list[int], list[float]]:
+    """Parse typed ids: ``"12, 40:0.5 7"`` -> members [12, 40, 7], weights [1, 0.5, 1]."""
+    members, weights = [], []
+    for tok in re.split(r"[\s,;]+", str(text or "").strip()):
+        if not tok:
+            continue
+        lat, _, w = tok.partition(":")
+        try:
+            members.append(int(lat.lstrip("#")))
+        except ValueError:
+            raise BadInput(f"'{lat}' is not a latent id (use integers like 12, 40:0.5)") from None
+        try:
+            weights.append(float(w) if w else 1.0)
+        except ValueError:
+            raise BadInput(f"'{w}' is not a weight for latent {lat}") from None
+    if not members:
+        raise BadInput("Type at least one latent id")
+    return members, weights
+
+
+def groups_to_json(groups: Sequence[LatentGroup]) -> str:
+    return json.dumps({"groups": [g.to_dict() for g in groups]}, indent=2)
+
+
+def groups_from_json(text: str | bytes) -> list[LatentGroup]:
+    """Accept ``{"groups": [...]}``, a list of groups, or a single group object."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"Not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "groups" in data:
+        data = data["groups"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise BadInput("Expected a group object or a list of groups")
+    return [LatentGroup.from_dict(d) for d in data]
+
+
+def load_builtin_groups(folder: Path | str = GROUPS_DIR) -> tuple[list[LatentGroup], list[str]]:
+    """All groups in ``folder/*.json`` (each file: one group, a list, or {"groups": [...]}) and any errors."""
+    folder = Path(folder)
+    groups, errors = [], []
+    if not folder.is_dir():
+        return groups, errors
+    for p in sorted(folder.glob("*.json")):
+        try:
+            for g in groups_from_json(p.read_text()):
+                g.builtin = True
+                g.extra.setdefault("file", p.name)
+                groups.append(g)
+        except (OSError, BadInput) as exc:
+            errors.append(f"{p.name}: {exc}")
+    return groups, errors
+
+
+# -- compact URL encoding: name~colour~id*w.id.id|name2~... ----------------------------
+def encode_groups(groups: Sequence[LatentGroup]) -> str:
+    parts = []
+    for g in groups:
+        mem = ".".join(str(m) if w == 1.0 else f"{m}*{w:g}" for m, w in zip(g.members, g.weights))
+        parts.append(f"{quote(g.name, safe='')}~{g.colour.lstrip('#')}~{mem}")
+    return "|".join(parts)
+
+
+def decode_groups(text: str) -> list[LatentGroup]:
+    out = []
+    for part in str(text or "").split("|"):
+        if not part.strip():
+            continue
+        bits = part.split("~")
+        if len(bits) != 3:
+            raise BadInput(f"Bad group in the URL: '{part[:40]}'")
+        name, col, mem = bits
+        members, weights = [], []
+        for m in mem.split("."):
+            if not m:
+                continue
+            lat, _, w = m.partition("*")
+            try:
+                members.append(int(lat))
+                weights.append(float(w) if w else 1.0)
+            except ValueError:
+                raise BadInput(f"Bad group member in the URL: '{m}'") from None
+        out.append(LatentGroup(name=unquote(name), members=members, weights=weights, colour="#" + col))
+    return out

@@ -1,0 +1,142 @@
+"""Latents over token position as a plotly figure (pure: data in, figure out).
+
+One subplot row per *lane* ("latents", "groups", and later e.g. "circuit"), shared x axis.
+Steered runs are solid, default runs dashed, same colour per latent. ``regions`` shade token
+spans (prompt / off-topic / correction ...), ``markers`` annotate single tokens (restart phrases,
+threshold crossings): the extension points the resistance replay uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]  # Okabe-Ito
+
+
+@dataclass
+class Series:
+    name: str
+    values: Sequence[float]
+    run: str = "steered"  # "steered" (solid) | "default" (dashed)
+    colour: str | None = None
+    lane: str = "latents"
+    x0: int = 0  # token position of values[0]
+    tokens: Sequence[str] | None = None  # hover labels
+    threshold: float | None = None
+
+
+@dataclass
+class Region:
+    start: int
+    end: int
+    label: str
+    colour: str = "rgba(120,120,120,0.12)"
+
+
+@dataclass
+class Marker:
+    index: int
+    label: str
+    colour: str = "#444"
+
+
+def _clean(values) -> np.ndarray:
+    a = np.asarray(list(values), dtype=float)
+    a[~np.isfinite(a)] = np.nan
+    return a
+
+
+def timeline_figure(series: Sequence[Series], *, regions: Sequence[Any] = (), markers: Sequence[Any] = (),
+                    selected: int | None = None, title: str | None = None, height_per_lane: int = 230):
+    """Build the figure. ``regions`` items: Region or (start, end, label, colour); ``markers``: Marker or (i, label)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    lanes: list[str] = []
+    for s in series:
+        if s.lane not in lanes:
+            lanes.append(s.lane)
+    if not lanes:
+        lanes = ["latents"]
+    fig = make_subplots(rows=len(lanes), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=[ln for ln in lanes])
+    colours: dict[str, str] = {}
+    for s in series:
+        col = s.colour or colours.get(s.name) or PALETTE[len(colours) % len(PALETTE)]
+        colours.setdefault(s.name, col)
+        y = _clean(s.values)
+        x = np.arange(len(y)) + int(s.x0)
+        toks = list(s.tokens) if s.tokens is not None else [""] * len(y)
+        toks = (toks + [""] * len(y))[: len(y)]
+        row = lanes.index(s.lane) + 1
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=f"{s.name} ({s.run})",
+            legendgroup=s.name, line=dict(color=col, dash="solid" if s.run == "steered" else "dash", width=2),
+            marker=dict(size=4), customdata=[[s.run, int(xi), t] for xi, t in zip(x, toks)],
+            hovertemplate="%{customdata[0]} token %{x} %{customdata[2]}<br>" + s.name.replace("%", "%%")
+                          + " = %{y:.3g}<extra></extra>",
+        ), row=row, col=1)
+        if s.threshold is not None and math.isfinite(s.threshold):
+            fig.add_hline(y=s.threshold, line=dict(color=col, dash="dot", width=1), row=row, col=1)
+    for r in regions:
+        r = r if isinstance(r, Region) else Region(*r)
+        fig.add_vrect(x0=r.start - 0.5, x1=r.end - 0.5, fillcolor=r.colour, line_width=0, layer="below",
+                      annotation_text=r.label, annotation_position="top left")
+    for m in markers:
+        m = m if isinstance(m, Marker) else Marker(*m)
+        fig.add_vline(x=m.index, line=dict(color=m.colour, dash="dot", width=1),
+                      annotation_text=m.label, annotation_position="top right")
+    if selected is not None:
+        fig.add_vline(x=selected, line=dict(color="black", width=2))
+    fig.update_layout(height=max(260, height_per_lane * len(lanes)), margin=dict(l=40, r=10, t=40, b=30),
+                      title=title, hovermode="closest", legend=dict(orientation="h", y=-0.15),
+                      clickmode="event+select")
+    fig.update_xaxes(title_text="token position", row=len(lanes), col=1)
+    return fig
+
+
+def selected_point(event: Any) -> tuple[str, int] | None:
+    """(run, token position) of the first selected point in a ``st.plotly_chart`` selection event."""
+    if not event:
+        return None
+    sel = event.get("selection") if isinstance(event, dict) else getattr(event, "selection", None)
+    if not sel:
+        return None
+    pts = sel.get("points") if isinstance(sel, dict) else getattr(sel, "points", None)
+    if not pts:
+        return None
+    p = pts[0]
+    cd = p.get("customdata")
+    if isinstance(cd, (list, tuple)) and len(cd) >= 2:
+        try:
+            return str(cd[0]), int(cd[1])
+        except (TypeError, ValueError):
+            pass
+    x = p.get("x")
+    try:
+        return "steered", int(round(float(x)))
+    except (TypeError, ValueError):
+        return None
+
+
+def summarise(values: Sequence[float], default: Sequence[float] | None = None, threshold: float | None = None,
+              ) -> dict[str, Any]:
+    """Peak, where it peaks, first threshold crossing, area, and mean delta vs the default run."""
+    y = _clean(values)
+    out: dict[str, Any] = {"peak": None, "peak_at": None, "first_crossing": None, "area": 0.0, "delta_vs_default": None}
+    if y.size and np.isfinite(y).any():
+        out["peak"] = float(np.nanmax(y))
+        out["peak_at"] = int(np.nanargmax(y))
+        out["area"] = float(np.nansum(np.clip(y, 0, None)))
+        if threshold is not None:
+            above = np.where(y >= threshold)[0]
+            out["first_crossing"] = int(above[0]) if above.size else None
+    if default is not None:
+        d = _clean(default)
+        if d.size and y.size:
+            out["delta_vs_default"] = float(np.nanmean(y) - np.nanmean(d))
+    return out

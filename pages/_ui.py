@@ -1,0 +1,157 @@
+"""Streamlit helpers shared by the pages: session state, URL sync, the engine in use.
+
+Only widget plumbing lives here; anything that computes lives in esr_core.app_services.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from esr_core import url_state
+from esr_core.interventions import Intervention
+from esr_core.latent_groups import LatentGroup
+
+PAGES = {"home": "pages/home.py", "latents": "pages/latents.py", "steering": "pages/steering.py"}
+
+DEFAULTS: dict[str, Any] = {
+    "prompt": "How do I boil an egg?", "ivs": [], "watch": [], "user_groups": [], "sel_groups": [],
+    "seed": 0, "temperature": 0.0, "max_new_tokens": 48, "history": [], "live": None, "latent": None,
+    "query": "", "view_run": None, "sel_token": None, "watch_text": "", "abl_groups": [],
+}
+
+
+def init_state() -> None:
+    ss = st.session_state
+    for k, v in DEFAULTS.items():
+        if k not in ss:
+            ss[k] = list(v) if isinstance(v, list) else v
+    if not ss.get("_url_loaded"):
+        ss["_url_loaded"] = True
+        vs = url_state.from_params(st.query_params.to_dict())
+        ss["_url_errors"] = vs.errors
+        if vs.prompt:
+            ss.prompt = vs.prompt
+        if vs.interventions:
+            ss.ivs = [iv.to_dict() for iv in vs.interventions]
+        if vs.watch:
+            ss.watch = vs.watch
+            ss.watch_text = ",".join(str(i) for i in vs.watch)
+        if vs.groups:
+            names = {g.name for g in ss.user_groups}
+            ss.user_groups = ss.user_groups + [g for g in vs.groups if g.name not in names]
+            ss.sel_groups = [g.name for g in vs.groups]
+        if vs.seed is not None:
+            ss.seed = vs.seed
+        if vs.temperature is not None:
+            ss.temperature = min(max(vs.temperature, 0.0), 2.0)
+        if vs.max_new_tokens is not None:
+            ss.max_new_tokens = min(max(vs.max_new_tokens, 1), 512)
+        if vs.latent is not None:
+            ss.latent = vs.latent
+        if vs.query:
+            ss.query = vs.query
+        if vs.model:
+            ss.model_choice = vs.model
+        if vs.sae:
+            ss.sae_choice = vs.sae
+
+
+def view_state() -> url_state.ViewState:
+    ss = st.session_state
+    return url_state.ViewState(
+        prompt=ss.prompt, interventions=interventions(), watch=list(ss.watch),
+        groups=[g for g in ss.user_groups if g.name in ss.sel_groups], seed=ss.seed,
+        temperature=ss.temperature, max_new_tokens=ss.max_new_tokens, latent=ss.latent, query=ss.query or None,
+        model=ss.get("model_in_url"), sae=ss.get("sae_in_url"))
+
+
+def sync_url() -> None:
+    """Write the shareable state into the URL (only when it changed, to avoid churn)."""
+    params = url_state.to_params(view_state())
+    if params != st.query_params.to_dict():
+        st.query_params.from_dict(params)
+
+
+def persist(key: str, widget, *args, **kwargs):
+    """A widget whose value survives page switches (Streamlit drops widget state off-page)."""
+    ss = st.session_state
+    wkey = "w_" + key
+    if wkey not in ss:
+        ss[wkey] = ss[key]
+    val = widget(*args, key=wkey, **kwargs)
+    ss[key] = val
+    return val
+
+
+def set_persisted(key: str, value) -> None:
+    st.session_state[key] = value
+    st.session_state.pop("w_" + key, None)
+
+
+def engine():
+    """The shared engine, or stop the page with the reason it is not there."""
+    eng = st.session_state.get("engine")
+    if eng is None:
+        st.error(st.session_state.get("engine_error") or "No model is loaded; choose one in the sidebar.")
+        st.stop()
+    return eng
+
+
+def catalog():
+    return st.session_state.get("catalog")
+
+
+def interventions() -> list[Intervention]:
+    return [Intervention.from_dict(d) for d in st.session_state.ivs]
+
+
+def all_groups() -> list[LatentGroup]:
+    return list(st.session_state.get("builtin_groups", [])) + list(st.session_state.user_groups)
+
+
+def group_by_name(name: str) -> LatentGroup | None:
+    for g in all_groups():
+        if g.name == name:
+            return g
+    return None
+
+
+def add_watch(latent: int) -> None:
+    ss = st.session_state
+    if int(latent) not in ss.watch:
+        ss.watch = ss.watch + [int(latent)]
+    set_persisted("watch_text", ",".join(str(i) for i in ss.watch))
+
+
+def add_intervention(iv: Intervention) -> None:
+    st.session_state.ivs = st.session_state.ivs + [iv.to_dict()]
+
+
+def add_to_group(name: str, latent: int, colour: str = "#009E73") -> LatentGroup:
+    ss = st.session_state
+    groups = list(ss.user_groups)
+    for i, g in enumerate(groups):
+        if g.name == name:
+            if latent not in g.members:
+                groups[i] = LatentGroup(name=g.name, members=g.members + [latent], weights=g.weights + [1.0],
+                                        colour=g.colour, description=g.description)
+            ss.user_groups = groups
+            return groups[i]
+    g = LatentGroup(name=name, members=[latent], colour=colour)
+    ss.user_groups = groups + [g]
+    if name not in ss.sel_groups:
+        set_persisted("sel_groups", ss.sel_groups + [name])
+    return g
+
+
+def describe(latent: int) -> str:
+    from esr_core.app_services import description
+
+    return description(catalog(), latent)
+
+
+def show_url_errors() -> None:
+    for e in st.session_state.pop("_url_errors", []) or []:
+        st.warning(e)

@@ -1,0 +1,179 @@
+"""Latents: search descriptions (or find what fires on your text) and a per-latent detail page."""
+
+import html
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from esr_core import app_services as svc
+from esr_core.errors import BadInput, EsrError
+from esr_core.interventions import Intervention
+from esr_core.token_heatmap import render_heatmap
+from pages import _ui
+
+ss = st.session_state
+st.title("Latents")
+_ui.show_url_errors()
+eng = _ui.engine()
+cat = _ui.catalog()
+d_sae = eng.sae.d_sae
+
+if cat is None:
+    with st.expander("No latent catalog for this SAE yet: descriptions show 'no description'", expanded=False):
+        st.write("The catalog (descriptions, top contexts, histograms) is built from local text in a few minutes "
+                 "on this CPU. Latent ids, 'which latents fire on my text' and steering work without it.")
+        if st.button("Build the catalog now", key="build_catalog"):
+            bar = st.progress(0.0, "starting…")
+            try:
+                ss.catalog = svc.build_catalog(eng, progress=lambda f, m: bar.progress(f, m))
+                st.rerun()
+            except EsrError as exc:
+                st.error(str(exc))
+
+
+def open_latent(i: int) -> None:
+    ss.latent = int(i)
+
+
+search_col, detail_col = st.columns([2, 3], gap="large")
+
+# ------------------------------------------------------------------ search
+with search_col:
+    mode = st.radio("Find latents", ["by description", "that fire on my text"], horizontal=True, key="search_mode")
+    results: list[dict] = []
+    if mode == "by description":
+        q = _ui.persist("query", st.text_input, "Search descriptions (words, or latent ids like 12 40)",
+                        placeholder="e.g. cooking, football, French")
+        if q.strip():
+            try:
+                results = svc.search(cat, q, top=20, d_sae=d_sae)
+                if not results:
+                    st.info("No latent matches that search.")
+            except EsrError as exc:
+                st.error(str(exc))
+    else:
+        text = st.text_area("Your text", key="fire_text", height=80, placeholder="Paste a sentence")
+        if st.button("Find latents", key="fire_go") and text.strip():
+            try:
+                ss.fire_results = svc.firing_on(eng, text, top=20, catalog=cat)
+            except EsrError as exc:
+                st.error(str(exc))
+        results = ss.get("fire_results") or []
+    top_act = max([r.get("max_act") or r.get("act") or 0.0 for r in results] + [1e-9])
+    for r in results:
+        i = int(r["latent"])
+        c1, c2 = st.columns([1, 4])
+        c1.button(f"#{i}", key=f"res_{i}", on_click=open_latent, args=(i,), width="stretch")
+        val = r.get("act") if r.get("act") is not None else r.get("max_act")
+        dens = r.get("density")
+        bar = ""
+        if val is not None:
+            w = int(100 * min(float(val) / top_act, 1.0))
+            bar = (f'<span style="display:inline-block;width:60px;height:8px;background:#eee;margin-left:6px">'
+                   f'<span style="display:block;width:{w}%;height:8px;background:#D55E00"></span></span>')
+        facts = []
+        if dens is not None:
+            facts.append(f"density {dens:.2%}")
+        if val is not None:
+            facts.append(f"{'act' if r.get('act') is not None else 'max'} {float(val):.3g}")
+        if r.get("token"):
+            facts.append(f"on {html.escape(repr(r['token']))}")
+        c2.html(f'<div class="esr-result" data-latent="{i}" style="font-size:0.9em">'
+                f'{html.escape(r.get("description") or svc.NO_DESCRIPTION)}<br>'
+                f'<span style="color:#777;font-size:0.85em">{" · ".join(facts)}</span>{bar}</div>')
+
+# ------------------------------------------------------------------ detail
+with detail_col:
+    typed = st.text_input("Open latent id", value="" if ss.latent is None else str(ss.latent), key="open_id")
+    if typed.strip() and typed.strip() != str(ss.latent):
+        try:
+            ss.latent = svc.parse_latent(typed, d_sae)
+        except BadInput as exc:
+            st.error(str(exc))
+    if ss.latent is None:
+        st.info("Search for a latent on the left, or type an id, to open its page.")
+        st.stop()
+    try:
+        lat = svc.parse_latent(ss.latent, d_sae)
+    except BadInput as exc:
+        st.error(str(exc))
+        ss.latent = None
+        st.stop()
+    e = svc.latent_entry(eng, cat, lat)
+    st.subheader(f"Latent #{lat}")
+    st.markdown(f"**{html.escape(e.get('description') or svc.NO_DESCRIPTION)}**"
+                + (" · *dead (never fired on the catalog text)*" if e.get("dead") else ""))
+    facts = []
+    if e.get("density") is not None:
+        facts.append(f"density {e['density']:.3%}")
+    if e.get("max_act") is not None:
+        facts.append(f"max activation {e['max_act']:.3g}")
+    if e.get("description_source"):
+        facts.append(f"description: {e['description_source']}")
+    st.caption(" · ".join(facts) or "No catalog statistics for this SAE.")
+
+    b1, b2, b3 = st.columns(3)
+    strength = float(ss.get("iv_strength_default", 8.0))
+    if b1.button("Steer with this", key="steer_this", type="primary"):
+        _ui.add_intervention(Intervention(latent=lat, mode="add", strength=strength, units="norm", positions="all"))
+        _ui.add_watch(lat)
+        st.switch_page("pages/steering.py")
+    if b2.button("Watch this", key="watch_this"):
+        _ui.add_watch(lat)
+        st.toast(f"Watching #{lat}")
+    with b3.popover("Add to group"):
+        gname = st.text_input("Group", value="my group", key="grp_target")
+        if st.button("Add", key="grp_add"):
+            try:
+                g = _ui.add_to_group(gname, lat)
+                st.toast(f"#{lat} is in '{g.name}' ({len(g.members)} latents)")
+            except BadInput as exc:
+                st.error(str(exc))
+
+    test = st.text_input("Test your text", key="test_text", placeholder="Type a sentence to see this latent on it")
+    marker = None
+    if test.strip():
+        try:
+            ta = svc.text_activation(eng, test, lat)
+            marker = ta["max"]
+            st.html(render_heatmap(ta["tokens"], ta["values"], label=f"#{lat}", colour="#D55E00",
+                                   vmax=e.get("max_act") or None))
+            st.caption(f"Max on your text: {ta['max']:.3g} (position 0 excluded)")
+        except EsrError as exc:
+            st.error(str(exc))
+
+    hist = e.get("histogram")
+    if hist and hist.get("counts"):
+        edges = hist["edges"]
+        mids = [(a * b) ** 0.5 if a > 0 else (a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        fig = go.Figure(go.Bar(x=mids, y=hist["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+                               marker_color="#D55E00", hovertemplate="act %{x:.3g}: %{y} tokens<extra></extra>"))
+        if marker is not None:
+            fig.add_vline(x=marker, line=dict(color="black", dash="dash"), annotation_text="your text")
+        fig.update_layout(height=220, margin=dict(l=30, r=10, t=30, b=30), title="Activation histogram (nonzero)",
+                          xaxis_title="activation", yaxis_title="tokens")
+        st.plotly_chart(fig, key=f"hist_{lat}")
+
+    p1, p2 = st.columns(2)
+    p1.markdown("**Promoted tokens**")
+    p1.html(" ".join(f'<code>{html.escape(t["token"])}</code>' for t in e.get("promoted", [])[:10]) or "—")
+    p2.markdown("**Suppressed tokens**")
+    p2.html(" ".join(f'<code>{html.escape(t["token"])}</code>' for t in e.get("suppressed", [])[:10]) or "—")
+
+    ctx = (e.get("contexts") or {})
+    contexts = list(ctx.get("text") or []) + list(ctx.get("chat") or [])
+    st.markdown("**Top activating contexts**")
+    if not contexts:
+        st.caption("No contexts without a catalog.")
+    for c in sorted(contexts, key=lambda c: -c.get("max_act", 0))[:8]:
+        st.html(render_heatmap(c["tokens"], c["acts"], label=f"#{lat}", colour="#D55E00",
+                               vmax=e.get("max_act") or None, skip_first=False, legend=False,
+                               selected=c.get("peak_index")))
+
+    st.markdown("**Nearest latents** (decoder cosine)")
+    nb = e.get("neighbours") or []
+    ncols = st.columns(4)
+    for k, n in enumerate(nb[:8]):
+        desc = svc.description(cat, n["latent"]) if cat is not None else n.get("description", "")
+        ncols[k % 4].button(f"#{n['latent']} · {n['cosine']:.2f}", key=f"nb_{n['latent']}", help=desc,
+                            on_click=open_latent, args=(n["latent"],), width="stretch")
