@@ -166,7 +166,7 @@ class RunResult:
     def from_dict(cls, d: dict[str, Any]) -> "RunResult":
         try:
             watch = [int(x) for x in d.get("watch", [])]
-            acts = np.asarray(d.get("acts") or np.zeros((0, len(watch))), dtype=np.float32).reshape(-1, len(watch))
+            acts = _matrix(d.get("acts"), len(watch))
             r = cls(run=str(d["run"]), text=str(d.get("text", "")), token_ids=[int(x) for x in d.get("token_ids", [])],
                     pieces=[str(x) for x in d.get("pieces", [])], special=[bool(x) for x in d.get("special", [])],
                     acts=acts, top=[[(int(i), float(v)) for i, v in t] for t in d.get("top", [])],
@@ -176,12 +176,16 @@ class RunResult:
                 r.prompt = PromptReadout(run=r.run, rendered_prompt=str(p.get("rendered_prompt", "")),
                                          token_ids=[int(x) for x in p.get("token_ids", [])],
                                          tokens=[str(x) for x in p.get("tokens", [])],
-                                         acts=np.asarray(p.get("acts") or np.zeros((0, len(watch))),
-                                                         dtype=np.float32).reshape(-1, len(watch)),
+                                         acts=_matrix(p.get("acts"), len(watch)),
                                          top=[[(int(i), float(v)) for i, v in t] for t in p.get("top", [])])
             return r
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"Invalid run record: {exc}") from None
+
+
+def _matrix(rows, width: int) -> np.ndarray:
+    rows = rows or []
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
 
 
 def collect(events, spec: GenerationSpec) -> dict[str, RunResult]:
@@ -202,5 +206,5 @@ def collect(events, spec: GenerationSpec) -> dict[str, RunResult]:
             out[ev.run].text = ev.text
             out[ev.run].stop_reason = ev.stop_reason
     for r in spec.runs:
-        out[r].acts = np.asarray(acts[r], dtype=np.float32).reshape(-1, len(spec.watch))
+        out[r].acts = np.asarray(acts[r], dtype=np.float32).reshape(len(acts[r]), len(spec.watch))
     return out
