@@ -18,7 +18,7 @@ from esr_core.paths import offline_env
 from pages import _ui
 
 offline_env()
-st.set_page_config(page_title="ESR Lab", page_icon="🧭", layout="wide")
+st.set_page_config(page_title="ESR Lab", page_icon=":material/explore:", layout="wide")
 ROOT = Path(__file__).resolve().parent
 
 OTHER_MODEL = "Other: HF id or local path…"
@@ -153,11 +153,11 @@ def sidebar_status() -> None:
 
 
 def navigation():
-    pages = [st.Page("pages/home.py", title="Home", icon="🏠", default=True),
-             st.Page("pages/latents.py", title="Latents", icon="🔎"),
-             st.Page("pages/steering.py", title="Steering lab", icon="🧪")]
+    pages = [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+             st.Page("pages/latents.py", title="Latents", icon=":material/search:"),
+             st.Page("pages/steering.py", title="Steering lab", icon=":material/science:")]
     # pages other engineers add: listed only when their files exist
-    for fname, title, icon in (("resistance.py", "Resistance", "🛡️"), ("experiments.py", "Experiments", "📊")):
+    for fname, title, icon in (("resistance.py", "Resistance", ":material/shield:"), ("experiments.py", "Experiments", ":material/monitoring:")):
         if (ROOT / "pages" / fname).exists():
             pages.append(st.Page(f"pages/{fname}", title=title, icon=icon))
     return st.navigation(pages)

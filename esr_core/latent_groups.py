@@ -171,12 +171,12 @@ def load_builtin_groups(folder: Path | str = GROUPS_DIR) -> tuple[list[LatentGro
     return groups, errors
 
 
-# -- compact URL encoding: name~colour~id*w.id.id|name2~... ----------------------------
+# -- compact URL encoding: name~colour~id*w_id_id|name2~... ----------------------------
 def encode_groups(groups: Sequence[LatentGroup]) -> str:
     parts = []
     for g in groups:
-        mem = ".".join(str(m) if w == 1.0 else f"{m}*{w:g}" for m, w in zip(g.members, g.weights))
-        parts.append(f"{quote(g.name, safe='')}~{g.colour.lstrip('#')}~{mem}")
+        mem = "_".join(str(m) if w == 1.0 else f"{m}*{w:g}" for m, w in zip(g.members, g.weights))
+        parts.append(f"{quote(g.name, safe='').replace('~', '%7E')}~{g.colour.lstrip('#')}~{mem}")
     return "|".join(parts)
 
 
@@ -190,7 +190,7 @@ def decode_groups(text: str) -> list[LatentGroup]:
             raise BadInput(f"Bad group in the URL: '{part[:40]}'")
         name, col, mem = bits
         members, weights = [], []
-        for m in mem.split("."):
+        for m in mem.split("_"):
             if not m:
                 continue
             lat, _, w = m.partition("*")

@@ -44,7 +44,7 @@ for i, ex in enumerate(examples):
             st.switch_page("pages/steering.py")
 
 st.subheader("Where to go")
-st.page_link("pages/latents.py", label="Latents: search descriptions, see which latents fire on your text", icon="🔎")
-st.page_link("pages/steering.py", label="Steering lab: steer, stream both answers, heatmaps and timelines", icon="🧪")
+st.page_link("pages/latents.py", label="Latents: search descriptions, see which latents fire on your text", icon=":material/search:")
+st.page_link("pages/steering.py", label="Steering lab: steer, stream both answers, heatmaps and timelines", icon=":material/science:")
 st.caption("Numbers: McKenzie et al. 2026, arXiv 2602.06941. A 135M model is expected to show ESR near 0 %: "
            "that is the scale-dependent result, not a bug.")

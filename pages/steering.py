@@ -279,13 +279,21 @@ with right:
             _ui.set_persisted("max_new_tokens", int(spec.max_new_tokens))
             st.rerun()
 
+    def open_records(data, name: str) -> None:
+        try:
+            new = records_from_json(data)
+        except BadInput as exc:
+            st.error(f"Could not open {name}: {exc}")
+            return
+        ss.history = ss.history + new
+        ss.view_run, ss.sel_token = new[-1].id, None
+        st.rerun()
+
     up = st.file_uploader("Open a run or history JSON", type=["json"], key="run_upload")
     if up is not None and ss.get("_run_file") != up.file_id:
         ss._run_file = up.file_id
-        try:
-            new = records_from_json(up.getvalue())
-            ss.history = ss.history + new
-            ss.view_run = new[-1].id
-            st.rerun()
-        except BadInput as exc:
-            st.error(f"Could not open {up.name}: {exc}")
+        open_records(up.getvalue(), up.name)
+    with st.expander("…or paste a run JSON"):
+        pasted = st.text_area("Run JSON", key="run_paste", height=80)
+        if st.button("Open pasted JSON", key="run_paste_open"):
+            open_records(pasted, "the pasted text")

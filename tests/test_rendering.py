@@ -1,0 +1,242 @@
+"""Pure unit tests: token heatmap HTML, timeline figure, latent groups, URL state, run records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from esr_core.errors import BadInput
+from esr_core.generation import GenerationSpec, PromptReadout, RunDone, TokenEvent
+from esr_core.interventions import Intervention
+from esr_core.latent_groups import (LatentGroup, decode_groups, encode_groups, groups_from_json, groups_to_json,
+                                    load_builtin_groups, parse_members)
+from esr_core.run_record import RunRecord, history_to_json, records_from_json
+from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
+from esr_core.token_heatmap import opacity, render_heatmap, scale_max
+from esr_core import app_services as svc
+from esr_core import url_state
+
+
+# ---------------------------------------------------------------- heatmap
+def test_heatmap_escapes_every_token_and_tooltip():
+    evil = ['<script>alert(1)</script>', '" onmouseover="x', "a & b", "<img src=x onerror=y>"]
+    out = render_heatmap(evil, [1, 2, 3, 4], tops=[[(1, 0.5)]] * 4, label="<b>lbl</b>")
+    assert "<script>" not in out and "<img" not in out and "<b>lbl" not in out
+    assert "&lt;script&gt;" in out and "&amp;" in out
+    assert 'onmouseover="x' not in out
+
+
+def test_position_zero_and_special_tokens_do_not_set_the_scale():
+    vals = [24000.0, 1.0, 2.0, 50.0]
+    special = [False, False, False, True]
+    assert scale_max(vals, special) == 2.0
+    out = render_heatmap(["<s>", "a", "b", "</s>"], vals, special=special)
+    assert 'data-v="2"' in out and "esr-special" in out
+    assert "0</span><span" in out.replace(" ", "") or ">2<" in out  # legend shows the max 2
+
+
+def test_opacity_scales_keep_weak_activations_visible():
+    assert opacity(0, 10) == 0 and opacity(10, 10) == 1 and opacity(20, 10) == 1
+    assert opacity(1, 100, "sqrt") == pytest.approx(0.1)
+    assert opacity(1, 100, "log") > opacity(1, 100, "sqrt") > opacity(1, 100, "linear")
+    assert opacity(float("nan"), 10) == 0 and opacity(1, 0) == 0
+
+
+def test_newlines_get_a_glyph_and_a_break_and_tooltip_has_top_latents():
+    out = render_heatmap(["x", "a\nb", "c"], [0, 1, 0], tops=[[], [(42, 3.5)], []], describe=lambda i: "cooking")
+    assert "a\u21b5b" in out and "<br>" in out
+    assert "#42: 3.5 (cooking)" in out
+    assert 'data-i="1"' in out
+
+
+def test_negative_values_and_selection_marker():
+    out = render_heatmap(["x", "a", "b"], [0, -2, 2], selected=2)
+    assert "rgba(31,119,180" in out  # negative hue
+    assert "outline:2px solid #000" in out
+
+
+# ---------------------------------------------------------------- timeline
+def test_timeline_lanes_styles_regions_markers():
+    s = [Series("#1", [0, 1, 2], run="steered"), Series("#1", [0, 0.5, 1], run="default"),
+         Series("grp", [1, 1, 1], run="steered", lane="groups", colour="#009E73"),
+         Series("circuit", [0, 3, 0], lane="circuit", threshold=2.0)]
+    fig = timeline_figure(s, regions=[(0, 2, "off-topic", "rgba(255,0,0,0.1)")], markers=[(1, "wait")], selected=2)
+    assert len(fig.data) == 4
+    assert fig.data[0].line.dash == "solid" and fig.data[1].line.dash == "dash"
+    assert fig.data[0].line.color == fig.data[1].line.color  # same latent, same colour
+    assert fig.data[2].yaxis == "y2" and fig.data[3].yaxis == "y3"
+    texts = [a.text for a in fig.layout.annotations]
+    assert "off-topic" in texts and "wait" in texts and "circuit" in texts
+    assert list(fig.data[0].customdata[2][:2]) == ["steered", 2]
+
+
+def test_timeline_handles_nan_and_empty():
+    fig = timeline_figure([Series("#1", [float("nan"), 1.0])])
+    assert math.isnan(fig.data[0].y[0])
+    assert timeline_figure([]) is not None
+
+
+def test_selected_point_parses_plotly_events():
+    ev = {"selection": {"points": [{"x": 3, "y": 1.0, "customdata": ["default", 3, "x"]}]}}
+    assert selected_point(ev) == ("default", 3)
+    assert selected_point({"selection": {"points": [{"x": 4.0}]}}) == ("steered", 4)
+    assert selected_point({"selection": {"points": []}}) is None and selected_point(None) is None
+
+
+def test_summarise():
+    sm = summarise([0, 1, 5, 2], default=[0, 0, 0, 0], threshold=2)
+    assert sm["peak"] == 5 and sm["peak_at"] == 2 and sm["first_crossing"] == 2
+    assert sm["area"] == 8 and sm["delta_vs_default"] == 2
+
+
+# ---------------------------------------------------------------- groups
+def test_group_lane_sum_mean_and_ablation():
+    g = LatentGroup("g", [3, 5], [1.0, 0.5])
+    acts = np.array([[1.0, 2.0, 4.0], [0.0, 0.0, 2.0]])  # watch [5, 9, 3]
+    assert g.lane(acts, [5, 9, 3]).tolist() == [4.5, 2.0]
+    assert g.lane(acts, [5, 9, 3], "mean").tolist() == [3.0, pytest.approx(2 / 1.5)]
+    ab = g.ablations("generated")
+    assert [(a.latent, a.mode, a.positions) for a in ab] == [(3, "ablate", "generated"), (5, "ablate", "generated")]
+    assert g.lane_from_tops([[(3, 2.0), (7, 1.0)], []]).tolist() == [2.0, 0.0]
+
+
+def test_group_validation():
+    with pytest.raises(BadInput):
+        LatentGroup("", [1])
+    with pytest.raises(BadInput):
+        LatentGroup("g", [])
+    with pytest.raises(BadInput):
+        LatentGroup("g", [1, 2], [1.0])
+    with pytest.raises(BadInput):
+        LatentGroup("g", [1], [float("nan")])
+    with pytest.raises(BadInput):
+        LatentGroup("g", [10]).check(5)
+    assert LatentGroup("g", [1], colour="red").colour == "#009E73"
+    assert parse_members("12, 40:0.5 #7") == ([12, 40, 7], [1.0, 0.5, 1.0])
+    with pytest.raises(BadInput):
+        parse_members("12, x")
+
+
+def test_group_json_and_url_round_trip(tmp_path):
+    gs = [LatentGroup("off topic / détecteurs", [1, 2, 3], [1, 0.25, 2], "#aa0011", "d", extra={"auc": [1, 1, 1]}),
+          LatentGroup("b~|x", [9])]
+    back = groups_from_json(groups_to_json(gs))
+    assert [g.to_dict() for g in back] == [g.to_dict() for g in gs]
+    url = decode_groups(encode_groups(gs))
+    assert [(g.name, g.members, g.weights, g.colour) for g in url] == [(g.name, g.members, g.weights, g.colour) for g in gs]
+    (tmp_path / "circuit.json").write_text(json.dumps(gs[0].to_dict()))
+    (tmp_path / "bad.json").write_text("{oops")
+    groups, errors = load_builtin_groups(tmp_path)
+    assert [g.name for g in groups] == [gs[0].name] and groups[0].builtin and len(errors) == 1
+    with pytest.raises(BadInput):
+        groups_from_json("[1, 2]")
+
+
+# ---------------------------------------------------------------- URL state
+def test_url_state_round_trip():
+    vs = url_state.ViewState(prompt="How & why?", interventions=[Intervention(12, "add", 4.5, "norm", "all"),
+                                                                   Intervention(7, "ablate", 0, "raw", "generated")],
+                             watch=[1, 2], groups=[LatentGroup("g", [1, 2])], seed=3, temperature=0.6,
+                             max_new_tokens=32, latent=9, query="cooking")
+    params = url_state.to_params(vs)
+    assert params["iv"] == "12:add:4.5:norm:all,7:ablate:0:raw:generated"
+    back = url_state.from_params(params)
+    assert back.prompt == vs.prompt and back.interventions == vs.interventions and back.watch == [1, 2]
+    assert back.seed == 3 and back.temperature == 0.6 and back.max_new_tokens == 32 and back.latent == 9
+    assert back.groups[0].members == [1, 2] and not back.errors
+
+
+def test_url_state_ignores_mangled_pieces():
+    back = url_state.from_params({"iv": "12:zap:4", "w": "1,x", "seed": "abc", "t": "nan", "p": "ok"})
+    assert back.prompt == "ok" and back.interventions == [] and back.watch == [] and back.seed is None
+    assert back.temperature is None and len(back.errors) == 3
+    assert url_state.from_params({"iv": "5:add:inf"}).interventions == []
+
+
+# ---------------------------------------------------------------- run records and live runs
+def _live() -> svc.LiveRun:
+    spec = GenerationSpec(prompt="Hi", interventions=[Intervention(5, "add", 4.0)], watch=[5], max_new_tokens=3)
+    live = svc.LiveRun(spec=spec, model="m", sae="s", groups=[LatentGroup("g", [5])])
+    for run in spec.runs:
+        live.add(PromptReadout(run=run, rendered_prompt="<u>Hi", token_ids=[1, 2], tokens=["<u>", "Hi"],
+                               acts=np.array([[0.0], [1.0]], dtype=np.float32), top=[[], [(5, 1.0)]]))
+    live.add(TokenEvent(run="steered", step=0, token_id=10, text="A", acts={5: 2.0}, top=[(5, 2.0)]))
+    live.add(TokenEvent(run="default", step=0, token_id=11, text="B", acts={5: 0.0}, top=[]))
+    live.add(TokenEvent(run="steered", step=1, token_id=12, text="<b>", acts={5: 3.0}, top=[(5, 3.0)]))
+    return live
+
+
+def test_live_run_partial_record_keeps_tokens():
+    live = _live()
+    assert live.texts == {"steered": "A<b>", "default": "B"} and live.n_tokens == {"steered": 2, "default": 1}
+    rec = live.record("stopped")
+    assert rec.status == "stopped" and rec.results["steered"].text == "A<b>"
+    assert rec.results["steered"].stop_reason == "cancelled"
+    assert rec.results["steered"].acts[:, 0].tolist() == [2.0, 3.0]
+    live.add(RunDone(run="default", text="B", token_ids=[11], stop_reason="eos"))
+    assert live.record("done").results["default"].stop_reason == "eos"
+
+
+def test_run_record_json_round_trip_and_errors():
+    rec = _live().record("done")
+    back = RunRecord.from_json(rec.to_json())
+    assert back.to_dict() == rec.to_dict()
+    assert back.results["steered"].prompt.tokens == ["<u>", "Hi"]
+    many = records_from_json(history_to_json([rec, back]))
+    assert len(many) == 2
+    for bad, msg in [("{oops", "not valid JSON"), ("[]", "not an ESR Lab run record"),
+                     (json.dumps({"format": "esr-lab.run/1"}), "has no"), (b"\xff\xfe", "not UTF-8")]:
+        with pytest.raises(BadInput, match=msg):
+            records_from_json(bad)
+    d = rec.to_dict()
+    d["spec"]["interventions"] = [{"latent": "x"}]
+    with pytest.raises(BadInput):
+        RunRecord.from_dict(d)
+
+
+def test_token_values_for_latent_group_and_prompt():
+    rec = _live().record("done")
+    r = rec.results["steered"]
+    pieces, vals, special, tops = svc.token_values(r, latent=5)
+    assert pieces == ["A", "<b>"] and vals == [2.0, 3.0]
+    pieces, vals, _, _ = svc.token_values(r, group=LatentGroup("g", [5], [2.0]), include_prompt=True)
+    assert pieces == ["<u>", "Hi", "A", "<b>"] and vals == [0.0, 2.0, 4.0, 6.0]
+    _, vals, _, _ = svc.token_values(r, latent=99)  # not watched: from the top-k lists
+    assert vals == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------- form parsing
+def test_form_parsing_errors_are_one_clear_line():
+    assert svc.make_intervention("#12", "add", "4", "norm", "all", 100).latent == 12
+    for args, msg in [(("12", "add", "1e9", "norm", "all"), "absurd"), (("12", "add", "nan", "norm", "all"), "finite"),
+                      (("100", "add", "1", "norm", "all"), "out of range"), (("x", "add", "1", "norm", "all"), "latent id"),
+                      (("1", "add", "", "norm", "all"), "not a number")]:
+        with pytest.raises(BadInput, match=msg):
+            svc.make_intervention(*args, d_sae=100)
+    assert svc.make_intervention("3", "ablate", "junk", "raw", "generated", 100).strength == 0.0
+    assert svc.parse_watch("1, 2 2;3", 10) == [1, 2, 3]
+    spec = svc.build_spec("Hi", [Intervention(1, "add", 2.0)], [4], [LatentGroup("g", [6, 7])], 10,
+                          ablate_groups=[LatentGroup("a", [8])], max_new_tokens=5)
+    assert spec.watch == [4, 1, 6, 7, 8] and [iv.mode for iv in spec.interventions] == ["add", "ablate"]
+    with pytest.raises(BadInput, match="prompt is empty"):
+        svc.build_spec("  ", [], [], [], 10)
+
+
+def test_search_by_ids_without_catalog():
+    assert [r["latent"] for r in svc.search(None, "#12 40", d_sae=100)] == [12, 40]
+    assert svc.search(None, "  ") == []
+    with pytest.raises(BadInput, match="catalog"):
+        svc.search(None, "cooking")
+    with pytest.raises(BadInput, match="out of range"):
+        svc.search(None, "500", d_sae=100)
+
+
+def test_examples_file_is_valid():
+    ex = svc.load_examples()
+    assert ex and all({"prompt", "latent", "strength"} <= set(e) for e in ex)
+    for e in ex:
+        svc.make_intervention(e["latent"], e.get("mode", "add"), e["strength"], e.get("units", "norm"),
+                              e.get("positions", "all"), 8192)
