@@ -40,7 +40,7 @@ REGISTRY: dict[str, ModelEntry] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         instruct=True,
         default_sae="sae/smollm2-135m-instruct",
-        default_layer=12,
+        default_layer=15,
         notes="Llama architecture, 30 layers, d_model 576. Q4_1 GGUF de-quantised to float32.",
     ),
     "gemma3-270m": ModelEntry(
