@@ -81,14 +81,14 @@ def sae_info(engine) -> dict[str, Any]:
         info["median_resid_norm"] = round(float(engine.median_norm), 2) if s.median_resid_norm is not None else None
     except Exception:
         info["median_resid_norm"] = None
-    for k in ("l0", "L0", "explained_variance", "variance_explained", "fvu", "dead_fraction", "mse",
-              "ce_loss_delta", "n_train_tokens", "trained_tokens", "release", "sae_id"):
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    for k in ("l0", "explained_variance", "dead_fraction", "ce_loss_recovered"):
+        v = metrics.get(k, meta.get(k))
+        if v is not None:
+            info[k] = v
+    for k in ("training_tokens", "release", "sae_id"):
         if k in meta:
             info[k] = meta[k]
-    metrics = meta.get("metrics")
-    if isinstance(metrics, dict):
-        for k, v in list(metrics.items())[:8]:
-            info[k] = v
     return info
 
 
@@ -173,12 +173,19 @@ def _lexical(catalog, q: str, top: int) -> list[dict]:
 
 def firing_on(engine, text: str, top: int = 20, catalog=None) -> list[dict]:
     """Latents that fire most on ``text`` (max over tokens, position 0 excluded)."""
-    try:
-        from .latent_search import latents_firing_on
-
-        return [dict(r) for r in latents_firing_on(engine, text, top=top)]
-    except ImportError:
-        pass
+    if catalog is not None:  # ranks by activation relative to each latent's catalog maximum
+        try:
+            from .latent_search import latents_firing_on
+        except ImportError:
+            latents_firing_on = None
+        if latents_firing_on is not None:
+            out = []
+            for r in latents_firing_on(engine, text, top=top, catalog=catalog):
+                row = _row(catalog, int(r["latent"]), float(r.get("relative", 0.0)))
+                row["act"] = float(r.get("max_act_on_text", 0.0))
+                row["token"] = r.get("token")
+                out.append(row)
+            return out
     res = engine.activations(text=text)
     z = res.z[1:] if res.z.shape[0] > 1 else res.z
     mx, arg = z.max(dim=0)
@@ -383,9 +390,9 @@ def token_values(result: RunResult, latent: int | None = None, group: LatentGrou
     return pieces, [float(v) for v in vals], special, tops
 
 
-def load_examples(path: Path = EXAMPLES_FILE) -> list[dict]:
+def load_examples(path: Path | None = None) -> list[dict]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path or EXAMPLES_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return []
     return data.get("examples", []) if isinstance(data, dict) else list(data)

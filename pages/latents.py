@@ -33,6 +33,14 @@ if cat is None:
 
 def open_latent(i: int) -> None:
     ss.latent = int(i)
+    ss.open_id = str(int(i))
+
+
+def typed_latent() -> None:
+    try:
+        ss.latent = svc.parse_latent(ss.open_id, d_sae) if ss.open_id.strip() else None
+    except BadInput as exc:
+        ss._open_error = str(exc)
 
 
 search_col, detail_col = st.columns([2, 3], gap="large")
@@ -84,12 +92,11 @@ with search_col:
 
 # ------------------------------------------------------------------ detail
 with detail_col:
-    typed = st.text_input("Open latent id", value="" if ss.latent is None else str(ss.latent), key="open_id")
-    if typed.strip() and typed.strip() != str(ss.latent):
-        try:
-            ss.latent = svc.parse_latent(typed, d_sae)
-        except BadInput as exc:
-            st.error(str(exc))
+    if "open_id" not in ss:  # widget state is dropped off-page: start from the open latent
+        ss.open_id = "" if ss.latent is None else str(ss.latent)
+    st.text_input("Open latent id", key="open_id", on_change=typed_latent)
+    if ss.get("_open_error"):
+        st.error(ss.pop("_open_error"))
     if ss.latent is None:
         st.info("Search for a latent on the left, or type an id, to open its page.")
         st.stop()

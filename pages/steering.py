@@ -211,7 +211,7 @@ with right:
         views = {run: svc.token_values(res, latent=latent, group=group, include_prompt=with_prompt)
                  for run, res in rec.results.items()}
         vmax = max([scale_max(v[1], v[2]) for v in views.values()] + [0.0])
-        sel = ss.sel_token
+        sel = (ss.tok_run, int(ss.get("tok_idx", 0))) if ss.get("tok_run") in rec.results else None
         hcols = st.columns(len(views))
         label = fmt(colour_by) if colour_by else ""
         for col, (run, (pieces, vals, special, tops)) in zip(hcols, views.items()):
@@ -238,8 +238,9 @@ with right:
                                   title="Watched latents over generated tokens (solid = steered, dashed = default)")
             event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"tl_{rec.id}")
             pt = selected_point(event)
-            if pt and pt != ss.sel_token:
-                ss.sel_token = pt
+            if pt and pt != ss.get("_last_pt"):  # a new click on the chart selects that token
+                ss._last_pt = ss.sel_token = pt
+                ss.tok_run, ss.tok_idx = pt
                 st.rerun()
             rows = []
             for s in series:
@@ -252,12 +253,14 @@ with right:
 
         t1, t2 = st.columns([1, 2])
         runs = list(rec.results)
-        trun = t1.selectbox("Token of run", runs, index=runs.index(sel[0]) if sel and sel[0] in runs else 0,
-                            key="tok_run")
+        if ss.get("tok_run") not in runs:
+            ss.tok_run = runs[0]
+        trun = t1.selectbox("Token of run", runs, key="tok_run")
         n_tok = max(len(rec.results[trun].token_ids), 1)
-        tidx = t1.number_input("Token index", 0, n_tok - 1, value=min(sel[1], n_tok - 1) if sel else 0, key="tok_idx")
-        if sel != (trun, int(tidx)):
-            ss.sel_token = (trun, int(tidx))
+        if not 0 <= int(ss.get("tok_idx", 0)) < n_tok:
+            ss.tok_idx = 0
+        tidx = t1.number_input("Token index", 0, n_tok - 1, key="tok_idx")
+        ss.sel_token = (trun, int(tidx))
         r = rec.results[trun]
         if r.pieces:
             t2.markdown(f"Top latents at token {int(tidx)} `{html.escape(repr(r.pieces[int(tidx)]))}` of the {trun} run")

@@ -1,0 +1,180 @@
+"""The app in a real browser: `streamlit run` + Debian's chromium driven by Playwright.
+
+Covers what AppTest cannot: real token streaming, the Stop button stopping the work, plotly
+rendering, the shared URL, file upload, and two sessions generating at once with different
+steering (each must match the same spec run alone through the engine).
+Screenshots go to test-artefacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from browser_util import ARTEFACTS, Browser, StreamlitServer, chromium_available, shot
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SAE = REPO / "assets" / "sae" / "smollm2-135m-instruct"
+EXAMPLE = json.loads((REPO / "assets" / "examples.json").read_text())["examples"][0]
+LONG = 180_000  # ms; the model is slow on a loaded 2-core machine
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+if not chromium_available():
+    pytest.skip("Debian chromium is not installed at /usr/bin/chromium (make browser)", allow_module_level=True)
+if not (DEFAULT_SAE / "cfg.json").exists() and not os.environ.get("ESR_LAB_DEFAULT_SAE"):
+    pytest.skip(f"the default SAE is not in {DEFAULT_SAE} yet", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with StreamlitServer(timeout=120) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with Browser() as b:
+        yield b
+
+
+def steering_url(server, **params) -> str:
+    return f"{server.url}/steering?{urlencode(params)}"
+
+
+def live_count(page, run: str) -> int:
+    el = page.locator(f'.esr-live[data-run="{run}"]')
+    return int(el.get_attribute("data-n")) if el.count() else -1
+
+
+def wait_results(page) -> None:
+    """The finished (or stopped) run's heatmaps are on the page."""
+    page.locator(".esr-heatmap").first.wait_for(timeout=LONG)
+    page.wait_for_function("() => document.querySelectorAll('.esr-heatmap').length >= 2", timeout=LONG)
+
+
+def set_input(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Enter")
+
+
+def download_run(page) -> dict:
+    with page.expect_download(timeout=LONG) as dl:
+        page.get_by_role("button", name="Download this run (JSON)").click()
+    return json.loads(Path(dl.value.path()).read_text())
+
+
+def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/latents")
+    page.get_by_text("Find latents").first.wait_for(timeout=LONG)
+    has_catalog = page.get_by_text("No latent catalog for this SAE yet").count() == 0
+    query = "food" if has_catalog else str(EXAMPLE["latent"])
+    set_input(page, "Search descriptions (words, or latent ids like 12 40)", query)
+    first = page.locator("button").filter(has_text=re.compile(r"^#\d+$")).first
+    first.wait_for(timeout=LONG)
+    latent = int(first.inner_text().strip("#"))
+    first.click()
+    page.get_by_text(f"Latent #{latent}").wait_for(timeout=LONG)
+    shot(page, "latents-page")
+    page.get_by_role("button", name="Steer with this").click()
+    page.get_by_text("Steering lab").first.wait_for(timeout=LONG)
+    page.get_by_text(f"add #{latent} +8×‖h‖ (all)").wait_for(timeout=LONG)
+    set_input(page, "Max new tokens", "6")
+    page.wait_for_function("() => location.search.includes('n=6')", timeout=LONG)
+
+    page.get_by_role("button", name="Generate").click()
+    # both answers stream: each column shows tokens while the run is still going
+    page.wait_for_function(
+        "() => ['steered','default'].every(r => { const e = document.querySelector(`.esr-live[data-run=${r}]`);"
+        " return e && +e.dataset.n >= 1; })", timeout=LONG)
+    shot(page, "steering-streaming")
+    wait_results(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    page.get_by_text(re.compile(r"steered · 6 tokens")).wait_for(timeout=LONG)
+    shot(page, "steering-lab")
+    toks = page.locator(".esr-heatmap").first.locator(".esr-tok")
+    assert toks.count() == 6
+    assert toks.first.get_attribute("title").startswith("#0")
+
+    url = page.url
+    assert f"iv={latent}%3Aadd%3A8%3Anorm%3Aall" in url or f"iv={latent}:add:8:norm:all" in url
+    other = browser.new_page()
+    other.goto(url)
+    other.get_by_text(f"add #{latent} +8×‖h‖ (all)").wait_for(timeout=LONG)
+    assert other.get_by_label("Prompt").input_value() == "How do I boil an egg?"
+    assert other.get_by_label("Max new tokens", exact=True).input_value() == "6"
+    other.context.close()
+
+    # an invalid uploaded file gives a clear error and the page stays usable
+    bad = ARTEFACTS / "not-a-run.json"
+    bad.write_text("{this is not json")
+    page.locator('input[type="file"]').last.set_input_files(str(bad))
+    page.get_by_text("Could not open not-a-run.json").wait_for(timeout=LONG)
+    assert page.get_by_role("button", name="Generate").is_enabled()
+    page.context.close()
+
+
+def test_stop_really_stops_a_long_generation(server, browser):
+    page = browser.new_page()
+    page.goto(steering_url(server, p="Write a long story about a lighthouse keeper.", n="400",
+                           iv=f"{EXAMPLE['latent']}:add:4:norm:all"))
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function(
+        "() => { const e = document.querySelector('.esr-live[data-run=steered]'); return e && +e.dataset.n >= 2; }",
+        timeout=LONG)
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_text("This run was stopped before the end").wait_for(timeout=LONG)
+    wait_results(page)
+    head = page.get_by_text(re.compile(r"steered · \d+ tokens · cancelled")).inner_text()
+    n_stopped = int(re.search(r"(\d+) tokens", head).group(1))
+    assert 2 <= n_stopped < 400
+    # the work is over: no live stream on the page, and a new run can start at once (the script is idle)
+    assert page.locator(".esr-live").count() == 0
+    shot(page, "steering-stopped")
+    kept = page.get_by_text(re.compile(r"Stopped: kept \d+ steered")).inner_text()
+    assert int(re.search(r"kept (\d+) steered", kept).group(1)) == n_stopped
+    page.context.close()
+
+
+def test_two_sessions_generate_at_once_with_different_steering(server, browser):
+    from esr_core.engine import get_engine
+    from esr_core.generation import GenerationSpec
+
+    lat = int(EXAMPLE["latent"])
+    specs = {"a": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:8:norm:all"),
+             "b": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:-6:norm:all,{(lat + 1) % 8192}:add:6:norm:all")}
+    pages = {k: browser.new_page() for k in specs}
+    for k, page in pages.items():
+        page.goto(steering_url(server, **specs[k]))
+        page.get_by_role("button", name="Generate").wait_for(timeout=LONG)
+    for page in pages.values():  # click both before either finishes
+        page.get_by_role("button", name="Generate").click()
+    for page in pages.values():
+        page.wait_for_function("() => document.querySelector('.esr-live')", timeout=LONG)
+    records = {}
+    for k, page in pages.items():
+        wait_results(page)
+        records[k] = download_run(page)
+        shot(page, f"two-sessions-{k}")
+    eng = get_engine("smollm2-135m-instruct", os.environ.get("ESR_LAB_DEFAULT_SAE"))
+    texts = {}
+    for k, rec in records.items():
+        spec = GenerationSpec.from_dict(rec["spec"])
+        assert [f"{iv.latent}:{iv.mode}:{iv.strength:g}:{iv.units}:{iv.positions}" for iv in spec.interventions] == \
+            specs[k]["iv"].split(",")
+        alone = eng.generate(spec)
+        for run in ("steered", "default"):
+            assert rec["results"][run]["token_ids"] == alone[run].token_ids, (k, run)
+            assert rec["results"][run]["text"] == alone[run].text
+        texts[k] = rec["results"]["steered"]["text"]
+    assert texts["a"] != texts["b"]
+    assert records["a"]["results"]["default"]["text"] == records["b"]["results"]["default"]["text"]
+    for p in pages.values():
+        p.context.close()
