@@ -14,6 +14,9 @@ concreteness 0-100 and keeps >= 65; offline we rate it ourselves (:func:`concret
 - T: token evidence: the share of the latent's top activating tokens that are content words
   (alphabetic, >= 3 letters, not a stop word).
 
+Labels the catalog marks as low confidence count as no label (the paper drops unlabelled
+latents), unless ``allow_low_confidence``.
+
 The relevance rule comes in both readings, recorded in every result:
 ``code``: the latent's activation is exactly 0 on every token of every prompt (position 0,
 the attention sink, excluded); ``paper``: the latent is not among any prompt's top-100
@@ -127,9 +130,17 @@ def _kind(catalog, i: int) -> str:
     return ""
 
 
+def _low_confidence(catalog, i: int, text: str) -> bool:
+    col = getattr(catalog, "_lat", {}).get("low_confidence") if hasattr(catalog, "_lat") else None
+    if col is not None and i < len(col):
+        return bool(col[i])
+    return _LOW in (text or "")
+
+
 def select_distractors(catalog, engine, prompts: Sequence[str], n: int, rule: str = "code",
                        min_concreteness: float = 65.0, seed: int = 0,
                        exclude: Sequence[int] = (), require_label: bool = True,
+                       allow_low_confidence: bool = False,
                        embed_fn=None, cancel=None) -> dict[str, Any]:
     """Pick ``n`` distractor latents; returns ``{"latents", "labels", "scores", "report"}``.
 
@@ -142,11 +153,12 @@ def select_distractors(catalog, engine, prompts: Sequence[str], n: int, rule: st
         raise BadInput("Need at least one distractor latent")
     d = int(catalog.d_sae)
     dead = np.asarray(catalog.dead, dtype=bool)
-    descs = [clean_label(catalog.description(i)) for i in range(d)]
+    raw = [catalog.description(i) for i in range(d)]
+    descs = [clean_label(x) for x in raw]
     mx, in_top = prompt_activation_stats(engine, prompts, cancel=cancel)
     relevant = (mx > 0) if rule == "code" else in_top
     excl = set(int(x) for x in exclude)
-    counts = {"total": d, "dead": int(dead.sum()), "unlabelled": 0, "excluded": 0,
+    counts = {"total": d, "dead": int(dead.sum()), "unlabelled": 0, "low_confidence_label": 0, "excluded": 0,
               "relevant_to_prompts": 0, "not_concrete": 0, "rated": 0}
     pool = []
     for i in range(d):
@@ -154,6 +166,9 @@ def select_distractors(catalog, engine, prompts: Sequence[str], n: int, rule: st
             continue
         if require_label and not descs[i]:
             counts["unlabelled"] += 1
+            continue
+        if require_label and not allow_low_confidence and _low_confidence(catalog, i, raw[i]):
+            counts["low_confidence_label"] += 1  # a label the catalog itself doubts is no label
             continue
         if i in excl:
             counts["excluded"] += 1
@@ -187,6 +202,7 @@ def select_distractors(catalog, engine, prompts: Sequence[str], n: int, rule: st
         raise BadInput(f"No latent passed the selection ({rule} relevance, concreteness >= {min_concreteness:g}); "
                        f"counts: {counts}")
     report = {"rule": rule, "min_concreteness": min_concreteness, "seed": seed, "requested": n,
+              "allow_low_confidence": allow_low_confidence,
               "chosen": len(chosen), "pool_after_relevance": len(pool), "counts": counts,
               "n_prompts": len(prompts),
               "method": "concreteness = 100*(0.60*embedding + 0.25*catalog kind + 0.15*content-word tokens)"}
