@@ -112,12 +112,12 @@ def _sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if len(_WORD.findall(p)) >= 3]
 
 
-def _chunks(text: str, max_chunks: int = 8) -> list[str]:
-    """Groups of ~2 sentences: the unit in which drift towards the distractor is judged."""
+def _chunks(text: str, max_chunks: int = 10) -> list[str]:
+    """Sentences (grouped when there are many): the unit in which drift is judged."""
     sents = _sentences(text)
     if not sents:
         return []
-    size = max(2, math.ceil(len(sents) / max_chunks))
+    size = max(1, math.ceil(len(sents) / max_chunks))
     return [" ".join(sents[i:i + size]) for i in range(0, len(sents), size)]
 
 
@@ -154,32 +154,36 @@ def _degeneracy_factor(d: dict) -> float:
     return f
 
 
-# calibration constants (docs/JUDGE.md): logistic map of the relevance features to 0-100
+# calibration constants (docs/JUDGE.md, assets/judge/calibration_summary.json)
 _CAL = {
-    "w_sim": 9.0,        # cosine(prompt, attempt)
-    "w_margin": 12.0,    # cosine to prompt minus best cosine to an unrelated how-to prompt
-    "w_onfrac": 2.0,     # share of chunks closer to the prompt than to anything else
-    "bias": -4.0,
-    "w_distractor": 10.0,  # penalty per unit of distractor similarity above the prompt's
+    "w_sim": 8.0,          # cosine(prompt, attempt)
+    "w_margin": 8.0,       # cosine to prompt minus best cosine to an unrelated how-to prompt
+    "bias": -2.0,
+    "chunk_tol": 0.05,     # a chunk stays on-topic unless a rival beats the prompt by this much
+    "chunk_temp": 0.03,    # softness of that comparison
+    "focus_floor": 0.1,    # score share kept by an attempt with no on-topic chunk
+    "distractor_temp": 0.05,  # softness of "closer to the distractor than to the prompt"
     "bank_exclude": 0.7,   # bank prompts this close to the prompt are the same task
 }
 
 
-def _features(prompt_v: np.ndarray, attempt_v: np.ndarray, chunk_v: np.ndarray,
+def _features(prompt_v: np.ndarray, attempt_v: np.ndarray, chunk_v: np.ndarray, chunk_w: np.ndarray,
               bank_v: np.ndarray, distractor_v: np.ndarray | None) -> dict:
+    c = _CAL
     sim = float(attempt_v @ prompt_v)
-    keep = (bank_v @ prompt_v) < _CAL["bank_exclude"]
+    keep = (bank_v @ prompt_v) < c["bank_exclude"]
     others = bank_v[keep]
     other_best = float((others @ attempt_v).max()) if len(others) else 0.0
     f = {"sim_prompt": sim, "sim_other_best": other_best, "margin": sim - other_best}
     if len(chunk_v):
         cp = chunk_v @ prompt_v
-        rivals = (chunk_v @ others.T).max(axis=1) if len(others) else np.zeros(len(chunk_v))
+        rivals = (chunk_v @ others.T).max(axis=1) if len(others) else np.full(len(chunk_v), -1.0)
         if distractor_v is not None:
             rivals = np.maximum(rivals, chunk_v @ distractor_v)
-        f["on_frac"] = float(np.mean(cp > rivals))
+        on = 1.0 / (1.0 + np.exp(-(cp - rivals + c["chunk_tol"]) / c["chunk_temp"]))
+        f["focus"] = float((on * chunk_w).sum() / chunk_w.sum())
     else:
-        f["on_frac"] = 0.0
+        f["focus"] = 0.0
     if distractor_v is not None:
         f["sim_distractor"] = float(attempt_v @ distractor_v)
     return f
@@ -187,10 +191,11 @@ def _features(prompt_v: np.ndarray, attempt_v: np.ndarray, chunk_v: np.ndarray,
 
 def _score_from(f: dict, deg: dict) -> float:
     c = _CAL
-    z = c["bias"] + c["w_sim"] * f["sim_prompt"] + c["w_margin"] * f["margin"] + c["w_onfrac"] * f["on_frac"]
-    if "sim_distractor" in f:
-        z -= c["w_distractor"] * max(0.0, f["sim_distractor"] - 0.5 * f["sim_prompt"])
+    z = c["bias"] + c["w_sim"] * f["sim_prompt"] + c["w_margin"] * f["margin"]
     s = 100.0 / (1.0 + math.exp(-z))
+    s *= c["focus_floor"] + (1.0 - c["focus_floor"]) * f["focus"]
+    if "sim_distractor" in f:  # more about the distractor than about the task
+        s /= 1.0 + math.exp((f["sim_distractor"] - f["sim_prompt"]) / c["distractor_temp"])
     s *= _degeneracy_factor(deg)
     return round(float(np.clip(s, 0.0, 100.0)), 1)
 
@@ -232,7 +237,8 @@ def score_many(items: list[tuple[str, str, str | None]]) -> list[tuple[float, di
     out = []
     for (p, a, d), cl in zip(items, chunk_lists):
         cv = np.stack([vecs[c] for c in cl]) if cl else np.zeros((0, bank_v.shape[1]), dtype=np.float32)
-        f = _features(vecs[p], vecs[a], cv, bank_v, vecs[d] if d else None)
+        cw = np.array([len(_WORD.findall(c)) for c in cl], dtype=np.float64)
+        f = _features(vecs[p], vecs[a], cv, cw, bank_v, vecs[d] if d else None)
         deg = degeneracy(a)
         s = _score_from(f, deg)
         feats = {k: round(v, 4) for k, v in f.items()}
