@@ -1,0 +1,175 @@
+"""Resistance: the off-topic detector circuit, one-click conditions, and a token-by-token replay.
+
+Thin page: everything it computes comes from esr_core.detectors, .conditions and
+.resistance_view (arXiv 2602.06941, sec. on off-topic detectors and the per-token view).
+"""
+
+import html
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from esr_core import app_services as svc
+from esr_core import detectors as det
+from esr_core import resistance_view as rv
+from esr_core.conditions import CONDITION_KEYS, CONDITION_LABELS, META_PROMPT, build_conditions
+from esr_core.errors import EsrError
+from esr_core.generation import GenerationSpec
+from esr_core.interventions import Intervention
+from esr_core.timeline_plot import Marker, Region, Series, timeline_figure
+from esr_core.token_heatmap import render_heatmap
+from pages import _ui
+
+ss = st.session_state
+st.title("Resistance")
+st.caption("Off-topic detector latents (the \"resistance circuit\"), backtracking latents, and how they behave "
+           "when a model drifts and corrects itself. Method: arXiv 2602.06941.")
+eng = _ui.engine()
+d_sae = eng.sae.d_sae
+
+EXAMPLE_PROMPT = "Explain how to clean a cast iron pan after cooking."
+EXAMPLE_RESPONSE = (
+    "Let the pan cool for a few minutes, then rinse it under hot water. Dogs are loyal companions, and a golden "
+    "retriever will happily fetch a ball in the park for hours while puppies need plenty of sleep. "
+    "Wait, that's not right. Let me get back to your question. To clean a cast iron pan, scrub away stuck food "
+    "with a stiff brush and a little coarse salt, rinse, dry it completely on the stove, and rub a thin layer of "
+    "oil into the surface before storing it.")
+
+
+def _describe(group: dict, i: int) -> str:
+    d = (group.get("descriptions") or {}).get(str(i))
+    return d if d else _ui.describe(i)
+
+
+circuit = det.group_for(eng, "circuit")
+backtrack = det.group_for(eng, "backtracking")
+
+# ------------------------------------------------------------------ the groups
+st.subheader("Latent groups")
+shipped = det.shipped_group("circuit")
+if circuit is None:
+    if shipped is not None:
+        st.warning("The shipped resistance circuit was found on another model/SAE; it does not apply to this one. "
+                   "Find one for this SAE with `esr-lab detectors find --sae ...`.")
+    else:
+        st.info("No resistance circuit yet: run `esr-lab detectors find` (it ships for the default model and SAE).")
+tabs = st.tabs(["Resistance circuit", "Backtracking"])
+for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtracking")):
+    with tab:
+        if g is None:
+            st.caption(f"No {name} group for this model and SAE.")
+            continue
+        st.markdown(f"<span style='color:{html.escape(g.get('colour', '#000'))}'>■</span> **{html.escape(g['name'])}** "
+                    f"· {len(g['members'])} latents", unsafe_allow_html=True)
+        st.caption(g.get("description", ""))
+        rows = det.group_table(g)
+        for r in rows:
+            r["description"] = r.get("description") or _describe(g, r["latent"])
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=f"tbl_{name}")
+        s = g.get("summary") or {}
+        if name == "circuit" and s:
+            thr = g.get("threshold", {})
+            st.caption(f"Rule {g['params'].get('rule')} (AUC threshold used {g['params'].get('threshold_used')}); "
+                       f"{s.get('n_on')} on-topic vs {s.get('n_off')} off-topic pairs; held-out AUC mean "
+                       f"{s.get('mean_auc_heldout')}, min {s.get('min_auc_heldout')}; alert threshold "
+                       f"{thr.get('value')} ({thr.get('basis', '')}).")
+
+# ------------------------------------------------------------------ conditions
+st.subheader("One click per condition")
+st.caption("Same prompt, seed and sampling for every condition; only the edit differs. A 135M model rarely "
+           "corrects itself (the paper finds ESR only at 70B scale): expect restarts mainly with the meta-prompt.")
+c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
+cprompt = c1.text_input("Prompt", value=ss.get("res_prompt", EXAMPLE_PROMPT), key="res_prompt")
+ex = svc.load_examples()
+dlat = c2.number_input("Distractor latent", min_value=0, max_value=d_sae - 1,
+                       value=int(ex[0]["latent"]) if ex else 0, key="res_dlat")
+dstr = c3.number_input("Strength (× median norm)", value=float(ex[0]["strength"]) if ex else 8.0, step=1.0,
+                       key="res_dstr")
+ntok = c4.number_input("New tokens", min_value=4, max_value=256, value=48, key="res_ntok")
+seed = st.number_input("Seed", min_value=0, value=0, key="res_seed")
+distractor = Intervention(latent=int(dlat), mode="add", strength=float(dstr), units="norm", positions="all")
+watch = sorted(set((circuit or {}).get("members", []) + (backtrack or {}).get("members", []) + [int(dlat)]))
+base = GenerationSpec(prompt=cprompt or " ", watch=watch, max_new_tokens=int(ntok), seed=int(seed),
+                      temperature=0.6, repetition_penalty=1.1, top_k=0)
+avail = [k for k in CONDITION_KEYS if circuit is not None or k not in ("circuit_ablated", "random_ablated")]
+cols = st.columns(len(avail))
+res_store = ss.setdefault("res_conditions", {})
+for col, key in zip(cols, avail):
+    if col.button(CONDITION_LABELS[key], key=f"cond_{key}"):
+        try:
+            cond = build_conditions(base, distractor, circuit, d_sae, keys=[key])[0]
+            with st.spinner(f"Running {cond.label}…"):
+                out = eng.generate(cond.spec)["steered"]
+            from esr_core.judge import judge_response
+
+            j = judge_response(cond.judge_prompt, out.text, None)
+            res_store[key] = {"cond": cond.to_dict(), "text": out.text, "acts": out.acts, "watch": out.watch,
+                              "pieces": out.pieces, "judgement": j}
+        except EsrError as exc:
+            st.error(str(exc))
+for key in [k for k in CONDITION_KEYS if k in res_store]:
+    r = res_store[key]
+    with st.expander(f"{CONDITION_LABELS[key]} · {len(r['judgement'].get('attempts', []))} attempt(s)", expanded=True):
+        st.caption(r["cond"].get("note") or "")
+        st.markdown(f"<div style='white-space:pre-wrap'>{html.escape(r['text'])}</div>", unsafe_allow_html=True)
+        scores = [round(float(a.get("score", 0))) for a in r["judgement"].get("attempts", [])]
+        st.caption(f"Judge scores per attempt: {scores or 'none'}")
+        if circuit is not None and r["acts"] is not None and len(r["acts"]):
+            act = rv.circuit_activity(r["acts"], circuit, columns=r["watch"])
+            st.caption(f"Circuit activity (sum, EMA 0.5) over generated tokens: mean {np.mean(act):.3g}, "
+                       f"peak {np.max(act):.3g}")
+
+# ------------------------------------------------------------------ replay
+st.subheader("Replay a transcript")
+st.caption("Paste or upload any prompt + response (e.g. a recovery produced by a large model elsewhere) and see "
+           "this model's circuit and backtracking latents over it, token by token, with regions found by the judge.")
+rp = st.text_input("Prompt", value=EXAMPLE_PROMPT, key="rep_prompt")
+up = st.file_uploader("…or upload the response (.txt)", type=["txt"], key="rep_file")
+rr = st.text_area("Response", value=EXAMPLE_RESPONSE, height=150, key="rep_response")
+if up is not None:
+    try:
+        rr = up.getvalue().decode("utf-8")
+    except UnicodeDecodeError:
+        st.error("The uploaded file is not UTF-8 text")
+steer_on = st.toggle("Apply the distractor steering during the replay", value=False, key="rep_steer",
+                     help="The paper's single example was replayed with steering on; its statistics with it off.")
+how = st.radio("Circuit activity", ["sum", "mean"], horizontal=True, key="rep_how")
+if st.button("Replay", key="rep_go", type="primary"):
+    if circuit is None:
+        st.error("No resistance circuit for this model and SAE.")
+    else:
+        try:
+            with st.spinner("Reading the transcript…"):
+                ss.res_replay = rv.replay_episode(eng, rp, rr, circuit, backtrack,
+                                                  steering=[distractor] if steer_on else [], how=how)
+        except EsrError as exc:
+            st.error(str(exc))
+rep = ss.get("res_replay")
+if rep is not None:
+    st.markdown(f"**Replay with steering {'ON (latent #%d)' % rep['steering'][0]['latent'] if rep['steering_on'] else 'off'}**")
+    series = []
+    toks = rep["tokens"]
+    if "circuit" in rep["series"]:
+        series.append(Series("resistance circuit", rep["series"]["circuit"], colour=circuit["colour"], lane="circuit",
+                             tokens=toks, threshold=rep.get("threshold")))
+    if "backtracking" in rep["series"]:
+        series.append(Series("backtracking", rep["series"]["backtracking"], colour=backtrack["colour"],
+                             lane="backtracking", tokens=toks))
+    for lat, vals in rep["distractor_series"].items():
+        series.append(Series(f"distractor #{lat}", vals, colour="#E69F00", lane="distractor", tokens=toks))
+    regions = [Region(r["start"], r["end"], r["label"], rv.region_rgba(r["label"])) for r in rep["regions"]]
+    markers = [Marker(m["token"], "restart") for m in rep["markers"]]
+    markers += [Marker(t, "crossing", "#D55E00") for t in rep.get("crossings", [])[:10]]
+    st.plotly_chart(timeline_figure(series, regions=regions, markers=markers), key="rep_chart")
+    if "circuit" in rep["series"]:
+        st.html(render_heatmap(toks, list(rep["series"]["circuit"]), label="resistance circuit",
+                               colour=circuit["colour"]))
+    rows = []
+    for key, s in rep["summary"].items():
+        for lab, v in s["regions"].items():
+            rows.append({"group": key, "region": lab, "tokens": v["n_tokens"], "mean": v["mean"], "ratio vs prompt": v["ratio"]})
+        rows.append({"group": key, "region": "after correction (on-topic)", "tokens": s["after_correction"]["n_tokens"],
+                     "mean": s["after_correction"]["mean"], "ratio vs prompt": s["after_correction"]["ratio"]})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="rep_table")
+    st.markdown(html.escape(rep.get("verdict", "")))
