@@ -1,0 +1,58 @@
+"""Shared test set-up: offline hub, one real model per session, a test SAE when needed."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esr_core.paths import ASSETS_DIR
+
+DEFAULT_SAE_DIR = ASSETS_DIR / "sae" / "smollm2-135m-instruct"
+
+
+def build_test_sae(folder: Path, d_sae: int = 512, k: int = 16, layer: int = 12, seed: int = 0) -> Path:
+    """A small deterministic TopK SAE (unit decoder rows, tied encoder) for engine tests."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = TopKSAEConfig(d_in=576, d_sae=d_sae, k=k)
+    cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        W = torch.randn(d_sae, 576, generator=g)
+        W = W / W.norm(dim=1, keepdim=True)
+        sae.W_dec.copy_(W)
+        sae.W_enc.copy_(W.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.save_model(str(folder))
+    (folder / "esr_meta.json").write_text(json.dumps({"median_resid_norm": 100.0, "note": "test SAE"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def test_sae_dir(tmp_path_factory) -> Path:
+    return build_test_sae(tmp_path_factory.mktemp("sae") / "test_sae")
+
+
+@pytest.fixture(scope="session")
+def sae_spec(test_sae_dir) -> str:
+    """The shipped default SAE when present (real SAE), else the code-built test SAE."""
+    if (DEFAULT_SAE_DIR / "cfg.json").exists():
+        return str(DEFAULT_SAE_DIR)
+    return str(test_sae_dir)
+
+
+@pytest.fixture(scope="session")
+def engine(sae_spec):
+    from esr_core.engine import get_engine
+
+    return get_engine("smollm2-135m-instruct", sae_spec)
