@@ -579,19 +579,30 @@ def heldout_texts(n_tokens: int = 30_000, tokenizer=None, model_name: str | None
 
 
 def interleave_by_source(docs: list[dict]) -> list[dict]:
-    """Round-robin over sources (each in id-hash order): prefixes are balanced mixes."""
+    """Mix sources in proportion to their size (characters): every prefix has the full mix.
+
+    Each source is read in id-hash order; the next document always comes from the source
+    that has used the smallest share of its characters so far, so a short prefix (a small
+    ``--tokens`` budget or a metrics sample) keeps the capped corpus proportions instead of
+    favouring sources made of long documents.
+    """
     by: dict[str, list[dict]] = {}
     for d in sorted(docs, key=lambda d: _order_key(d["id"])):
         by.setdefault(d["source"], []).append(d)
-    queues = [by[k] for k in sorted(by)]
-    out, i = [], 0
-    while any(queues):
-        for q in queues:
-            if i < len(q):
-                out.append(q[i])
-        i += 1
-        queues = [q for q in queues if i < len(q)]
-    return out
+    names = sorted(by)
+    total = {k: max(1, sum(_doc_chars(d) for d in by[k])) for k in names}
+    used = {k: 0 for k in names}
+    pos = {k: 0 for k in names}
+    out = []
+    while True:
+        live = [k for k in names if pos[k] < len(by[k])]
+        if not live:
+            return out
+        k = min(live, key=lambda s: (used[s] / total[s], s))
+        d = by[k][pos[k]]
+        pos[k] += 1
+        used[k] += _doc_chars(d)
+        out.append(d)
 
 
 def token_windows(texts: Iterable[str], tokenizer, window: int = 128, max_tokens: int | None = None):
