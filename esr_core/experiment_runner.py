@@ -168,8 +168,13 @@ def _catalog(engine, build: bool):
     return cat
 
 
+def _norm_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(name).strip().lower())
+
+
 def _find_group(name: str):
-    """A latent group by built-in name or JSON file path; None when it does not exist."""
+    """A latent group by built-in name or file stem (spaces and underscores alike), saved user
+    group, or JSON file path; None when it does not exist."""
     from .latent_groups import groups_from_json, load_builtin_groups
 
     p = Path(name)
@@ -181,14 +186,11 @@ def _find_group(name: str):
         gs = groups_from_json(user.read_text(encoding="utf-8"))
         if gs:
             return gs[0]
+    want = _norm_name(name)
     groups, _errors = load_builtin_groups()
     for g in groups:
-        if g.name == name:
+        if _norm_name(g.name) == want or _norm_name(Path(str(g.extra.get("file", ""))).stem) == want:
             return g
-    f = ASSETS_DIR / "groups" / f"{name}.json"
-    if f.exists():
-        gs = groups_from_json(f.read_text(encoding="utf-8"))
-        return gs[0] if gs else None
     return None
 
 
