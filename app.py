@@ -163,12 +163,16 @@ def navigation():
     return st.navigation(pages)
 
 
-_ui.init_state()
-pg = navigation()
-with st.sidebar:
-    st.subheader("Model and SAE")
-    model, sae = sidebar_choice()
-    ensure_engine(model, sae)
-    sidebar_status()
-pg.run()
-_ui.sync_url()
+_ui.enter_frame()
+try:
+    _ui.init_state()
+    pg = navigation()
+    with st.sidebar:
+        st.subheader("Model and SAE")
+        model, sae = sidebar_choice()
+        ensure_engine(model, sae)
+        sidebar_status()
+    pg.run()
+    _ui.sync_url()
+finally:
+    _ui.exit_frame()

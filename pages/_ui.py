@@ -5,6 +5,7 @@ Only widget plumbing lives here; anything that computes lives in esr_core.app_se
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import streamlit as st
@@ -12,6 +13,36 @@ import streamlit as st
 from esr_core import url_state
 from esr_core.interventions import Intervention
 from esr_core.latent_groups import LatentGroup
+
+_FRAME = threading.local()
+
+
+def enter_frame() -> None:
+    _FRAME.active = True
+
+
+def exit_frame() -> None:
+    _FRAME.active = False
+
+
+def require_frame() -> None:
+    """Run pages inside app.py's frame (sidebar, engine, URL state), even on a deep link.
+
+    Streamlit keeps a legacy rule: while no script has called st.navigation yet in this server
+    process and a pages/ folder exists, the first request for /latents executes pages/latents.py
+    directly. Here we switch that rule off (what st.navigation itself does) and rerun, so app.py
+    runs and opens the same page with the same query parameters.
+    """
+    if getattr(_FRAME, "active", False):
+        return
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+    except ImportError:  # a future Streamlit without the legacy rule
+        pass
+    st.rerun()
+
 
 PAGES = {"home": "pages/home.py", "latents": "pages/latents.py", "steering": "pages/steering.py"}
 

@@ -5,6 +5,8 @@ import streamlit as st
 from esr_core import app_services as svc
 from pages import _ui
 
+_ui.require_frame()
+
 st.title("ESR Lab")
 st.markdown(
     "**Endogenous Steering Resistance (ESR)**: we push a language model off-task by adding a sparse-autoencoder "

@@ -11,6 +11,8 @@ from esr_core.interventions import Intervention
 from esr_core.token_heatmap import render_heatmap
 from pages import _ui
 
+_ui.require_frame()
+
 ss = st.session_state
 st.title("Latents")
 _ui.show_url_errors()
@@ -120,7 +122,7 @@ with detail_col:
     st.caption(" · ".join(facts) or "No catalog statistics for this SAE.")
 
     b1, b2, b3 = st.columns(3)
-    strength = float(ss.get("iv_strength_default", 8.0))
+    strength = float(ss.get("iv_strength_default", 0.8))
     if b1.button("Steer with this", key="steer_this", type="primary"):
         _ui.add_intervention(Intervention(latent=lat, mode="add", strength=strength, units="norm", positions="all"))
         _ui.add_watch(lat)

@@ -18,6 +18,8 @@ from esr_core.timeline_plot import Series, selected_point, summarise, timeline_f
 from esr_core.token_heatmap import render_heatmap, scale_max
 from pages import _ui
 
+_ui.require_frame()
+
 ss = st.session_state
 st.title("Steering lab")
 _ui.show_url_errors()
@@ -58,7 +60,7 @@ with left:
     a1, a2, a3 = st.columns([1, 1, 1])
     iv_latent = a1.text_input("Latent id", key="iv_latent", placeholder="e.g. 123")
     iv_mode = a2.selectbox("Mode", MODES, key="iv_mode")
-    iv_strength = a3.text_input("Strength", value="8", key="iv_strength",
+    iv_strength = a3.text_input("Strength", value="0.8", key="iv_strength",
                                 help="add/clamp: in units (norm = multiples of the median residual norm); "
                                      "scale: a factor; ablate: ignored")
     b1, b2, b3 = st.columns([1, 1, 1])

@@ -75,7 +75,7 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     page.goto(server.url + "/latents")
     page.get_by_text("Find latents").first.wait_for(timeout=LONG)
     has_catalog = page.get_by_text("No latent catalog for this SAE yet").count() == 0
-    query = "food" if has_catalog else str(EXAMPLE["latent"])
+    query = "ocean" if has_catalog else str(EXAMPLE["latent"])
     set_input(page, "Search descriptions (words, or latent ids like 12 40)", query)
     first = page.locator("button").filter(has_text=re.compile(r"^#\d+$")).first
     first.wait_for(timeout=LONG)
@@ -85,7 +85,7 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     shot(page, "latents-page")
     page.get_by_role("button", name="Steer with this").click()
     page.get_by_text("Steering lab").first.wait_for(timeout=LONG)
-    page.get_by_text(f"add #{latent} +8×‖h‖ (all)").wait_for(timeout=LONG)
+    page.get_by_text(f"add #{latent} +0.8×‖h‖ (all)").wait_for(timeout=LONG)
     set_input(page, "Max new tokens", "6")
     page.wait_for_function("() => location.search.includes('n=6')", timeout=LONG)
 
@@ -104,10 +104,10 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     assert toks.first.get_attribute("title").startswith("#0")
 
     url = page.url
-    assert f"iv={latent}%3Aadd%3A8%3Anorm%3Aall" in url or f"iv={latent}:add:8:norm:all" in url
+    assert f"iv={latent}%3Aadd%3A0.8%3Anorm%3Aall" in url or f"iv={latent}:add:0.8:norm:all" in url
     other = browser.new_page()
     other.goto(url)
-    other.get_by_text(f"add #{latent} +8×‖h‖ (all)").wait_for(timeout=LONG)
+    other.get_by_text(f"add #{latent} +0.8×‖h‖ (all)").wait_for(timeout=LONG)
     assert other.get_by_label("Prompt").input_value() == "How do I boil an egg?"
     assert other.get_by_label("Max new tokens", exact=True).input_value() == "6"
     other.context.close()
@@ -124,7 +124,7 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
 def test_stop_really_stops_a_long_generation(server, browser):
     page = browser.new_page()
     page.goto(steering_url(server, p="Write a long story about a lighthouse keeper.", n="400",
-                           iv=f"{EXAMPLE['latent']}:add:4:norm:all"))
+                           iv=f"{EXAMPLE['latent']}:add:0.8:norm:all"))
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function(
         "() => { const e = document.querySelector('.esr-live[data-run=steered]'); return e && +e.dataset.n >= 2; }",
@@ -148,8 +148,8 @@ def test_two_sessions_generate_at_once_with_different_steering(server, browser):
     from esr_core.generation import GenerationSpec
 
     lat = int(EXAMPLE["latent"])
-    specs = {"a": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:8:norm:all"),
-             "b": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:-6:norm:all,{(lat + 1) % 8192}:add:6:norm:all")}
+    specs = {"a": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:0.8:norm:all"),
+             "b": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:-0.8:norm:all,811:add:0.8:norm:all")}
     pages = {k: browser.new_page() for k in specs}
     for k, page in pages.items():
         page.goto(steering_url(server, **specs[k]))
