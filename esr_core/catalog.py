@@ -864,6 +864,35 @@ class Catalog:
             out.append("".join(self.token_str(t) for t in toks[a : int(p) + 1]))
         return out
 
+    def peak_words(self, latent, kind: str = "text", n: int = 12) -> list[tuple[str, float]]:
+        """Whole words around the peaks of the top contexts ("bipartisan", not "isan"), with
+        their summed peak activation, best first: labels read better than token pieces."""
+        i = self.check_latent(latent)
+        if f"{kind}_pos" not in self._npz.files:
+            return []
+        toks, starts = self._a("tokens"), self._a("row_starts")
+        score: dict[str, float] = {}
+        for p, v in zip(self._a(f"{kind}_pos")[i][:n], self._a(f"{kind}_val")[i][:n]):
+            if p < 0:
+                continue
+            p = int(p)
+            r = int(np.searchsorted(starts, p, side="right") - 1)
+            a, b = int(starts[r]), int(starts[r + 1])
+            s = self.token_str(toks[p])
+            if not s.strip() or not s.strip()[0].isalnum():
+                continue
+            lo = p
+            while lo > a + 1 and s[:1].isalnum() and self.token_str(toks[lo - 1])[-1:].isalnum():
+                lo -= 1
+                s = self.token_str(toks[lo])
+            hi = p + 1
+            while hi < b and self.token_str(toks[hi])[:1].isalnum():
+                hi += 1
+            w = "".join(self.token_str(t) for t in toks[lo:hi]).strip()
+            if w:
+                score[w] = score.get(w, 0.0) + float(v)
+        return sorted(score.items(), key=lambda kv: -kv[1])
+
     def histogram(self, latent) -> dict:
         i = self.check_latent(latent)
         counts = self._a("hist")[i].astype(np.int64)

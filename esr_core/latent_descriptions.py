@@ -389,11 +389,66 @@ def _format_topic(tokens: list[str]) -> tuple[str, str] | None:
         return "line breaks and layout", "format"
     if classes.count("punct") + classes.count("space") >= max(3, (n * 3 + 3) // 4):
         return "punctuation", "format"
+    if sum(t.strip().lower() in STOPWORDS for t in top) >= max(3, n - 1):
+        return "function words", "language"
     return None
 
 
 def _clean(text: str) -> str:
     return re.sub(r"<\|[^<>|]{1,30}\|>", " ", text).replace("\n", " ").strip()
+
+
+STOPWORDS = set("""a an the and or but if of to in on at by for with from as is are was were be been being
+it its this that these those he she they we you i me him her them us my your his their our not no so
+do does did have has had will would can could should may might than then there here which who whom what
+when where why how all any some such into over under about after before up down out off again just
+also very s 's t""".split())
+
+
+def _is_fragment(tok: str) -> bool:
+    """A word piece that continues a word (no leading space, starts lowercase)."""
+    return bool(tok) and tok[0].isalpha() and tok[0].islower() and len(tok.strip()) <= 6
+
+
+def _vector_cache_path():
+    from .paths import cache_subdir
+
+    return cache_subdir("labels") / "string_vectors.npz"
+
+
+def embed_cached(strings: list[str], batch: int = 256, progress=None, cancel=None) -> np.ndarray:
+    """Embeddings of short strings, remembered across builds in the user cache."""
+    from .catalog import _check_cancel
+    from .embeddings import embed
+
+    path = _vector_cache_path()
+    known: dict[str, np.ndarray] = {}
+    if path.exists():
+        try:
+            z = np.load(path, allow_pickle=False)
+            known = dict(zip(z["strings"].tolist(), z["vecs"]))
+        except (OSError, ValueError, KeyError):
+            known = {}
+    todo = [x for x in dict.fromkeys(strings) if x not in known]
+    for a in range(0, len(todo), batch):
+        _check_cancel(cancel)
+        chunk = todo[a : a + batch]
+        for x, v in zip(chunk, embed(chunk, batch_size=batch)):
+            known[x] = v.astype(np.float16)
+        if progress:
+            progress(min(1.0, (a + batch) / max(1, len(todo))), f"embedded {min(a + batch, len(todo))}/{len(todo)} evidence strings")
+    if todo:
+        import io
+
+        from .atomic_io import atomic_write_bytes
+
+        keys = list(known)
+        buf = io.BytesIO()
+        np.savez(buf, strings=np.array(keys), vecs=np.stack([known[k] for k in keys]).astype(np.float16))
+        atomic_write_bytes(path, buf.getvalue())
+    if not strings:
+        return np.zeros((0, 384), np.float32)
+    return np.stack([known[x] for x in strings]).astype(np.float32)
 
 
 def _token_key(tok: str) -> str | None:
@@ -457,6 +512,18 @@ def describe_catalog(cat, progress: Callable[[float, str], None] | None = None, 
     for k in list(key_of.values()) + [w for v in promo_of.values() for w in v]:
         if k and k not in strings:
             strings[k] = len(strings)
+    # latents whose top tokens are word pieces: label with the whole words at their peaks
+    words_of: dict[int, list[str]] = {}
+    for i in live:
+        acts = [cat.token_str(t) for t in tt_ids[i][:5] if t >= 0]
+        pw = [w for w, _ in cat.peak_words(i, "text")][:6]
+        inside = sum(any(a.strip() and a.strip() != w and a.strip() in w for w in pw) for a in acts[:3])
+        if acts and pw and (inside >= 2 or sum(_is_fragment(t) for t in acts) >= max(2, (len(acts) + 1) // 2)):
+            if pw:
+                words_of[i] = pw
+                for w in pw[:3]:
+                    if w not in strings:
+                        strings[w] = len(strings)
     snip = {}
     if snippets:
         for i in live:
@@ -465,12 +532,8 @@ def describe_catalog(cat, progress: Callable[[float, str], None] | None = None, 
             if ss:
                 snip[i] = " | ".join(ss)
     todo = list(strings) + list(snip.values())
-    vecs = np.zeros((len(todo), temb.shape[1]), np.float32)
-    for a in range(0, len(todo), batch):
-        _check_cancel(cancel)
-        vecs[a : a + batch] = embed(todo[a : a + batch], batch_size=batch)
-        if progress:
-            progress(0.9 * min(1.0, (a + batch) / max(1, len(todo))), f"embedded {min(a + batch, len(todo))}/{len(todo)} evidence strings")
+    vecs = embed_cached(todo, batch=batch, cancel=cancel,
+                        progress=(lambda f, m: progress(0.9 * f, m)) if progress else None)
     svec = {i: vecs[len(strings) + j] for j, i in enumerate(snip)}
     cols = {"description": [""] * d, "topic": [""] * d, "topic_kind": [""] * d,
             "confidence": [0.0] * d, "low_confidence": [True] * d}
@@ -489,6 +552,9 @@ def describe_catalog(cat, progress: Callable[[float, str], None] | None = None, 
                 ev += float(w) * vecs[strings[k]]
         nrm = np.linalg.norm(ev)
         ev = ev / nrm if nrm > 0 else ev
+        if i in words_of:
+            wv = np.mean([vecs[strings[w]] for w in words_of[i][:3]], axis=0)
+            ev = ev + wv / max(np.linalg.norm(wv), 1e-8)
         if promo_of[i]:
             pv = np.mean([vecs[strings[w]] for w in promo_of[i]], axis=0)
             ev = ev + 0.5 * pv / max(np.linalg.norm(pv), 1e-8)
@@ -503,7 +569,7 @@ def describe_catalog(cat, progress: Callable[[float, str], None] | None = None, 
         if fmt is not None:
             topic, kind = fmt
             conf = max(conf, HIGH_CONF)
-        words = _words(acts, 3)
+        words = words_of[i][:3] if i in words_of else _words(acts, 3)
         desc, low = describe_latent(words, topic, kind, conf, float(cat.density[i]))
         cols["description"][i] = desc
         cols["topic"][i] = topic
@@ -511,10 +577,10 @@ def describe_catalog(cat, progress: Callable[[float, str], None] | None = None, 
         cols["confidence"][i] = round(conf, 3)
         cols["low_confidence"][i] = low
         sv = np.zeros(temb.shape[1], np.float32)
-        for t in tt_ids[i][:3]:
-            k = key_of.get(int(t)) if t >= 0 else None
-            if k:
-                sv += vecs[strings[k]]
+        shown = [strings[w] for w in words_of[i][:3]] if i in words_of else \
+            [strings[key_of[int(t)]] for t in tt_ids[i][:3] if t >= 0 and key_of.get(int(t))]
+        for j in shown:
+            sv += vecs[j]
         sv = sv / max(np.linalg.norm(sv), 1e-8)
         if conf >= MID_CONF and topic in topic_row:
             sv = sv + temb[topic_row[topic]]

@@ -104,14 +104,53 @@ class _SearchIndex:
         return self._emb
 
     def query_vector(self, query: str) -> np.ndarray:
-        from .embeddings import embed
-
         self.embeddings()
-        q = embed([query])[0]
+        q = embed_query(query)
         if self.proj is not None:
             q = q @ self.proj
             q = q / max(float(np.linalg.norm(q)), 1e-8)
         return q
+
+
+_QLOCK = threading.Lock()
+_QCACHE: dict[str, np.ndarray] = {}
+
+
+def embed_query(text: str) -> np.ndarray:
+    """One short query's embedding, fast: a direct mean-pooled forward on one thread.
+
+    Why: sentence-transformers' ``encode`` with the default thread pool spends ~1 s per
+    short query on a busy 2-core machine (threads thrash); one thread takes ~20 ms of CPU.
+    Equal to :func:`esr_core.embeddings.embed` (same model, mean pooling, unit norm).
+    """
+    with _QLOCK:
+        if text in _QCACHE:
+            return _QCACHE[text]
+        import torch
+
+        from .embeddings import embed, embedding_model
+
+        m = embedding_model()
+        try:
+            tok, bert = m.tokenizer, m[0].auto_model
+        except (AttributeError, IndexError, TypeError):
+            v = embed([text])[0]
+        else:
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.inference_mode():
+                    enc = tok([text], return_tensors="pt", truncation=True, max_length=256)
+                    out = bert(**enc).last_hidden_state
+                    mask = enc["attention_mask"][..., None].to(out.dtype)
+                    v = (out * mask).sum(1) / mask.sum(1)
+                    v = torch.nn.functional.normalize(v, dim=-1)[0].float().numpy()
+            finally:
+                torch.set_num_threads(prev)
+        if len(_QCACHE) > 512:
+            _QCACHE.clear()
+        _QCACHE[text] = v.astype(np.float32)
+        return _QCACHE[text]
 
 
 def search_index(catalog) -> _SearchIndex:
