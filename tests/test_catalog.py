@@ -275,3 +275,33 @@ def test_shipped_top_examples_rerun():
         with torch.no_grad():
             z = sae.encode(hook_residuals(model, sae.hook_name, ids))[0, c["position"], int(i)]
         assert float(z) == pytest.approx(c["max_act"], rel=2e-3, abs=2e-3)
+
+
+def test_catalog_for_prefers_a_ready_catalog_and_never_matches_other_weights(built, monkeypatch):
+    import esr_core.catalog as catalog_mod
+
+    model, sae, cat, out, _ = built
+    assert shipped_catalog_dir(model.name, sae) is None  # shipped catalogs belong to other weights
+    monkeypatch.setattr(catalog_mod, "cached_catalog_dir", lambda model_name, s: out)
+
+    def no_build(*a, **k):
+        raise AssertionError("catalog_for rebuilt a catalog that was already cached")
+
+    monkeypatch.setattr(catalog_mod, "build_catalog", no_build)
+    got = catalog_mod.catalog_for(model, sae)
+    assert got.path == out and got.d_sae == cat.d_sae
+
+
+def test_default_corpus_falls_back_to_the_shipped_sample(built, monkeypatch):
+    import esr_core.catalog as catalog_mod
+    import esr_core.corpus as corpus_mod
+
+    model = built[0]
+
+    def unavailable(*a, **k):
+        raise corpus_mod.CorpusUnavailable("no corpus here")
+
+    monkeypatch.setattr(corpus_mod, "heldout_documents", unavailable)
+    texts, chats, note = catalog_mod.default_corpus(model, 2000)
+    assert "sample" in note and len(texts) >= 10 and len(chats) >= 3
+    assert all(isinstance(t, str) and t for t in texts)
