@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -113,17 +114,18 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
     rows = n * (T - 1)
     paths = {l: out_dir / f"L{l}.f16" for l in layers}
     prog_path = out_dir / "progress.json"
-    done = 0
+    done, divisor = 0, None
     if prog_path.exists():
         try:
-            done = int(json.loads(prog_path.read_text()).get("windows_done", 0))
+            prog = json.loads(prog_path.read_text())
+            done, divisor = int(prog.get("windows_done", 0)), prog.get("divisor")
         except (ValueError, json.JSONDecodeError):
             done = 0
     mms = {}
     for l, p in paths.items():
         mode = "r+" if p.exists() and p.stat().st_size == rows * d * 2 else "w+"
         if mode == "w+":
-            done = 0
+            done, divisor = 0, None
         mms[l] = np.memmap(p, dtype=np.float16, mode=mode, shape=(rows, d))
     t0, start = time.time(), done
     while done < n:
@@ -132,14 +134,19 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
         b = windows[done : done + batch_size]
         ids = torch.as_tensor(b, dtype=torch.long, device=device)
         got = residuals(hf_model, ids, layers)
+        if divisor is None:  # Gemma's residual exceeds float16's range: store x / 2^n instead
+            peak = max(float(got[l][:, 1:, :].abs().max()) for l in layers)
+            divisor = float(2 ** math.ceil(math.log2(peak * 8 / 65504))) if peak * 8 > 65504 else 1.0
         for l in layers:
-            h = got[l][:, 1:, :].float().cpu().numpy().astype(np.float16).reshape(-1, d)
+            h = (got[l][:, 1:, :].float().cpu().numpy() / divisor).astype(np.float16).reshape(-1, d)
+            if not np.isfinite(h).all():
+                raise BadInput(f"layer {l} activations overflow float16 even after dividing by {divisor:g}")
             mms[l][done * (T - 1) : (done + len(b)) * (T - 1)] = h
         done += len(b)
         if done % (batch_size * 8) == 0 or done == n:
             for mm in mms.values():
                 mm.flush()
-            atomic_write_json(prog_path, {"windows_done": done, "windows": n})
+            atomic_write_json(prog_path, {"windows_done": done, "windows": n, "divisor": divisor})
             if progress:
                 el = time.time() - t0
                 rate = (done - start) * T / max(el, 1e-9)
@@ -147,8 +154,16 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
                 progress(f"activations: {done}/{n} windows, {rate:,.0f} tok/s, ETA {eta / 60:.1f} min")
     for mm in mms.values():
         mm.flush()
-    atomic_write_json(prog_path, {"windows_done": done, "windows": n})
+    atomic_write_json(prog_path, {"windows_done": done, "windows": n, "divisor": divisor or 1.0})
     return paths
+
+
+def activation_divisor(out_dir: str | Path) -> float:
+    """The constant the cached activations were divided by (1.0 unless float16 would overflow)."""
+    p = Path(out_dir) / "progress.json"
+    if not p.exists():
+        return 1.0
+    return float(json.loads(p.read_text()).get("divisor") or 1.0)
 
 
 def open_activations(path: str | Path, d_model: int) -> np.ndarray:

@@ -118,7 +118,7 @@ def _safe(s: str) -> str:
 def cmd_train_sae(args) -> int:
     import torch
 
-    from .activations import check_layer, collect_to_memmap, open_activations, training_windows
+    from .activations import activation_divisor, check_layer, collect_to_memmap, open_activations, training_windows
     from .atomic_io import atomic_write_json
     from .model_loading import load_model
     from .model_registry import DEFAULT_MODEL, get_entry
@@ -155,7 +155,8 @@ def cmd_train_sae(args) -> int:
                       dead_after_tokens=min(1_000_000, max(10 * args.batch_size, len(acts) // 2)))
     work = cache_subdir("sae-train", _safe(model_name), f"L{layer}-{key}-{args.latents}-{args.k}-s{args.seed}")
     t1 = time.time()
-    res = train_topk_sae(acts, cfg, work, resume=args.resume, progress=_say)
+    divisor = activation_divisor(act_dir)
+    res = train_topk_sae(acts, cfg, work, resume=args.resume, progress=_say, input_divisor=divisor)
     train_s = time.time() - t1
     write_train_log(work, res)
     out = Path(args.out) if args.out else cache_subdir("sae") / f"{_safe(model_name)}-L{layer}"
@@ -166,7 +167,7 @@ def cmd_train_sae(args) -> int:
         "d_sae": args.latents, "k": args.k, "architecture": "topk",
         "training_tokens": int(len(acts)), "training_tokens_seen": int(res.tokens_seen),
         "corpus_mix_tokens": per_source, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
-        "input_scale": res.input_scale, "train_fvu_final": res.final_fvu, "device": args.device,
+        "input_scale": res.input_scale, "activation_cache_divisor": divisor, "train_fvu_final": res.final_fvu, "device": args.device,
         "wall_seconds": {"collect": round(collect_s, 1), "train": round(train_s, 1)},
         "position_0_excluded": True, "command": command,
     }

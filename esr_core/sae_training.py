@@ -173,11 +173,13 @@ def _save_checkpoint(path: Path, params, opt, step, tokens, since_fired, cfg, sc
 
 def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                    progress: Callable[[str], None] | None = None, cancel: Callable[[], bool] | None = None,
-                   max_steps: int | None = None) -> TrainResult:
+                   max_steps: int | None = None, input_divisor: float = 1.0) -> TrainResult:
     """Train on ``acts`` ((rows, d_in) array or memmap); checkpoints in ``out_dir``.
 
     ``max_steps`` stops early after that many steps (checkpointed): the interrupted half
     of a resume test, or a time-boxed run. Raises :class:`Cancelled` when ``cancel()``.
+    ``input_divisor``: the cache holds x / input_divisor (float16 range); the returned
+    state is for raw x.
     """
     import torch
 
@@ -273,7 +275,7 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             _save_checkpoint(ck_path, params, opt, step, tokens, since_fired, cfg, scale, history)
     dead_frac = float((since_fired > cfg.dead_after_tokens).float().mean())
-    state = unscale_state({k: v.detach().cpu() for k, v in params.items()}, scale)
+    state = unscale_state({k: v.detach().cpu() for k, v in params.items()}, scale / input_divisor)
     return TrainResult(state=state, config=cfg, steps=step, tokens_seen=tokens, input_scale=scale,
                        final_fvu=fvu_ema, dead_fraction=dead_frac, seconds=time.time() - t0, log=history)
 

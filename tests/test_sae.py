@@ -28,6 +28,8 @@ from esr_core.errors import BadInput, SaeUnavailable
 from esr_core.paths import ASSETS_DIR
 
 SAE_DIR = ASSETS_DIR / "sae" / "smollm2-135m-instruct"
+# held-out tokens for the metrics test (three full-model passes each; ~2-3 min on an idle 2-core CPU)
+METRIC_TOKENS = int(os.environ.get("ESR_SAE_TEST_TOKENS", "20000"))
 MODEL = "smollm2-135m-instruct"
 
 
@@ -54,7 +56,7 @@ def handle():
 def sample_metrics(handle):
     from esr_core.sae_metrics import measure_sae
 
-    return measure_sae(handle, model_name=MODEL, n_tokens=20_000, heldout="shipped")
+    return measure_sae(handle, model_name=MODEL, n_tokens=METRIC_TOKENS, heldout="shipped")
 
 
 # ----------------------------------------------------------------------------- shipped SAE
@@ -105,12 +107,12 @@ def test_sae_loading_handle(handle, meta):
 def test_metrics_on_shipped_heldout_sample(sample_metrics):
     m = sample_metrics
     assert m["heldout_source"] == "shipped-sample"
-    assert m["tokens_evaluated"] >= 19_000
+    assert m["tokens_evaluated"] >= 0.95 * METRIC_TOKENS
     assert m["explained_variance"] >= 0.80
     assert 1 <= m["l0"] <= 48
     assert m["ce_loss_recovered"] >= 0.85
     assert m["clean_loss"] < m["sae_loss"] < m["zero_ablation_loss"]
-    assert 0 <= m["dead_fraction"] < 0.5  # on only 20k tokens; the 1M-token figure is in esr_meta.json
+    assert 0 <= m["dead_fraction"] < 0.6  # on few tokens; the whole-split figure is in esr_meta.json
 
 
 def test_sae_metrics_cli_json(capsys):
