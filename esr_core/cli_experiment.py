@@ -56,6 +56,13 @@ def register(subparsers) -> None:
     pl.add_argument("--no-png", action="store_true", help="HTML only")
     pl.set_defaults(func=cmd_plots)
 
+    rj = sub.add_parser("rejudge", help="judge a run's responses again (e.g. after a judge change)")
+    rj.add_argument("run_dir")
+    rj.add_argument("--out", help="where the re-judged run goes (default: <run>-rejudged)")
+    rj.add_argument("--judge", help="judge name (default: the run's)")
+    rj.add_argument("--json", action="store_true")
+    rj.set_defaults(func=cmd_rejudge)
+
     ls = sub.add_parser("list", help="runs in the user cache (and the shipped reference run)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
@@ -218,6 +225,24 @@ def cmd_plots(args) -> int:
         print(w)
     if png_error:
         print(f"esr-lab: PNG skipped: {png_error}", file=sys.stderr)
+    return 0
+
+
+def cmd_rejudge(args) -> int:
+    from .experiment_runner import finalize, rejudge
+    from .judge import get_judge
+
+    run_dir = _existing_run(args.run_dir)
+    out = Path(args.out) if args.out else None
+    final = rejudge(run_dir, out, judge_fn=get_judge(args.judge) if args.judge else None)
+    target = out or (run_dir.with_name(run_dir.name + "-rejudged"))
+    from .experiment_runner import REFERENCE_DIR, default_run_dir, load_spec
+
+    if out is None and run_dir == REFERENCE_DIR:
+        target = default_run_dir(load_spec(run_dir).name + "-rejudged")
+    summary = finalize(target)
+    print(json.dumps({"run_dir": str(target), "progress": final}, indent=1) if args.json
+          else _summary_text(summary, target))
     return 0
 
 

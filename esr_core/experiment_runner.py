@@ -959,3 +959,38 @@ def figures_for(trials: pd.DataFrame, spec: ExperimentSpec | None = None) -> dic
 def run_figures(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     return figures_for(load_trials(run_dir), load_spec(run_dir))
+
+
+# ------------------------------------------------------------------------------ re-judging
+
+GEN_FIELDS = ("key", "condition", "latent", "prompt_id", "seed", "boost", "level", "rep", "ablation_seed",
+              "meta_variant", "prompt", "prompt_sent", "response", "n_tokens", "stop_reason", "batch_id",
+              "batch_size", "batch_tokens", "batch_s")
+
+
+def rejudge(run_dir: str | Path, out_dir: str | Path | None = None, judge_fn=None,
+            progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> dict:
+    """Judge a run's responses again (a new judge or judge version) into ``out_dir``.
+
+    The generations are copied unchanged (from the logs, or from ``trials.parquet`` for a
+    shipped run), ``spec.json`` records the new judge id, and the new judgements are appended
+    per trial like a normal run, so an interrupted re-judge resumes. Default ``out_dir``:
+    ``<run_dir>-rejudged`` next to a user run, or the user cache for a shipped run.
+    """
+    src = Path(run_dir)
+    spec = load_spec(src)
+    if out_dir is None:
+        out_dir = default_run_dir(spec.name + "-rejudged") if src == REFERENCE_DIR else \
+            src.with_name(src.name + "-rejudged")
+    out = Path(out_dir)
+    judge_fn = judge_fn or _judge(spec)
+    if not (out / SPEC_FILE).exists():
+        df = load_trials(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for r in df.to_dict(orient="records"):
+            g = {k: (None if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k)) for k in GEN_FIELDS}
+            append_jsonl(out / GEN_FILE, g)
+        spec.judge_id = str(getattr(judge_fn, "judge_id", spec.judge))
+        spec.environment = dict(spec.environment, rejudged_from=str(src))
+        atomic_write_json(out / SPEC_FILE, spec.to_dict())
+    return run_experiment(spec, out, resume=True, judge_fn=judge_fn, progress=progress, cancel=cancel)

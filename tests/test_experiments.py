@@ -341,3 +341,16 @@ def test_page_renders_the_reference_run_with_its_rates_table():
     assert {"no_steering", "steering", "meta_prompt"} <= set(rates["condition"])
     assert (rates["trials"] >= 100).all()
     assert any("Wilson" in i.value or "ESR" in i.value for i in at.info)
+
+
+@needs_sae
+def test_rejudge_copies_generations_and_judges_again(tiny_run, tmp_path):
+    full_dir = tiny_run[0]
+    out = tmp_path / "rejudged"
+    final = xr.rejudge(full_dir, out)
+    assert final["stage"] == "done" and final["new_generations"] == 0 and final["done"] == 12
+    a = pd.read_parquet(full_dir / "trials.parquet").set_index("key")
+    b = pd.read_parquet(out / "trials.parquet").set_index("key")
+    assert list(a.index) == list(b.index)
+    assert (a["response"] == b["response"]).all() and (a["attempts"] == b["attempts"]).all()  # same judge
+    assert json.loads((out / "spec.json").read_text())["environment"]["rejudged_from"] == str(full_dir)
