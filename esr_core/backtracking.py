@@ -40,6 +40,7 @@ class BacktrackingParams:
     drift_sentences: int = 3  # sentences of another prompt's answer (the paper's recipe: 2-4)
     max_answer_chars: int = 500
     n_prompts: int | None = None
+    answers_path: str | None = None  # None: assets/prompts/default_answers.jsonl
     seed: int = 0
     min_episode_freq: float = 0.5  # fires inside the restart sentence in >= this share of episodes
     min_selectivity: float = 0.8  # mean_restart / (mean_restart + mean_elsewhere)
@@ -99,7 +100,7 @@ def find_backtracking(engine, params: BacktrackingParams | None = None, prompts:
     params = (params or BacktrackingParams()).validate()
     t0 = time.time()
     if prompts is None or answers is None:
-        prompts, answers = load_inputs(params.n_prompts, 4000)
+        prompts, answers = load_inputs(params.n_prompts, 4000, params.answers_path)
     elif params.n_prompts:
         prompts, answers = prompts[: params.n_prompts], answers[: params.n_prompts]
     # at least one search and one held-out episode per variant family
@@ -158,11 +159,11 @@ def find_backtracking(engine, params: BacktrackingParams | None = None, prompts:
     for k, i in enumerate(members):
         row = {"auc_tokens": round(float(auc[k]), 4), "restart_mean": round(float(mean_r[i]), 4),
                "elsewhere_mean": round(float(mean_e[i]), 5),
-               "ratio": round(float(mean_r[i] / max(mean_e[i], 1e-6)), 2), "selectivity": round(float(sel[i]), 4),
+               "ratio": round(float(mean_r[i] / max(mean_e[i], 1e-3)), 2), "selectivity": round(float(sel[i]), 4),
                "episode_freq": round(float(freq[i]), 4)}
         if H["n"]:
             hr, he = H["r"][i] / max(H["nr"], 1), H["e"][i] / max(H["ne"], 1)
-            row.update({"ratio_heldout": round(float(hr / max(he, 1e-6)), 2),
+            row.update({"ratio_heldout": round(float(hr / max(he, 1e-3)), 2),
                         "episode_freq_heldout": round(float(H["hit"][i] / H["n"]), 4)})
         stats[str(i)] = row
     return {

@@ -57,6 +57,8 @@ def register(sub) -> None:
 
 
 def _common(p) -> None:
+    p.add_argument("--answers", default=None, metavar="FILE",
+                   help="unsteered answers (JSON/JSONL records with id, answer) instead of the shipped ones")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sae", default=None, help="SAE folder or release:sae_id (default: the model's)")
     p.add_argument("--out", default=None, help="where to write the group JSON (default: the user cache)")
@@ -103,7 +105,8 @@ def run_find(args) -> int:
     params = DetectorParams(rule=args.rule, threshold=args.threshold, relax_to=args.relax_to,
                             strict_min_off_freq=args.min_off_freq, max_size=args.max_size,
                             derangements=args.derangements, heldout=args.heldout,
-                            response_only=not args.whole_chat, n_prompts=args.n_prompts).validate()
+                            response_only=not args.whole_chat, n_prompts=args.n_prompts,
+                            answers_path=args.answers).validate()
     g = find_detectors(_engine(args), params, progress=None if args.json else _progress)
     path = _save(g, args, "circuit")
     if args.json:
@@ -117,7 +120,8 @@ def run_backtracking(args) -> int:
     from .backtracking import BacktrackingParams, find_backtracking
 
     params = BacktrackingParams(max_size=args.max_size, min_selectivity=args.min_selectivity,
-                                min_episode_freq=args.min_episode_freq, n_prompts=args.n_prompts)
+                                min_episode_freq=args.min_episode_freq, n_prompts=args.n_prompts,
+                                answers_path=args.answers)
     g = find_backtracking(_engine(args), params, progress=None if args.json else _progress)
     path = _save(g, args, "backtracking")
     if args.json:

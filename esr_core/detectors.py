@@ -63,6 +63,7 @@ class DetectorParams:
     avoid_same_topic: bool = True  # off-topic answers come from prompts of another topic when possible
     max_answer_chars: int = 1200
     n_prompts: int | None = None  # None: all
+    answers_path: str | None = None  # None: assets/prompts/default_answers.jsonl
     batch_size: int = 8
     threshold_quantile: float = 0.95  # default alert threshold: this quantile of on-topic activity
     threshold_how: str = "sum"
@@ -282,12 +283,36 @@ def ema(x, alpha: float = 0.5) -> np.ndarray:
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_inputs(n_prompts: int | None = None, max_answer_chars: int = 1200) -> tuple[list[dict], list[str]]:
-    """The shipped prompts and the default model's unsteered answers, aligned and trimmed."""
+def read_answers_file(path: str | Path) -> dict[str, str]:
+    """``{id: answer}`` from a JSON list or JSONL of records with ``id`` and ``answer``."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"Answers file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        recs = json.loads(text)
+        if isinstance(recs, dict):
+            recs = [{"id": k, "answer": v} for k, v in recs.items()]
+    except json.JSONDecodeError:
+        try:
+            recs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"Answers file {p} is neither JSON nor JSONL: {exc}") from None
+    out = {}
+    for r in recs:
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("answer"), str):
+            raise BadInput(f"Answers file {p}: every record needs string 'id' and 'answer'")
+        out[r["id"]] = r["answer"]
+    return out
+
+
+def load_inputs(n_prompts: int | None = None, max_answer_chars: int = 1200,
+                answers_path: str | Path | None = None) -> tuple[list[dict], list[str]]:
+    """The shipped prompts and the default model's unsteered answers (or ``answers_path``), aligned."""
     from .prompt_set import load_default_answers, load_prompts
 
     prompts = load_prompts()
-    answers = load_default_answers()
+    answers = read_answers_file(answers_path) if answers_path else load_default_answers()
     rows = [(p, answers[p["id"]]) for p in prompts if answers.get(p["id"], "").strip()]
     if n_prompts:
         rows = rows[: int(n_prompts)]
@@ -333,7 +358,7 @@ def find_detectors(engine, params: DetectorParams | None = None, prompts: list[d
     params = (params or DetectorParams()).validate()
     t0 = time.time()
     if prompts is None or answers is None:
-        prompts, answers = load_inputs(params.n_prompts, params.max_answer_chars)
+        prompts, answers = load_inputs(params.n_prompts, params.max_answer_chars, params.answers_path)
     elif params.n_prompts:
         prompts, answers = prompts[: params.n_prompts], answers[: params.n_prompts]
     n = len(prompts)
@@ -417,10 +442,13 @@ def find_detectors(engine, params: DetectorParams | None = None, prompts: list[d
         "stats": stats,
         "descriptions": member_descriptions(engine, members),
         "threshold": {"value": round(thr_value, 5), "how": params.threshold_how, "ema_alpha": params.threshold_ema,
+                      "on_topic_mean": round(float(flat.mean()), 5) if members else 0.0,
                       "basis": f"{params.threshold_quantile:.0%} quantile of on-topic per-token activity "
                                f"(response tokens, {len(series)} answers)"},
         "params": dict(params.to_dict(), threshold_used=thr_used),
-        "summary": {"n_prompts": n, "n_on": len(on_pairs), "n_off": len(off_search),
+        "summary": {"n_prompts": n, "inputs_sha1": hashlib.sha1(json.dumps([[p["prompt"] for p in prompts], answers])
+                                                                 .encode()).hexdigest()[:12],
+                    "n_on": len(on_pairs), "n_off": len(off_search),
                     "n_heldout_off": len(off_held), "n_heldout_on": len(on_h),
                     "n_latents_auc_1": n_auc1, "n_latents_auc_ge_0.9": int(np.sum(auc >= 0.9)),
                     "n_passing_rule": len(members),

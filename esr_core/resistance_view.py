@@ -128,8 +128,16 @@ def regions_from_judgement(judgement: dict, token_offsets: Sequence[tuple[int, i
             raise BadInput("The judgement's attempts have no char offsets (start_char/end_char)")
         lab = "on-topic" if float(a.get("score", 0.0)) >= on_topic_score else "off-topic"
         spans_att.append((int(a["start_char"]), int(a["end_char"]), lab))
-    spans_rs = [(int(r["start_char"]), int(r["end_char"])) for r in restarts
-                if r.get("start_char") is not None and r.get("end_char") is not None]
+    spans_rs = sorted((int(r["start_char"]), int(r["end_char"])) for r in restarts
+                      if r.get("start_char") is not None and r.get("end_char") is not None)
+    # "Wait, that's not right. Let me get back to it": adjacent phrases are one correction
+    merged: list[list[int]] = []
+    for a, b in spans_rs:
+        if merged and a - merged[-1][1] <= 3:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    spans_rs = [(a, b) for a, b in merged]
     labels = ["prompt"] * n
     prev = None
     for t in range(prompt_len, n):
@@ -181,11 +189,14 @@ def restart_markers(judgement: dict, token_offsets: Sequence[tuple[int, int]], p
     return out
 
 
-def episode_summary(activity, regions: Sequence[dict], baseline: str = "prompt", skip_first: bool = True) -> dict:
+def episode_summary(activity, regions: Sequence[dict], baseline: str = "prompt", skip_first: bool = True,
+                    baseline_value: float | None = None) -> dict:
     """Mean activity per region and its ratio to the baseline region (paper: 4.4x off-topic, 2.1x after).
 
-    Position 0 (the attention sink) is left out when ``skip_first``. Ratios are None where the
-    baseline mean is 0 or the region is empty.
+    Position 0 (the attention sink) is left out when ``skip_first``. ``baseline_value`` replaces
+    the baseline region's mean (e.g. the group's mean activity on on-topic answers when the
+    detectors are silent on the prompt, as a TopK SAE's often are). Ratios are None where the
+    baseline is 0 or the region is empty.
     """
     a = _as_array(activity).ravel()
     labels = region_labels(regions, len(a))
@@ -196,7 +207,8 @@ def episode_summary(activity, regions: Sequence[dict], baseline: str = "prompt",
         idx = [t for t, l in enumerate(labels) if l == lab]
         out["regions"][lab] = {"n_tokens": len(idx), "mean": float(np.mean(a[idx])) if idx else None,
                                "peak": float(np.max(a[idx])) if idx else None}
-    base = out["regions"].get(baseline, {}).get("mean")
+    base = baseline_value if baseline_value is not None else out["regions"].get(baseline, {}).get("mean")
+    out["baseline_mean"] = base
     for lab, r in out["regions"].items():
         r["ratio"] = (r["mean"] / base) if (base and r["mean"] is not None and base > 0) else None
     # "after the correction": on-topic tokens that follow the first correction phrase
@@ -226,7 +238,8 @@ def verdict(summary: dict, judgement: dict | None = None) -> str:
         else:
             parts.append("The judge found no attempt.")
     if off is not None:
-        parts.append(f"Detectors during off-topic text: {off:.1f}x the prompt baseline (paper: 4.4x).")
+        parts.append(f"Detectors during off-topic text: {off:.1f}x the {summary.get('baseline', 'prompt')} baseline "
+                     f"(paper: 4.4x).")
     if aft is not None:
         parts.append(f"After the correction: {aft:.1f}x (paper: 2.1x).")
     if off is None and aft is None:
@@ -280,7 +293,11 @@ def replay_episode(engine, prompt: str, response: str, circuit: dict | None, bac
         out["series"][key] = s
         out["members"] = out.get("members", {})
         out["members"][key] = member_matrix(z, g)
-        out["summary"][key] = episode_summary(s, regions)
+        summ = episode_summary(s, regions)
+        fallback = (g.get("threshold") or {}).get("on_topic_mean")
+        if not summ["baseline_mean"] and fallback and (g.get("threshold") or {}).get("how", "sum") == how:
+            summ = episode_summary(s, regions, baseline="on-topic answers (search)", baseline_value=float(fallback))
+        out["summary"][key] = summ
     if circuit and circuit.get("members"):
         thr = default_threshold(circuit, how)
         out["threshold"] = thr

@@ -89,6 +89,17 @@ def test_regions_from_judgement_known_offsets():
     assert markers == [{"token": toks.index("Wait,"), "text": "Wait, that's not right"}]
 
 
+def test_adjacent_restart_phrases_form_one_correction():
+    resp = "Dogs bark. Wait, that's wrong. Let me try again. Scrub it."
+    offs = [(0, 0)] + [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+|\s", resp)]
+    a, b = resp.index("Wait"), resp.index("Let")
+    j = {"attempts": [{"score": 10, "start_char": 0, "end_char": a}, {"score": 90, "start_char": a, "end_char": len(resp)}],
+         "restart_phrases": [{"start_char": a, "end_char": resp.index("wrong") + 5},
+                             {"start_char": b, "end_char": resp.index("again") + 5}]}
+    regions = rv.regions_from_judgement(j, offs, prompt_len=1)
+    assert [r["label"] for r in regions] == ["prompt", "off-topic", "correction", "on-topic"]
+
+
 def test_episode_summary_ratios():
     regions = [{"label": "prompt", "start": 0, "end": 4}, {"label": "off-topic", "start": 4, "end": 6},
                {"label": "correction", "start": 6, "end": 7}, {"label": "on-topic", "start": 7, "end": 9}]
@@ -100,6 +111,10 @@ def test_episode_summary_ratios():
     assert "4.0x" in rv.verdict(s) and "2.0x" in rv.verdict(s)
     silent = rv.episode_summary(np.zeros(9), regions)
     assert silent["regions"]["off-topic"]["ratio"] is None
+    fb = rv.episode_summary(np.array([0, 0, 0, 0, 4, 4, 9, 2, 2.0]), regions, baseline="on-topic answers",
+                            baseline_value=0.5)
+    assert fb["regions"]["off-topic"]["ratio"] == pytest.approx(8.0) and fb["baseline_mean"] == 0.5
+    assert "on-topic answers baseline" in rv.verdict(fb)
 
 
 def test_rank_auc_with_ties_and_derangements():
