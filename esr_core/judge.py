@@ -163,6 +163,7 @@ _CAL = {
     "chunk_temp": 0.03,    # softness of that comparison
     "focus_floor": 0.1,    # score share kept by an attempt with no on-topic chunk
     "distractor_temp": 0.05,  # softness of "closer to the distractor than to the prompt"
+    "distractor_floor": 0.3,  # share kept by an attempt closer to the distractor than to the prompt
     "bank_exclude": 0.7,   # bank prompts this close to the prompt are the same task
 }
 
@@ -195,7 +196,8 @@ def _score_from(f: dict, deg: dict) -> float:
     s = 100.0 / (1.0 + math.exp(-z))
     s *= c["focus_floor"] + (1.0 - c["focus_floor"]) * f["focus"]
     if "sim_distractor" in f:  # more about the distractor than about the task
-        s /= 1.0 + math.exp((f["sim_distractor"] - f["sim_prompt"]) / c["distractor_temp"])
+        closer = 1.0 / (1.0 + math.exp((f["sim_distractor"] - f["sim_prompt"]) / c["distractor_temp"]))
+        s *= c["distractor_floor"] + (1.0 - c["distractor_floor"]) * closer
     s *= _degeneracy_factor(deg)
     return round(float(np.clip(s, 0.0, 100.0)), 1)
 

@@ -107,7 +107,7 @@ def _generate_with_engine(prompts: list[str], model: str) -> tuple[list[str], st
 
 
 def _generate_with_hf(prompts: list[str], model: str, progress: Callable[[int, int], None] | None,
-                      batch_size: int = 25) -> tuple[list[str], str]:
+                      batch_size: int = 10) -> tuple[list[str], str]:
     """Plain HF greedy ``generate`` in left-padded batches (pad = <|im_end|>, already in every
     chat prompt, so the repetition penalty sees the same token set as unbatched)."""
     import torch
