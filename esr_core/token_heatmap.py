@@ -62,7 +62,8 @@ def _fmt(v: float) -> str:
 def legend_html(label: str, colour: str, vmax: float, scale: str) -> str:
     r, g, b = _rgb(colour)
     return (
-        '<div class="esr-legend" style="display:flex;align-items:center;gap:6px;font-size:0.8em;margin:2px 0 6px 0">'
+        '<div class="esr-legend" style="display:flex;flex-wrap:wrap;align-items:center;gap:6px;font-size:0.8em;'
+        'margin:2px 0 6px 0">'
         f'<span>{html.escape(label)}</span><span>0</span>'
         f'<span style="display:inline-block;width:120px;height:10px;border:1px solid #ccc;'
         f'background:linear-gradient(to right, rgba({r},{g},{b},0), rgba({r},{g},{b},1))"></span>'

@@ -110,7 +110,7 @@ with detail_col:
         st.stop()
     e = svc.latent_entry(eng, cat, lat)
     st.subheader(f"Latent #{lat}")
-    st.markdown(f"**{html.escape(e.get('description') or svc.NO_DESCRIPTION)}**"
+    st.markdown(f"**{e.get('description') or svc.NO_DESCRIPTION}**"
                 + (" · *dead (never fired on the catalog text)*" if e.get("dead") else ""))
     facts = []
     if e.get("density") is not None:

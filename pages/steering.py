@@ -7,6 +7,7 @@ engine's generator, so the computation really stops and the partial run is kept.
 
 import html
 
+import pandas as pd
 import streamlit as st
 
 from esr_core import app_services as svc
@@ -15,7 +16,7 @@ from esr_core.interventions import MODES, POSITIONS, UNITS
 from esr_core.latent_groups import LatentGroup, groups_from_json, groups_to_json, parse_members
 from esr_core.run_record import history_to_json, records_from_json
 from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
-from esr_core.token_heatmap import render_heatmap, scale_max
+from esr_core.token_heatmap import legend_html, render_heatmap, scale_max
 from pages import _ui
 
 _ui.require_frame()
@@ -53,7 +54,7 @@ with left:
         from esr_core.interventions import Intervention
 
         iv = Intervention.from_dict(d)
-        c1.markdown(f"`{iv.label()}` · {html.escape(_ui.describe(iv.latent))}")
+        c1.markdown(f"`{iv.label()}` · {_ui.describe(iv.latent)}")
         if c2.button("✕", key=f"rm_iv_{k}", help="remove"):
             ss.ivs = [x for j, x in enumerate(ss.ivs) if j != k]
             st.rerun()
@@ -101,8 +102,8 @@ with left:
             except BadInput as exc:
                 st.error(str(exc))
         for g in _ui.all_groups():
-            st.caption(f"{'📦 built-in' if g.builtin else '👤'} **{html.escape(g.name)}** · {len(g.members)} latents · "
-                       f"{html.escape(g.description[:80])}")
+            st.caption(f"{'📦 built-in' if g.builtin else '👤'} **{g.name}** · {len(g.members)} latents · "
+                       f"{g.description[:80]}")
         if ss.user_groups:
             st.download_button("Export my groups (JSON)", groups_to_json(ss.user_groups), "esr-groups.json",
                                "application/json", key="grp_export")
@@ -214,13 +215,14 @@ with right:
                  for run, res in rec.results.items()}
         vmax = max([scale_max(v[1], v[2]) for v in views.values()] + [0.0])
         sel = (ss.tok_run, int(ss.get("tok_idx", 0))) if ss.get("tok_run") in rec.results else None
-        hcols = st.columns(len(views))
         label = fmt(colour_by) if colour_by else ""
+        st.html(legend_html(label or "activation", colour, vmax, scale))
+        hcols = st.columns(len(views))
         for col, (run, (pieces, vals, special, tops)) in zip(hcols, views.items()):
             res = rec.results[run]
             col.markdown(f"**{run}** · {len(res.token_ids)} tokens · {res.stop_reason or '—'}")
             col.html(render_heatmap(pieces, vals, special=special, tops=tops, label=label, colour=colour,
-                                    scale=scale, vmax=vmax or None, describe=_ui.describe,
+                                    scale=scale, vmax=vmax or None, describe=_ui.describe, legend=False,
                                     selected=sel[1] if sel and sel[0] == run and not with_prompt else None,
                                     skip_first=with_prompt))
 
@@ -251,7 +253,7 @@ with right:
                     sm = summarise(s.values, dflt)
                     rows.append({"series": s.name, **sm})
             if rows:
-                st.dataframe(rows, hide_index=True, width="stretch")
+                st.table(pd.DataFrame(rows).set_index("series"))
 
         t1, t2 = st.columns([1, 2])
         runs = list(rec.results)
@@ -265,10 +267,14 @@ with right:
         ss.sel_token = (trun, int(tidx))
         r = rec.results[trun]
         if r.pieces:
-            t2.markdown(f"Top latents at token {int(tidx)} `{html.escape(repr(r.pieces[int(tidx)]))}` of the {trun} run")
-            t2.dataframe([{"latent": i, "value": round(v, 3), "description": _ui.describe(i)}
-                          for i, v in (r.top[int(tidx)] if int(tidx) < len(r.top) else [])],
-                         hide_index=True, width="stretch")
+            piece = repr(r.pieces[int(tidx)]).replace("`", "ˋ")
+            t2.markdown(f"Top latents at token {int(tidx)} `{piece}` of the {trun} run")
+            top_rows = [{"latent": i, "value": round(v, 3), "description": _ui.describe(i)}
+                        for i, v in (r.top[int(tidx)] if int(tidx) < len(r.top) else [])]
+            if top_rows:
+                t2.table(pd.DataFrame(top_rows).set_index("latent"))
+            else:
+                t2.caption("No latent is active at this token.")
 
         d1, d2, d3 = st.columns(3)
         d1.download_button("Download this run (JSON)", rec.to_json(), f"esr-run-{rec.id}.json", "application/json",

@@ -108,7 +108,7 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     other = browser.new_page()
     other.goto(url)
     other.get_by_text(f"add #{latent} +0.8×‖h‖ (all)").wait_for(timeout=LONG)
-    assert other.get_by_label("Prompt").input_value() == "How do I boil an egg?"
+    assert other.get_by_role("textbox", name="Prompt", exact=True).input_value() == "How do I boil an egg?"
     assert other.get_by_label("Max new tokens", exact=True).input_value() == "6"
     other.context.close()
 
@@ -129,7 +129,7 @@ def test_stop_really_stops_a_long_generation(server, browser):
     page.wait_for_function(
         "() => { const e = document.querySelector('.esr-live[data-run=steered]'); return e && +e.dataset.n >= 2; }",
         timeout=LONG)
-    page.get_by_role("button", name="Stop").click()
+    page.get_by_test_id("stMainBlockContainer").get_by_role("button", name="Stop").click()
     page.get_by_text("This run was stopped before the end").wait_for(timeout=LONG)
     wait_results(page)
     head = page.get_by_text(re.compile(r"steered · \d+ tokens · cancelled")).inner_text()
