@@ -21,7 +21,7 @@ def register(sub) -> None:
     f.add_argument("--relax-to", type=float, default=0.8)
     f.add_argument("--min-off-freq", type=float, default=0.8, help="--rule strict: fires on >= this share of off-topic")
     f.add_argument("--max-size", type=int, default=26)
-    f.add_argument("--derangements", type=int, default=3)
+    f.add_argument("--derangements", type=int, default=2)
     f.add_argument("--heldout", choices=["derangements", "prompts"], default="derangements")
     f.add_argument("--whole-chat", action="store_true", help="max-pool over prompt + response (default: response only)")
     f.add_argument("--n-prompts", type=int, default=None)

@@ -54,14 +54,14 @@ class DetectorParams:
     min_size: int = 3  # ... until at least this many latents pass
     strict_min_off_freq: float = 0.8  # rule 'strict': fires on >= this share of off-topic pairs
     max_size: int = 26  # the paper's final set had 26 latents
-    derangements: int = 3
+    derangements: int = 2
     derangement_seeds: tuple[int, ...] = ()  # empty: 0..derangements-1
     heldout: str = "derangements"  # "derangements" (new seeds, same prompts) | "prompts" (split prompts)
-    heldout_seeds: tuple[int, ...] = (1001, 1002)
+    heldout_seeds: tuple[int, ...] = (1001,)
     heldout_prompt_frac: float = 0.3
     response_only: bool = True  # max-pool over the assistant turn only (else prompt + response)
     avoid_same_topic: bool = True  # off-topic answers come from prompts of another topic when possible
-    max_answer_chars: int = 1200
+    max_answer_chars: int = 600  # the first ~130 tokens of each answer: drift shows early
     n_prompts: int | None = None  # None: all
     answers_path: str | None = None  # None: assets/prompts/default_answers.jsonl
     batch_size: int = 8

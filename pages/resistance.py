@@ -80,7 +80,7 @@ st.subheader("One click per condition")
 st.caption("Same prompt, seed and sampling for every condition; only the edit differs. A 135M model rarely "
            "corrects itself (the paper finds ESR only at 70B scale): expect restarts mainly with the meta-prompt.")
 c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
-cprompt = c1.text_input("Prompt", value=ss.get("res_prompt", EXAMPLE_PROMPT), key="res_prompt")
+cprompt = c1.text_input("Prompt", value=EXAMPLE_PROMPT, key="res_prompt")
 ex = svc.load_examples()
 dlat = c2.number_input("Distractor latent", min_value=0, max_value=d_sae - 1,
                        value=int(ex[0]["latent"]) if ex else 0, key="res_dlat")
