@@ -5,7 +5,6 @@ Only widget plumbing lives here; anything that computes lives in esr_core.app_se
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import streamlit as st
@@ -14,34 +13,50 @@ from esr_core import url_state
 from esr_core.interventions import Intervention
 from esr_core.latent_groups import LatentGroup
 
-_FRAME = threading.local()
+_FRAME_ATTR = "_esr_lab_frame"
+
+
+def _ctx():
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    return get_script_run_ctx()
 
 
 def enter_frame() -> None:
-    _FRAME.active = True
+    """Mark this script run as running inside app.py (kept on the run's context, not in a
+    module, because Streamlit may re-import page helper modules between runs)."""
+    ctx = _ctx()
+    if ctx is not None:
+        setattr(ctx, _FRAME_ATTR, True)
 
 
 def exit_frame() -> None:
-    _FRAME.active = False
+    ctx = _ctx()
+    if ctx is not None:
+        setattr(ctx, _FRAME_ATTR, False)
+
+
+def _frame_active() -> bool:
+    ctx = _ctx()
+    return ctx is None or bool(getattr(ctx, _FRAME_ATTR, False))
 
 
 def require_frame() -> None:
     """Run pages inside app.py's frame (sidebar, engine, URL state), even on a deep link.
 
-    Streamlit keeps a legacy rule: while no script has called st.navigation yet in this server
-    process and a pages/ folder exists, the first request for /latents executes pages/latents.py
-    directly. Here we switch that rule off (what st.navigation itself does) and rerun, so app.py
-    runs and opens the same page with the same query parameters.
+    Streamlit keeps a legacy rule: while no script of this process has called st.navigation
+    (AppTest: in every run) and a pages/ folder exists, a request for /latents executes
+    pages/latents.py directly. Then we run app.py here, in this same script run (so a click
+    that started the run is not lost): it calls st.navigation, which opens this page inside
+    the frame, and we stop the outer, frameless run.
     """
-    if getattr(_FRAME, "active", False):
+    if _frame_active():
         return
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
+    import runpy
+    from pathlib import Path
 
-        PagesManager.uses_pages_directory = False
-    except ImportError:  # a future Streamlit without the legacy rule
-        pass
-    st.rerun()
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "app.py"), run_name="__main__")
+    st.stop()
 
 
 PAGES = {"home": "pages/home.py", "latents": "pages/latents.py", "steering": "pages/steering.py"}

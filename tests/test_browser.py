@@ -72,6 +72,10 @@ def download_run(page) -> dict:
 
 def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     page = browser.new_page()
+    page.goto(server.url)
+    page.get_by_role("button", name="Open in the steering lab").first.wait_for(timeout=LONG)
+    page.get_by_text("d_sae").first.wait_for(timeout=LONG)  # the sidebar says what is loaded
+    shot(page, "home-page")
     page.goto(server.url + "/latents")
     page.get_by_text("Find latents").first.wait_for(timeout=LONG)
     has_catalog = page.get_by_text("No latent catalog for this SAE yet").count() == 0
