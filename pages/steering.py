@@ -200,8 +200,10 @@ with right:
             kind, v = o.split(":", 1)
             return f"#{v} · {_ui.describe(int(v))[:50]}" if kind == "latent" else f"group {v}"
 
+        labels = {o: fmt(o) for o in opts}  # format_func must not read session state (AppTest calls it outside a run)
         h1, h2, h3 = st.columns([3, 1, 1])
-        colour_by = h1.selectbox("Colour tokens by", opts, format_func=fmt, key="colour_by") if opts else None
+        colour_by = h1.selectbox("Colour tokens by", opts, format_func=lambda o: labels.get(o, o),
+                                 key="colour_by") if opts else None
         scale = h2.radio("Scale", ["sqrt", "log"], horizontal=True, key="hm_scale")
         with_prompt = h3.checkbox("Prompt tokens", key="hm_prompt")
         latent = group = None

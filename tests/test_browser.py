@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from playwright.sync_api import expect
 
 from browser_util import ARTEFACTS, Browser, StreamlitServer, chromium_available, shot
 
@@ -112,8 +113,8 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     other = browser.new_page()
     other.goto(url)
     other.get_by_text(f"add #{latent} +0.8×‖h‖ (all)").wait_for(timeout=LONG)
-    assert other.get_by_role("textbox", name="Prompt", exact=True).input_value() == "How do I boil an egg?"
-    assert other.get_by_label("Max new tokens", exact=True).input_value() == "6"
+    expect(other.get_by_role("textbox", name="Prompt", exact=True)).to_have_value("How do I boil an egg?", timeout=LONG)
+    expect(other.get_by_label("Max new tokens", exact=True)).to_have_value("6", timeout=LONG)
     other.context.close()
 
     # an invalid uploaded file gives a clear error and the page stays usable
