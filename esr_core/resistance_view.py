@@ -76,11 +76,14 @@ def circuit_activity(z_or_acts, group: dict, how: str = "sum", ema_alpha: float 
 
 
 def threshold_crossings(series, threshold: float) -> list[int]:
-    """Indices where the series rises to or above ``threshold`` from below (index 0 if it starts there)."""
+    """Indices where the series rises strictly above ``threshold`` (index 0 if it starts there).
+
+    Strict, because a sparse (TopK) circuit's on-topic threshold is often exactly 0.
+    """
     s = _as_array(series).ravel()
     if s.size == 0:
         return []
-    above = s >= float(threshold)
+    above = s > float(threshold)
     out = [0] if above[0] else []
     out += [int(t) for t in np.where(above[1:] & ~above[:-1])[0] + 1]
     return out

@@ -44,8 +44,10 @@ def test_circuit_activity_full_code_and_watched_columns():
 
 def test_threshold_crossings_rising_edges_only():
     s = [0, 1, 3, 4, 2, 3, 0, 5]
-    assert rv.threshold_crossings(s, 3) == [2, 5, 7]
+    assert rv.threshold_crossings(s, 3) == [3, 7]
+    assert rv.threshold_crossings(s, 2.5) == [2, 5, 7]
     assert rv.threshold_crossings([5, 5, 1], 3) == [0]
+    assert rv.threshold_crossings([0, 0, 0.2, 0], 0.0) == [2]  # a zero threshold: any activity
     assert rv.threshold_crossings([], 1) == []
     assert rv.default_threshold(GROUP) == 3.0
     assert rv.default_threshold(GROUP, how="mean") == 1.5
