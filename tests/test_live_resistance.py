@@ -1,0 +1,61 @@
+"""Live resistance tracking and judged overlays: pure functions on hand-made streams."""
+
+from esr_core.live_resistance import LiveResistance, group_threshold, judged_overlay, token_starts
+
+CIRCUIT = {"name": "resistance circuit", "members": [7, 9], "weights": [1.0, 0.5],
+           "threshold": {"value": 1.0, "how": "sum"}}
+
+
+def feed(tracker, stream):
+    for acts, piece in stream:
+        tracker.update(acts, piece)
+
+
+def test_circuit_activity_is_weighted_ema_and_crossing_is_first_above_threshold():
+    t = LiveResistance.for_group(CIRCUIT)
+    assert t.threshold == 1.0 and t.members == [7, 9]
+    feed(t, [({7: 0.0}, "To"), ({7: 0.4, 9: 0.4}, " boil"), ({7: 2.0}, " cats"), ({7: 2.0, 9: 2.0}, " purr")])
+    assert t.activity == [0.0, 0.6000000000000001, 2.0, 3.0]
+    # EMA with alpha 0.5 starting at the first value
+    assert t.smoothed == [0.0, 0.30000000000000004, 1.15, 2.075]
+    assert t.crossing == 2
+    assert 'data-token="2"' in t.badges_html()
+
+
+def test_restart_phrase_is_marked_at_its_token_once_and_escaped():
+    t = LiveResistance.for_group(CIRCUIT)
+    pieces = ["Cats", " are", " soft", ".", " Wait", ",", " that's", " not", " right", ".", " To", " boil"]
+    feed(t, [({}, p) for p in pieces])
+    assert t.restart_tokens == [4]
+    html_out = t.badges_html()
+    assert "restart at token 4" in html_out and "that&#x27;s not right" in html_out
+    assert t.crossing is None  # the circuit never fired
+
+
+def test_no_restart_for_mere_waiting():
+    t = LiveResistance.for_group(CIRCUIT)
+    feed(t, [({}, p) for p in ["Put", " the", " egg", " in", ".", " Wait", " for", " it", " to", " boil", "."]])
+    assert t.restarts == []
+
+
+def test_judged_overlay_maps_attempts_to_token_regions():
+    pieces = ["Cats", " purr", ".", " Wait", ",", " that's", " not", " right", ".", " Boil", " water", "."]
+    text = "".join(pieces)
+    second = text.index(" Wait") + 1
+    judgement = {"attempts": [{"attempt_text": text[:second], "score": 10, "start_char": 0, "end_char": second},
+                              {"attempt_text": text[second:], "score": 80, "start_char": second,
+                               "end_char": len(text)}],
+                 "restart_phrases": [{"text": "Wait, that's not right.", "start_char": second,
+                                      "end_char": second + 23}]}
+    ov = judged_overlay(judgement, pieces)
+    assert ov["verdict"] == "esr"
+    assert [r[:2] for r in ov["regions"]] == [(0, 4), (3, 12)]
+    assert ov["markers"] == [(3, "restart")]
+    assert ov["scores"] == [10, 80]
+    assert token_starts(["ab", "c", ""]) == [0, 2, 3]
+
+
+def test_threshold_fallbacks():
+    assert group_threshold({"threshold": 2.5}) == 2.5
+    assert group_threshold({"threshold": {"value": None}}, fallback=0.3) == 0.3
+    assert group_threshold({}, fallback=0.1) == 0.1
