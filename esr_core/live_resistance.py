@@ -37,7 +37,10 @@ def _group_fields(group) -> tuple[list[int], list[float], str]:
 
 def group_threshold(group, fallback: float = 0.0) -> float:
     """The alert threshold stored with a shipped group (detector search), else ``fallback``."""
-    raw = group.get("threshold") if isinstance(group, dict) else getattr(group, "threshold", None)
+    if isinstance(group, dict):
+        raw = group.get("threshold")
+    else:
+        raw = getattr(group, "threshold", None) or (getattr(group, "extra", None) or {}).get("threshold")
     if isinstance(raw, dict):
         raw = raw.get("value")
     try:

@@ -21,6 +21,7 @@ from esr_core.timeline_plot import Marker, Region, Series, timeline_figure
 from esr_core.token_heatmap import render_heatmap
 from pages import _ui
 
+_ui.require_frame()
 ss = st.session_state
 st.title("Resistance")
 st.caption("Off-topic detector latents (the \"resistance circuit\"), backtracking latents, and how they behave "

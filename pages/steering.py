@@ -14,6 +14,7 @@ from esr_core import app_services as svc
 from esr_core.errors import BadInput, EsrError
 from esr_core.interventions import MODES, POSITIONS, UNITS
 from esr_core.latent_groups import LatentGroup, groups_from_json, groups_to_json, parse_members
+from esr_core.live_resistance import VERDICT_LABELS, LiveResistance, group_threshold, judged_overlay
 from esr_core.run_record import history_to_json, records_from_json
 from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
 from esr_core.token_heatmap import legend_html, render_heatmap, scale_max
@@ -29,12 +30,36 @@ d_sae = eng.sae.d_sae
 RUN_COLOURS = {"steered": "#D55E00", "default": "#0072B2"}
 
 
-def live_html(run: str, text: str, n: int, status: str) -> str:
+CIRCUIT_NAME, BACKTRACK_NAME = "resistance circuit", "backtracking"
+
+
+def live_html(run: str, text: str, n: int, status: str, badges: str = "") -> str:
+    """One streaming answer; ``badges`` is pre-escaped HTML from LiveResistance."""
     return (f'<div class="esr-live" data-run="{run}" data-n="{n}" data-status="{status}" '
             f'style="border:1px solid #ddd;border-radius:6px;padding:8px;min-height:4em">'
             f'<div style="font-size:0.8em;color:#666"><b style="color:{RUN_COLOURS[run]}">{run}</b> · '
             f'<span class="esr-n">{n}</span> tokens · {html.escape(status)}</div>'
+            f'<div>{badges}</div>'
             f'<div style="white-space:pre-wrap">{html.escape(text)}</div></div>')
+
+
+def judged_run(rec) -> dict:
+    """Judge each finished answer once per record (offline judge), kept in the session."""
+    cache = ss.setdefault("_judged", {})
+    if rec.id in cache:
+        return cache[rec.id]
+    from esr_core.judge import judge_response
+
+    distractor = next((_ui.describe(iv.latent) for iv in rec.spec.interventions if iv.mode == "add"), None)
+    out = {}
+    try:
+        for run, res in rec.results.items():
+            if res.text.strip():
+                out[run] = judged_overlay(judge_response(rec.spec.prompt, res.text, distractor), res.pieces)
+    except EsrError as exc:
+        st.caption(f"Judge unavailable: {exc}")
+    cache[rec.id] = out
+    return out
 
 
 left, right = st.columns([2, 3], gap="large")
@@ -82,6 +107,12 @@ with left:
         st.error(f"Watched latents: {exc}")
 
     names = [g.name for g in _ui.all_groups()]
+    if not ss.get("_resistance_watched"):
+        # the resistance circuit and the backtracking latents are watched by default: they are the point
+        ss._resistance_watched = True
+        extra = [n for n in (CIRCUIT_NAME, BACKTRACK_NAME) if n in names and n not in ss.sel_groups]
+        if extra:
+            _ui.set_persisted("sel_groups", list(ss.sel_groups) + extra)
     ss.sel_groups = [n for n in ss.sel_groups if n in names]
     ss.abl_groups = [n for n in ss.abl_groups if n in names]
     g1, g2 = st.columns(2)
@@ -159,12 +190,18 @@ with right:
                 slots = {r: cols[r].empty() for r in spec.runs}
                 for r in spec.runs:
                     slots[r].html(live_html(r, "", 0, "waiting for the first token…"))
+            circuit = next((g for g in groups if g.name == CIRCUIT_NAME), None)
+            trackers = {r: (LiveResistance.for_group(circuit) if circuit else
+                            LiveResistance(members=[], weights=[], threshold=float("inf"), name="")) for r in spec.runs}
             try:
                 for ev in eng.stream(spec):
                     run = live.add(ev)
+                    if run in trackers and hasattr(ev, "token_id"):
+                        trackers[run].update(ev.acts, ev.text)
                     if run in slots and live.n_tokens.get(run) is not None:
                         status = f"done ({live.done[run]})" if run in live.done else "streaming…"
-                        slots[run].html(live_html(run, live.texts.get(run, ""), live.n_tokens[run], status))
+                        slots[run].html(live_html(run, live.texts.get(run, ""), live.n_tokens[run], status,
+                                                  trackers[run].badges_html()))
             except EsrError as exc:
                 ss.live = None
                 st.error(str(exc))
@@ -239,8 +276,26 @@ with right:
             for g in group_objs:
                 p, v, _, _ = svc.token_values(res, group=g)
                 series.append(Series(name=g.name, values=v, run=run, colour=g.colour, lane="groups", tokens=p))
+        # resistance: the judge's attempts on the steered answer as shaded regions, restarts as markers
+        overlay = judged_run(rec)
+        for s_ in series:
+            if s_.name == CIRCUIT_NAME:
+                s_.threshold = group_threshold(next((g for g in group_objs if g.name == CIRCUIT_NAME), {}))
+        if overlay:
+            ov = overlay["steered"] if "steered" in overlay else next(iter(overlay.values()))
+            scores = " → ".join(f"{x:.0f}" for x in ov["scores"]) or "—"
+            st.markdown(f'<div class="esr-verdict" data-verdict="{ov["verdict"]}"><b>Verdict (steered run):</b> '
+                        f'{html.escape(ov["label"])} · attempt scores {scores} · '
+                        f'offline judge</div>', unsafe_allow_html=True)
+            with st.popover("What the rates mean"):
+                from esr_core.judge import RATE_DEFINITIONS
+
+                for k, v in RATE_DEFINITIONS.items():
+                    st.markdown(f"**{k}**: {v}")
         if series:
+            ov = (overlay or {}).get("steered") or {}
             fig = timeline_figure(series, selected=sel[1] if sel else None,
+                                  regions=ov.get("regions", ()), markers=ov.get("markers", ()),
                                   title="Watched latents over generated tokens (solid = steered, dashed = default)")
             event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"tl_{rec.id}")
             pt = selected_point(event)

@@ -129,6 +129,18 @@ def test_generation_with_an_intervention_gives_two_different_answers_and_replays
     assert len(rec.results["steered"].token_ids) == 8
     assert EXAMPLE["latent"] in rec.spec.watch
 
+    # the resistance layer: the shipped circuit is watched by default and each answer gets a verdict
+    import json as _json
+
+    from esr_core.paths import ASSETS_DIR
+
+    circuit = _json.loads((ASSETS_DIR / "groups" / "resistance_circuit.json").read_text())
+    assert set(circuit["members"]) <= set(rec.spec.watch)
+    judged = at.session_state["_judged"][rec.id]
+    assert judged["steered"]["verdict"] in ("single", "multi", "esr")
+    assert judged["steered"]["regions"] and judged["steered"]["regions"][0][0] == 0
+    assert any("Verdict (steered run)" in m.value for m in at.markdown)
+
     # history round-trips through JSON, and the same spec + seed gives the same text
     from esr_core.run_record import RunRecord
 
