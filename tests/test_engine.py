@@ -15,21 +15,31 @@ PROMPT = "How do I boil an egg?"
 
 
 class Capture:
-    """Records (pre-steering, post-steering) residuals at the hook for every forward call."""
+    """Records (pre-steering, post-steering) residuals at the hook for every forward call.
+
+    One hook runs before the engine's (prepend) and one after it, on the same module.
+    """
 
     def __init__(self, engine: Engine):
-        self.calls = []
-        self.handle = engine.model.hook_point(engine.hook_name).register_forward_hook(self._grab)
+        self.pre, self.post = [], []
+        hp = engine.model.hook_point(engine.hook_name)
+        self.handles = [hp.register_forward_hook(self._grab(self.pre), prepend=True),
+                        hp.register_forward_hook(self._grab(self.post))]
 
-    def _grab(self, _m, inputs, output):
-        self.calls.append((inputs[0].detach().clone(), output.detach().clone()))
+    @staticmethod
+    def _grab(store):
+        def hook(_m, _inputs, output):
+            store.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+        return hook
 
     def deltas(self):
         """Per forward call: post - pre, shape [B, T, D]."""
-        return [post - pre for pre, post in self.calls]
+        return [b - a for a, b in zip(self.pre, self.post)]
 
     def close(self):
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
 
 def _latent(engine, i=3):
