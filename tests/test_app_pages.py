@@ -208,7 +208,9 @@ def test_groups_create_and_watch_lane():
     at.text_input(key="grp_ids").input("3, 4:0.5")
     at.button(key="grp_create").click().run()
     assert not errors(at), errors(at)
-    assert at.session_state.sel_groups == ["pair"]
+    # the new group is watched, next to the shipped resistance groups that are watched by default
+    assert at.session_state.sel_groups[-1] == "pair"
+    assert {"resistance circuit", "backtracking"} <= set(at.session_state.sel_groups)
     at.text_input(key="grp_ids").input("3, 99999")
     at.button(key="grp_create").click().run()
     assert any("beyond" in e for e in errors(at)), errors(at)
