@@ -20,7 +20,8 @@ import numpy as np
 from .errors import BadInput, EsrError
 from .generation import GenerationSpec, PromptReadout, RunDone, RunResult, TokenEvent, collect
 from .interventions import MODES, POSITIONS, UNITS, Intervention, validate
-from .latent_groups import LatentGroup, load_builtin_groups
+from .latent_groups import (LatentGroup, catalog_scales, load_builtin_groups, normalised_lane, observed_scales,
+                            resolve_scales)
 from .model_registry import DEFAULT_MODEL, get_entry, list_models
 from .paths import ASSETS_DIR
 from .run_record import RunRecord
@@ -388,6 +389,89 @@ def token_values(result: RunResult, latent: int | None = None, group: LatentGrou
     else:
         vals = np.zeros(len(pieces))
     return pieces, [float(v) for v in vals], special, tops
+
+
+def group_member_values(result: RunResult, group: LatentGroup, include_prompt: bool = False,
+                        ) -> tuple[list[str], np.ndarray, list[bool], list]:
+    """Pieces, the members' activations [T, n_members], special flags and top lists of one run."""
+    pieces, special, tops = list(result.pieces), list(result.special), list(result.top)
+    acts = result.acts if result.acts is not None else np.zeros((len(pieces), len(result.watch)))
+    if include_prompt and result.prompt is not None:
+        p = result.prompt
+        pieces = list(p.tokens) + pieces
+        special = [False] * len(p.tokens) + special
+        tops = list(p.top) + tops
+        acts = np.concatenate([np.asarray(p.acts).reshape(-1, len(result.watch)), acts], axis=0) if len(
+            result.watch) else np.zeros((len(pieces), 0))
+    if all(m in result.watch for m in group.members):
+        m = group.member_matrix(acts, result.watch)
+    else:
+        m = group.member_matrix_from_tops(tops)
+    return pieces, m, special, tops
+
+
+SCALE_SOURCES = {"catalog": "its catalog max", "observed": "its max in these runs", "none": "never active: 0"}
+
+
+def scale_note(group: LatentGroup, sources: Sequence[str]) -> str:
+    """How each member was scaled, in words: "each latent ÷ its catalog max" (or the mix)."""
+    kinds = list(dict.fromkeys(sources))
+    if len(kinds) == 1:
+        return f"each latent ÷ {SCALE_SOURCES.get(kinds[0], kinds[0])}"
+    parts = []
+    for k in kinds:
+        ids = [f"#{m}" for m, s in zip(group.members, sources) if s == k]
+        more = f" +{len(ids) - 4}" if len(ids) > 4 else ""
+        parts.append(f"{SCALE_SOURCES.get(k, k)} for {', '.join(ids[:4])}{more}")
+    return "each latent ÷ " + "; ".join(parts)
+
+
+def group_heatmap_values(results: dict[str, RunResult], group: LatentGroup, catalog=None, normalise: bool = True,
+                         include_prompt: bool = False, how: str = "sum",
+                         ) -> tuple[dict[str, tuple[list[str], list[float], list[bool], list]], str]:
+    """Heatmap values of a group for every run shown together, and a note on the scale.
+
+    ``normalise``: each member is divided by its own scale (its max activation in ``catalog``;
+    where the catalog lacks it, the max seen in these runs, position 0 and special tokens
+    excluded) before the weighted sum, so no single latent's raw units dominate the colour.
+    Otherwise the raw weighted sum (one shared raw scale)."""
+    mats = {run: group_member_values(res, group, include_prompt) for run, res in results.items()}
+    if not normalise:
+        w = np.asarray(group.weights, dtype=float)
+        views = {}
+        for run, (p, m, sp, t) in mats.items():
+            v = np.where(np.isfinite(m), m, 0.0) @ w
+            if how == "mean":
+                v = v / max(float(np.sum(np.abs(w))), 1e-12)
+            views[run] = (p, [float(x) for x in v], sp, t)
+        return views, "raw weighted sum"
+    seen = np.zeros(len(group.members))
+    for p, m, sp, _ in mats.values():
+        mask = [not s for s in sp]
+        if mask:
+            mask[0] = False if include_prompt else mask[0]
+        if m.shape[0]:
+            seen = np.maximum(seen, observed_scales(m, mask))
+    own = catalog_scales(catalog, group.members)
+    _, sources = resolve_scales(own, list(seen), len(group.members))
+    views = {run: (p, [float(x) for x in normalised_lane(m, group.weights, own, list(seen), how)], sp, t)
+             for run, (p, m, sp, t) in mats.items()}
+    return views, scale_note(group, sources)
+
+
+def normalised_member_series(member_acts, group: LatentGroup, catalog=None, special: Sequence[bool] | None = None,
+                             skip_first: bool = True, how: str = "sum") -> tuple[np.ndarray, str]:
+    """One sequence's group values with each member ÷ its own scale (catalog max, else its max
+    here outside position 0 and special tokens), and the note saying so."""
+    m = np.asarray(member_acts, dtype=float).reshape(-1, len(group.members))
+    mask = [not bool(x) for x in (special or [False] * m.shape[0])]
+    mask = (mask + [True] * m.shape[0])[: m.shape[0]]
+    if skip_first and mask:
+        mask[0] = False
+    seen = observed_scales(m, mask)
+    own = catalog_scales(catalog, group.members)
+    _, sources = resolve_scales(own, list(seen), len(group.members))
+    return normalised_lane(m, group.weights, own, list(seen), how), scale_note(group, sources)
 
 
 def load_examples(path: Path | None = None) -> list[dict]:

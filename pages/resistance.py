@@ -17,6 +17,7 @@ from esr_core.conditions import CONDITION_KEYS, CONDITION_LABELS, META_PROMPT, b
 from esr_core.errors import EsrError
 from esr_core.generation import GenerationSpec
 from esr_core.interventions import Intervention
+from esr_core.latent_groups import LatentGroup
 from esr_core.timeline_plot import Marker, Region, Series, timeline_figure
 from esr_core.token_heatmap import render_heatmap
 from pages import _ui
@@ -164,8 +165,15 @@ if rep is not None:
     markers += [Marker(t, "crossing", "#D55E00") for t in rep.get("crossings", [])[:10]]
     st.plotly_chart(timeline_figure(series, regions=regions, markers=markers), key="rep_chart")
     if "circuit" in rep["series"]:
-        st.html(render_heatmap(toks, list(rep["series"]["circuit"]), label="resistance circuit",
-                               colour=circuit["colour"]))
+        hm_vals, hm_label = list(rep["series"]["circuit"]), "resistance circuit"
+        mem = (rep.get("members") or {}).get("circuit")
+        if mem is not None and len(circuit["members"]) > 1:
+            # several latents on one colour: each ÷ its own scale, never one shared raw scale
+            g = LatentGroup.from_dict(circuit)
+            v, note = svc.normalised_member_series(mem, g, _ui.catalog(), how=rep.get("how", "sum"))
+            hm_vals = list(det.ema(v, rep.get("ema_alpha")) if rep.get("ema_alpha") else v)
+            hm_label = f"resistance circuit · {note}"
+        st.html(render_heatmap(toks, hm_vals, label=hm_label, colour=circuit["colour"]))
     rows = []
     for key, s in rep["summary"].items():
         for lab, v in s["regions"].items():

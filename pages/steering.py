@@ -250,11 +250,21 @@ with right:
         elif colour_by:
             group = next((g for g in group_objs if g.name == colour_by.split(":", 1)[1]), None)
             colour = group.colour if group else colour
-        views = {run: svc.token_values(res, latent=latent, group=group, include_prompt=with_prompt)
-                 for run, res in rec.results.items()}
+        label = fmt(colour_by) if colour_by else ""
+        if group is not None and len(group.members) > 1:
+            # several latents on one colour: each divided by its own scale, never one shared raw scale
+            norm = st.radio("Group colour", ["normalised per latent", "raw sum"], horizontal=True, key="hm_group_norm",
+                            help="Normalised: each member ÷ its max activation in the catalog (the max in these runs "
+                                 "where the catalog lacks it), then the weighted sum. Raw: the plain weighted sum.")
+            same_sae = rec.sae == eng.sae.source
+            views, note = svc.group_heatmap_values(rec.results, group, _ui.catalog() if same_sae else None,
+                                                   normalise=norm != "raw sum", include_prompt=with_prompt)
+            label = f"{label} · {note}"
+        else:
+            views = {run: svc.token_values(res, latent=latent, group=group, include_prompt=with_prompt)
+                     for run, res in rec.results.items()}
         vmax = max([scale_max(v[1], v[2]) for v in views.values()] + [0.0])
         sel = (ss.tok_run, int(ss.get("tok_idx", 0))) if ss.get("tok_run") in rec.results else None
-        label = fmt(colour_by) if colour_by else ""
         st.html(legend_html(label or "activation", colour, vmax, scale))
         hcols = st.columns(len(views))
         for col, (run, (pieces, vals, special, tops)) in zip(hcols, views.items()):

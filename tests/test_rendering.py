@@ -11,8 +11,8 @@ import pytest
 from esr_core.errors import BadInput
 from esr_core.generation import GenerationSpec, PromptReadout, RunDone, TokenEvent
 from esr_core.interventions import Intervention
-from esr_core.latent_groups import (LatentGroup, decode_groups, encode_groups, groups_from_json, groups_to_json,
-                                    load_builtin_groups, parse_members)
+from esr_core.latent_groups import (LatentGroup, catalog_scales, decode_groups, encode_groups, groups_from_json,
+                                    groups_to_json, load_builtin_groups, normalised_lane, observed_scales, parse_members)
 from esr_core.run_record import RunRecord, history_to_json, records_from_json
 from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
 from esr_core.token_heatmap import opacity, render_heatmap, scale_max
@@ -101,6 +101,81 @@ def test_group_lane_sum_mean_and_ablation():
     ab = g.ablations("generated")
     assert [(a.latent, a.mode, a.positions) for a in ab] == [(3, "ablate", "generated"), (5, "ablate", "generated")]
     assert g.lane_from_tops([[(3, 2.0), (7, 1.0)], []]).tolist() == [2.0, 0.0]
+
+
+# ---------------------------------------------------------------- several latents, each on its own scale
+def test_normalised_lane_puts_each_latent_on_its_own_scale():
+    # latent A lives on a scale of 10, latent B on a scale of 1: each at its own peak counts the same
+    acts = np.array([[10.0, 0.0], [0.0, 1.0], [5.0, 0.5], [0.0, 0.0]])
+    out = normalised_lane(acts, [1.0, 1.0], scales=[10.0, 1.0])
+    assert out.tolist() == [1.0, 1.0, 1.0, 0.0]
+    # the raw sum would let A drown B (10 vs 1)
+    assert (acts @ [1.0, 1.0]).tolist()[:2] == [10.0, 1.0]
+    # weights still apply, and "mean" divides by the sum of |weights|
+    assert normalised_lane(acts, [2.0, 1.0], scales=[10.0, 1.0])[:2].tolist() == [2.0, 1.0]
+    assert normalised_lane(acts, [2.0, 1.0], scales=[10.0, 1.0], how="mean")[:2].tolist() == \
+        [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+
+
+def test_normalised_lane_missing_scale_falls_back_to_the_observed_max():
+    acts = np.array([[4.0, 0.0], [0.0, 2.0], [2.0, 1.0]])
+    # B has no catalog scale (None, NaN, 0, negative): it falls back to its max in these acts (2)
+    for missing in (None, float("nan"), 0.0, -3.0):
+        assert normalised_lane(acts, [1.0, 1.0], scales=[4.0, missing]).tolist() == [1.0, 1.0, 1.0]
+    # no scales at all (e.g. a non-default SAE without a catalog): every member by its own observed max
+    assert normalised_lane(acts, [1.0, 1.0]).tolist() == [1.0, 1.0, 1.0]
+    # an explicit fallback (the max over all runs shown) wins over the max in this one run
+    assert normalised_lane(acts, [1.0, 1.0], scales=[4.0, None], fallback=[None, 4.0]).tolist() == [1.0, 0.5, 0.75]
+    # a member never active anywhere contributes 0 (no division by zero)
+    silent = np.array([[1.0, 0.0], [2.0, 0.0]])
+    assert normalised_lane(silent, [1.0, 1.0]).tolist() == [0.5, 1.0]
+
+
+def test_normalised_lane_is_nan_safe():
+    acts = np.array([[float("nan"), 1.0], [10.0, float("inf")], [5.0, 0.5]])
+    out = normalised_lane(acts, [1.0, 1.0], scales=[10.0, 1.0])
+    assert np.isfinite(out).all()
+    assert out.tolist() == [1.0, 1.0, 1.0]
+    assert observed_scales(acts).tolist() == [10.0, 1.0]
+    assert observed_scales(acts, mask=[True, False, True]).tolist() == [5.0, 1.0]
+    with pytest.raises(BadInput):
+        normalised_lane(acts, [1.0], scales=[1.0, 1.0])
+
+
+def test_catalog_scales_read_each_latents_catalog_max():
+    class Cat:
+        max_act = np.array([0.0, 10.0, 1.0, float("nan")], dtype=np.float32)
+
+    assert catalog_scales(Cat(), [1, 2, 0, 3, 99]) == [10.0, 1.0, None, None, None]
+    assert catalog_scales(None, [1, 2]) == [None, None]
+
+
+def test_group_heatmap_values_normalise_per_latent_across_runs():
+    spec = GenerationSpec(prompt="Hi", watch=[5, 7], max_new_tokens=3)
+    live = svc.LiveRun(spec=spec, model="m", sae="s")
+    for run in spec.runs:
+        live.add(PromptReadout(run=run, rendered_prompt="<u>Hi", token_ids=[1, 2], tokens=["<u>", "Hi"],
+                               acts=np.array([[900.0, 90.0], [0.0, 0.0]], dtype=np.float32), top=[[], []]))
+    live.add(TokenEvent(run="steered", step=0, token_id=10, text="A", acts={5: 10.0, 7: 0.0}, top=[(5, 10.0)]))
+    live.add(TokenEvent(run="steered", step=1, token_id=11, text="B", acts={5: 0.0, 7: 1.0}, top=[(7, 1.0)]))
+    live.add(TokenEvent(run="default", step=0, token_id=12, text="C", acts={5: 0.0, 7: 2.0}, top=[(7, 2.0)]))
+    rec = live.record("done")
+    g = LatentGroup("g", [5, 7])
+
+    class Cat:
+        max_act = np.zeros(10, dtype=np.float32)
+
+    Cat.max_act[5] = 20.0  # #5 has a catalog max; #7 does not (max 0): it takes its max over both runs (2)
+    views, note = svc.group_heatmap_values(rec.results, g, Cat())
+    assert views["steered"][1] == [0.5, 0.5] and views["default"][1] == [1.0]
+    assert "catalog max for #5" in note and "max in these runs for #7" in note
+    raw, note = svc.group_heatmap_values(rec.results, g, Cat(), normalise=False)
+    assert raw["steered"][1] == [10.0, 1.0] and note == "raw weighted sum"
+    # with the prompt shown, position 0 (the attention sink, 900 and 90) does not set the fallback scale
+    views, note = svc.group_heatmap_values(rec.results, g, None, include_prompt=True)
+    assert views["steered"][1][1:] == [0.0, 1.0, 0.5] and note == "each latent ÷ its max in these runs"
+    vals, note = svc.normalised_member_series(np.array([[900.0, 90.0], [10.0, 0.0], [0.0, 2.0]]), g, Cat())
+    assert vals[1:].tolist() == [0.5, 1.0]
 
 
 def test_group_validation():
