@@ -25,6 +25,9 @@ def register(sub) -> None:
     f.add_argument("--heldout", choices=["derangements", "prompts"], default="derangements")
     f.add_argument("--whole-chat", action="store_true", help="max-pool over prompt + response (default: response only)")
     f.add_argument("--n-prompts", type=int, default=None)
+    f.add_argument("--alert", choices=["youden", "quantile"], default="youden",
+                   help="live alert threshold: best on/off-topic split of peak activity (default) or the "
+                        "95%% quantile of on-topic token activity")
     _common(f)
     f.set_defaults(func=run_find)
 
@@ -106,7 +109,7 @@ def run_find(args) -> int:
                             strict_min_off_freq=args.min_off_freq, max_size=args.max_size,
                             derangements=args.derangements, heldout=args.heldout,
                             response_only=not args.whole_chat, n_prompts=args.n_prompts,
-                            answers_path=args.answers).validate()
+                            answers_path=args.answers, threshold_rule=args.alert).validate()
     g = find_detectors(_engine(args), params, progress=None if args.json else _progress)
     path = _save(g, args, "circuit")
     if args.json:

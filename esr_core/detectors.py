@@ -65,7 +65,8 @@ class DetectorParams:
     n_prompts: int | None = None  # None: all
     answers_path: str | None = None  # None: assets/prompts/default_answers.jsonl
     batch_size: int = 8
-    threshold_quantile: float = 0.95  # default alert threshold: this quantile of on-topic activity
+    threshold_rule: str = "youden"  # alert threshold: "youden" (best on/off split of peak activity) | "quantile"
+    threshold_quantile: float = 0.95  # rule "quantile" (and the floor of "youden"): on-topic token quantile
     threshold_how: str = "sum"
     threshold_ema: float = 0.5
 
@@ -83,6 +84,8 @@ class DetectorParams:
             raise BadInput(f"max group size must be in 1..1000, got {self.max_size}")
         if not 1 <= int(self.derangements) <= 50:
             raise BadInput(f"derangements must be in 1..50, got {self.derangements}")
+        if self.threshold_rule not in ("youden", "quantile"):
+            raise BadInput(f"threshold rule must be 'youden' or 'quantile', got {self.threshold_rule!r}")
         if self.heldout not in ("derangements", "prompts"):
             raise BadInput(f"heldout must be 'derangements' or 'prompts', got {self.heldout!r}")
         return self
@@ -170,6 +173,29 @@ def select_latents(auc: np.ndarray, st: dict[str, np.ndarray], params: DetectorP
         if len(ok) >= params.min_size or thr - 0.05 < params.relax_to - 1e-9:
             return sorted(map(int, ok), key=order_key)[: params.max_size], thr
         thr = round(thr - 0.05, 4)
+
+
+def youden_threshold(on_peaks: Sequence[float], off_peaks: Sequence[float], floor: float = 0.0) -> dict:
+    """Alert threshold that best separates off-topic from on-topic chats by their peak activity.
+
+    A chat "alerts" when its peak (smoothed) circuit activity is strictly above the threshold.
+    The threshold maximises Youden's J = TPR - FPR over midpoints between observed peaks, never
+    below ``floor``; ties keep the higher threshold (fewer false alarms).
+    """
+    on = np.asarray(on_peaks, dtype=np.float64)
+    off = np.asarray(off_peaks, dtype=np.float64)
+    on, off = on[np.isfinite(on)], off[np.isfinite(off)]
+    if on.size == 0 or off.size == 0:
+        raise BadInput("Youden threshold needs on-topic and off-topic peaks")
+    vals = np.unique(np.concatenate([on, off, [floor]]))
+    cands = np.unique(np.concatenate([[floor, vals[-1]], (vals[:-1] + vals[1:]) / 2.0]))
+    cands = cands[cands >= floor]
+    best = None
+    for t in cands[::-1]:  # high to low, so a tie keeps the higher threshold
+        tpr, fpr = float(np.mean(off > t)), float(np.mean(on > t))
+        if best is None or tpr - fpr > best["j"] + 1e-12:
+            best = {"value": float(t), "tpr": tpr, "fpr": fpr, "j": tpr - fpr}
+    return best
 
 
 # ----------------------------------------------------------------------------- model side
@@ -409,16 +435,29 @@ def find_detectors(engine, params: DetectorParams | None = None, prompts: list[d
     off_h = P[[where[p] for p in off_held]]
     auc_h = rank_auc(off_h[:, members], on_h[:, members]) if members else np.zeros(0)
 
-    # default alert threshold: a high quantile of on-topic per-token circuit activity
-    series = []
-    for pr in on_pairs:
+    # alert threshold on the smoothed circuit activity per response token
+    def circuit_series(pr) -> np.ndarray | None:
         h = acts.per_token[where[pr]]
         if h is None or h.shape[0] == 0 or not members:
-            continue
+            return None
         z = encode(engine, h)[:, members].numpy()
-        series.append(ema(z.sum(axis=1) if params.threshold_how == "sum" else z.mean(axis=1), params.threshold_ema))
-    flat = np.concatenate(series) if series else np.zeros(1)
-    thr_value = float(np.quantile(flat, params.threshold_quantile)) if members else 0.0
+        return ema(z.sum(axis=1) if params.threshold_how == "sum" else z.mean(axis=1), params.threshold_ema)
+
+    on_series = [x for x in map(circuit_series, on_pairs) if x is not None]
+    flat = np.concatenate(on_series) if on_series else np.zeros(1)
+    q_value = float(np.quantile(flat, params.threshold_quantile)) if members else 0.0
+    thr_info = {"value": q_value}
+    basis = (f"{params.threshold_quantile:.0%} quantile of on-topic per-token activity "
+             f"(response tokens, {len(on_series)} answers)")
+    if members and params.threshold_rule == "youden":
+        off_series = [x for x in map(circuit_series, off_search) if x is not None]
+        if on_series and off_series:
+            thr_info = youden_threshold([x.max() for x in on_series], [x.max() for x in off_series], floor=q_value)
+            basis = (f"peak smoothed activity per chat that best separates {len(off_series)} off-topic from "
+                     f"{len(on_series)} on-topic chats (Youden's J = TPR - FPR), not below the "
+                     f"{params.threshold_quantile:.0%} on-topic token quantile ({q_value:.3g}); "
+                     f"alerts on {thr_info['tpr']:.0%} of off-topic and {thr_info['fpr']:.0%} of on-topic chats")
+    thr_value = thr_info["value"]
 
     stats = {}
     for k, i in enumerate(members):
@@ -442,9 +481,12 @@ def find_detectors(engine, params: DetectorParams | None = None, prompts: list[d
         "stats": stats,
         "descriptions": member_descriptions(engine, members),
         "threshold": {"value": round(thr_value, 5), "how": params.threshold_how, "ema_alpha": params.threshold_ema,
+                      "rule": params.threshold_rule if "tpr" in thr_info else "quantile",
+                      "on_topic_quantile": round(q_value, 5),
+                      **({"off_topic_alert_rate": round(thr_info["tpr"], 4),
+                          "on_topic_alert_rate": round(thr_info["fpr"], 4)} if "tpr" in thr_info else {}),
                       "on_topic_mean": round(float(flat.mean()), 5) if members else 0.0,
-                      "basis": f"{params.threshold_quantile:.0%} quantile of on-topic per-token activity "
-                               f"(response tokens, {len(series)} answers)"},
+                      "basis": basis},
         "params": dict(params.to_dict(), threshold_used=thr_used),
         "summary": {"n_prompts": n, "inputs_sha1": hashlib.sha1(json.dumps([[p["prompt"] for p in prompts], answers])
                                                                  .encode()).hexdigest()[:12],

@@ -185,3 +185,21 @@ def test_resistance_page_renders_circuit_table(engine):
     assert frames, "the circuit table is missing"
     members = det.shipped_group("circuit")["members"]
     assert list(frames[0].value["latent"]) == members
+
+
+def test_youden_threshold_separates_peaks_and_respects_floor():
+    on = [0.0, 0.0, 1.0, 2.0]
+    off = [3.0, 4.0, 5.0, 1.5]
+    t = det.youden_threshold(on, off)
+    # best split is between 2.0 and 3.0: all on-topic below, 3 of 4 off-topic above
+    assert t["value"] == pytest.approx(2.5)
+    assert (t["tpr"], t["fpr"]) == (0.75, 0.0)
+    assert t["j"] == pytest.approx(0.75)
+    # a floor above the best split wins: the threshold is never below it
+    t2 = det.youden_threshold(on, off, floor=3.5)
+    assert t2["value"] >= 3.5 and t2["fpr"] == 0.0 and t2["tpr"] == 0.5
+    # identical classes: no split beats J = 0, and the highest threshold is kept (no false alarms)
+    t3 = det.youden_threshold([1.0, 2.0], [1.0, 2.0])
+    assert t3["j"] == pytest.approx(0.0) and t3["fpr"] == 0.0
+    with pytest.raises(det.BadInput):
+        det.youden_threshold([], [1.0])
