@@ -265,6 +265,32 @@ class CalibrationCache:
         return out
 
 
+def import_run_calibrations(spec_doc: dict, cache: "CalibrationCache | None" = None) -> list[int]:
+    """Copy the per-latent calibrations stored in an earlier run's spec into the cache.
+
+    Why: a boost sweep (or a second run) over the same latents then reuses those thresholds
+    instead of re-running the bisection; the runner still checks each value's settings and
+    SAE hash before using it. Returns the latents imported.
+    """
+    cal = spec_doc.get("calibration") or {}
+    need = ("model", "sae_key", "hook", "calib_target", "judge_id")
+    missing = [k for k in need if not spec_doc.get(k)]
+    if not cal:
+        raise BadInput("That run stores no calibrations (it used fixed boosts or was never resolved)")
+    if missing:
+        raise BadInput(f"That run's spec lacks {', '.join(missing)}; cannot key its calibrations")
+    cache = cache or CalibrationCache()
+    done = []
+    for lat, value in cal.items():
+        if not isinstance(value, dict) or "boost_raw" not in value:
+            continue
+        key = cache.key(spec_doc["model"], spec_doc["sae_key"], spec_doc["hook"], int(lat),
+                        float(spec_doc["calib_target"]), spec_doc["judge_id"])
+        cache.put(key, value)
+        done.append(int(lat))
+    return done
+
+
 # ---------------------------------------------------------------------------
 # sweep levels
 

@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     r.add_argument("--resume", action="store_true", help="continue the run in --out (or named --name)")
     r.add_argument("--no-judge", action="store_true", help="only generate; a later --resume judges")
     r.add_argument("--limit", type=int, help="stop after about this many new trials (whole batches)")
+    r.add_argument("--calibration-from", metavar="RUN_DIR",
+                   help="reuse the boost calibrations stored in an earlier run (same model, SAE, target, judge)")
     r.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy machine)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
     r.set_defaults(func=cmd_run)
@@ -142,6 +144,16 @@ def cmd_run(args) -> int:
         print(f"[{p.get('stage', '')}] {done}/{total} {pct} ETA {_fmt_eta(p.get('eta_s'))} {p.get('message', '')}",
               file=sys.stderr, flush=True)
 
+    if getattr(args, "calibration_from", None):
+        from .boost_calibration import import_run_calibrations
+
+        src = Path(args.calibration_from) / SPEC_FILE
+        try:
+            doc = json.loads(src.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInput(f"Cannot read {src}: {type(exc).__name__}") from None
+        got = import_run_calibrations(doc)
+        print(f"imported {len(got)} calibrations from {src}", file=sys.stderr)
     print(f"run directory: {run_dir}", file=sys.stderr)
     final = run_experiment(spec, run_dir, resume=args.resume, judge=not args.no_judge, progress=progress,
                            stop_after=args.limit)

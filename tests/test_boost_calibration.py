@@ -105,3 +105,22 @@ def test_sweep_levels():
     assert boost_sweep_levels([4.0], n_levels=3, span_sd=2.0) == pytest.approx([2.0, 4.0, 6.0])
     with pytest.raises(BadInput):
         boost_sweep_levels([])
+
+
+def test_import_run_calibrations_keys_by_run_and_refuses_bad_specs(tmp_path):
+    from esr_core.boost_calibration import CalibrationCache, import_run_calibrations
+    from esr_core.errors import BadInput
+
+    cache = CalibrationCache(tmp_path)
+    doc = {"model": "m", "sae_key": "s", "hook": "blocks.1.hook_resid_post", "calib_target": 30.0,
+           "judge_id": "offline-v1",
+           "calibration": {"7": {"boost_raw": 12.5, "settings": {"steps": 6}}, "9": {"note": "no value"}}}
+    assert import_run_calibrations(doc, cache) == [7]
+    got = cache.get(cache.key("m", "s", "blocks.1.hook_resid_post", 7, 30.0, "offline-v1"))
+    assert got["boost_raw"] == 12.5
+    # another judge is another key: nothing leaks across
+    assert cache.get(cache.key("m", "s", "blocks.1.hook_resid_post", 7, 30.0, "llm")) is None
+    with pytest.raises(BadInput):
+        import_run_calibrations(dict(doc, calibration={}), cache)
+    with pytest.raises(BadInput):
+        import_run_calibrations({k: v for k, v in doc.items() if k != "hook"}, cache)
