@@ -11,7 +11,7 @@ import time
 import torch
 
 from .engine import Engine
-from .generation import GenerationSpec
+from .generation import GenerationSpec, TokenEvent
 from .interventions import Intervention
 
 BENCH_PROMPT = "Explain how to plan a vegetable garden for a small backyard, step by step."
@@ -59,8 +59,45 @@ def run_generation_bench(engine: Engine, new_tokens: int = 128, repeats: int = 2
             vals.append(fn())
         rows[name] = max(vals)  # best of N: the least disturbed by other load
         log(f"{name:<18} {rows[name]:8.1f} tokens/s (best of {repeats}, {new_tokens} new tokens)")
+    ttft = first_token_latency(engine, plain, ids, iv, watch, repeats=max(3, repeats))
+    rows.update(ttft)
+    log(f"first_token_plain  {ttft['first_token_plain_s']:8.3f} s (best of {max(3, repeats)}: prompt forward + 1 token)")
+    log(f"first_token_pair   {ttft['first_token_pair_s']:8.3f} s (best of {max(3, repeats)}: the app's path, "
+        f"steered + default, first TokenEvent)")
+    log(f"first_token_ratio={ttft['first_token_ratio']:.3f}")
     rows["ratio"] = rows["instrumented_b1"] / rows["plain_b1"]
     rows["ratio_pair"] = rows["instrumented_pair"] / rows["plain_b2"]
     log(f"ratio_pair={rows['ratio_pair']:.3f}")
     log(f"ratio={rows['ratio']:.3f}")
     return rows
+
+
+def first_token_latency(engine: Engine, plain, ids, iv, watch, repeats: int = 3) -> dict:
+    """Seconds from the call to the first streamed token, as the steering lab sees it (a warm
+    model, steered + default as one batch, readout on), against plain ``generate`` of one token."""
+    def plain_first():
+        t = time.perf_counter()
+        with torch.inference_mode():
+            plain.generate(ids, max_new_tokens=1, do_sample=False)
+        return time.perf_counter() - t
+
+    def ours_first():
+        spec = GenerationSpec(prompt=BENCH_PROMPT, interventions=iv, watch=watch, top_k=8, max_new_tokens=8,
+                              stop_at_eos=False, runs=("steered", "default"))
+        cancel = __import__("threading").Event()
+        t = time.perf_counter()
+        it = engine.stream(spec, cancel=cancel)
+        try:
+            for ev in it:
+                if isinstance(ev, TokenEvent):
+                    return time.perf_counter() - t
+        finally:
+            cancel.set()
+            it.close()
+        return float("nan")
+
+    plain_first()
+    ours_first()  # warm
+    p = min(plain_first() for _ in range(repeats))
+    o = min(ours_first() for _ in range(repeats))
+    return {"first_token_plain_s": p, "first_token_pair_s": o, "first_token_ratio": o / p}
