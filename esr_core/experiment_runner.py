@@ -66,18 +66,26 @@ def default_run_dir(name: str) -> Path:
     return experiments_root() / safe
 
 
+def shipped_run_dirs() -> list[Path]:
+    """Runs shipped in assets/experiments: the reference run first, then the others by name."""
+    base = REFERENCE_DIR.parent
+    others = sorted(p for p in base.iterdir() if p != REFERENCE_DIR and (p / SPEC_FILE).exists()) \
+        if base.is_dir() else []
+    return ([REFERENCE_DIR] if (REFERENCE_DIR / SPEC_FILE).exists() else []) + others
+
+
 def list_runs(root: str | Path | None = None, include_reference: bool = True) -> list[dict]:
-    """Runs under ``root`` (default: the user cache) plus the shipped reference run."""
+    """Runs under ``root`` (default: the user cache) plus the shipped runs (reference first)."""
     dirs = []
-    if include_reference and (REFERENCE_DIR / SPEC_FILE).exists():
-        dirs.append(REFERENCE_DIR)
+    shipped = shipped_run_dirs() if include_reference else []
+    dirs += shipped
     base = Path(root) if root else experiments_root()
     if base.is_dir():
         dirs += sorted((p for p in base.iterdir() if (p / SPEC_FILE).exists()),
                        key=lambda p: p.stat().st_mtime, reverse=True)
     out = []
     for d in dirs:
-        info = {"dir": str(d), "name": d.name, "reference": d == REFERENCE_DIR}
+        info = {"dir": str(d), "name": d.name, "reference": d == REFERENCE_DIR, "shipped": d in shipped}
         try:
             spec = json.loads((d / SPEC_FILE).read_text(encoding="utf-8"))
             info.update(name=spec.get("name") or d.name, model=spec.get("model"),

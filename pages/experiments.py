@@ -110,6 +110,7 @@ if not runs:
     st.info("No experiment runs yet, and the reference run is not shipped in this checkout. "
             "Start a small run below.")
 labels = {r["dir"]: (f"{r['name']} (reference, shipped)" if r.get("reference") else
+                     f"{r['name']} (shipped) · {r.get('trials', 0)} trials" if r.get("shipped") else
                      f"{r['name']} · {r.get('trials', 0)} trials · {r.get('stage') or 'finished'}") for r in runs}
 current = ss.get("exp_view")
 dirs = [r["dir"] for r in runs]
@@ -266,7 +267,7 @@ if submitted:
     except EsrError as exc:
         st.error(str(exc))
 
-incomplete = [r for r in runs if not r.get("reference") and r.get("stage") not in ("done", "")]
+incomplete = [r for r in runs if not r.get("shipped") and r.get("stage") not in ("done", "")]
 if incomplete and not running:
     pick = st.selectbox("Resume an unfinished run", [r["dir"] for r in incomplete],
                         format_func=lambda d: labels.get(d, d), key="exp_resume_pick")
