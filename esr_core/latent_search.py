@@ -168,17 +168,23 @@ def warm_search(catalog) -> None:
     search_index(catalog).embeddings()
 
 
-def search_latents(catalog, query: str, top: int = 20, min_density: float | None = None,
-                   max_density: float | None = None, include_dead: bool = False) -> list[dict]:
-    """Latents whose descriptions best match ``query`` (semantic + lexical), best first."""
-    if query is None or not str(query).strip():
-        raise BadInput("The search query is empty")
+def _positive_top(top) -> int:
+    """``top`` as a positive int, or a clear BadInput (it often comes from a text box)."""
     try:
         top = int(top)
     except (TypeError, ValueError):
         raise BadInput(f"top must be an integer, got {top!r}") from None
     if top <= 0:
         raise BadInput("top must be positive")
+    return top
+
+
+def search_latents(catalog, query: str, top: int = 20, min_density: float | None = None,
+                   max_density: float | None = None, include_dead: bool = False) -> list[dict]:
+    """Latents whose descriptions best match ``query`` (semantic + lexical), best first."""
+    if query is None or not str(query).strip():
+        raise BadInput("The search query is empty")
+    top = _positive_top(top)
     for name, v in (("min_density", min_density), ("max_density", max_density)):
         if v is not None and not (0.0 <= float(v) <= 1.0):
             raise BadInput(f"{name} must be between 0 and 1, got {v}")
@@ -243,12 +249,7 @@ def latents_firing_on(engine_or_model_sae, text: str, top: int = 20, catalog=Non
     """
     if text is None or not str(text).strip():
         raise BadInput("The text is empty")
-    try:
-        top = int(top)
-    except (TypeError, ValueError):
-        raise BadInput(f"top must be an integer, got {top!r}") from None
-    if top <= 0:
-        raise BadInput("top must be positive")
+    top = _positive_top(top)
     if catalog is None:
         from .catalog import catalog_for
 

@@ -78,18 +78,22 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "RunRecord":
-        if isinstance(text, bytes):
-            if len(text) > MAX_UPLOAD_BYTES:
-                raise BadInput(f"The file is {len(text):,} bytes; the limit is {MAX_UPLOAD_BYTES:,}")
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadInput("The file is not UTF-8 text") from None
+        return cls.from_dict(_json_upload(text))
+
+
+def _json_upload(text: str | bytes):
+    """Parse an uploaded or pasted JSON document with a clear message for each way it can be bad."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_UPLOAD_BYTES:
+            raise BadInput(f"The file is {len(text):,} bytes; the limit is {MAX_UPLOAD_BYTES:,}")
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"The file is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInput("The file is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"The file is not valid JSON: {exc}") from None
 
 
 def history_to_json(records: list[RunRecord]) -> str:
@@ -98,15 +102,7 @@ def history_to_json(records: list[RunRecord]) -> str:
 
 def records_from_json(text: str | bytes) -> list[RunRecord]:
     """One record, or a whole history export."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadInput("The file is not UTF-8 text") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"The file is not valid JSON: {exc}") from None
+    data = _json_upload(text)
     if isinstance(data, dict) and data.get("format") == FORMAT + "s":
         runs = data.get("runs")
         if not isinstance(runs, list):
