@@ -85,6 +85,16 @@ def _save(group: dict, args, which: str) -> Path:
     return save_group(group, out)
 
 
+def _finish(group: dict, args, which: str) -> int:
+    """Save a found group, print it (or its JSON); exit status 1 when no latent passed."""
+    path = _save(group, args, which)
+    if args.json:
+        print(json.dumps(group))
+    else:
+        _print_group(group, path)
+    return 0 if group["members"] else 1
+
+
 def _print_group(group: dict, path: Path | None = None) -> None:
     from .detectors import group_table
 
@@ -110,13 +120,7 @@ def run_find(args) -> int:
                             derangements=args.derangements, heldout=args.heldout,
                             response_only=not args.whole_chat, n_prompts=args.n_prompts,
                             answers_path=args.answers, threshold_rule=args.alert).validate()
-    g = find_detectors(_engine(args), params, progress=None if args.json else _progress)
-    path = _save(g, args, "circuit")
-    if args.json:
-        print(json.dumps(g))
-    else:
-        _print_group(g, path)
-    return 0 if g["members"] else 1
+    return _finish(find_detectors(_engine(args), params, progress=None if args.json else _progress), args, "circuit")
 
 
 def run_backtracking(args) -> int:
@@ -125,13 +129,8 @@ def run_backtracking(args) -> int:
     params = BacktrackingParams(max_size=args.max_size, min_selectivity=args.min_selectivity,
                                 min_episode_freq=args.min_episode_freq, n_prompts=args.n_prompts,
                                 answers_path=args.answers)
-    g = find_backtracking(_engine(args), params, progress=None if args.json else _progress)
-    path = _save(g, args, "backtracking")
-    if args.json:
-        print(json.dumps(g))
-    else:
-        _print_group(g, path)
-    return 0 if g["members"] else 1
+    return _finish(find_backtracking(_engine(args), params, progress=None if args.json else _progress), args,
+                   "backtracking")
 
 
 def run_show(args) -> int:

@@ -53,18 +53,11 @@ def _ids(text: str, what: str) -> list[int]:
 
 def spec_from_args(args) -> GenerationSpec:
     ivs = []
-    for s in args.steer:
-        i, v = parse_cli_pair(s, "--steer")
-        ivs.append(Intervention(i, "add", v, "norm", args.positions))
-    for s in args.steer_raw:
-        i, v = parse_cli_pair(s, "--steer-raw")
-        ivs.append(Intervention(i, "add", v, "raw", args.positions))
-    for s in args.clamp:
-        i, v = parse_cli_pair(s, "--clamp")
-        ivs.append(Intervention(i, "clamp", v, "raw", args.positions))
-    for s in args.scale:
-        i, v = parse_cli_pair(s, "--scale")
-        ivs.append(Intervention(i, "scale", v, "raw", args.positions))
+    for values, flag, mode, units in ((args.steer, "--steer", "add", "norm"), (args.steer_raw, "--steer-raw", "add", "raw"),
+                                      (args.clamp, "--clamp", "clamp", "raw"), (args.scale, "--scale", "scale", "raw")):
+        for s in values:
+            i, v = parse_cli_pair(s, flag)
+            ivs.append(Intervention(i, mode, v, units, args.positions))
     for s in args.ablate:
         for i in _ids(s, "--ablate"):
             ivs.append(Intervention(i, "ablate", 0.0, "raw", args.positions))

@@ -315,3 +315,22 @@ def test_examples_file_is_valid():
     for e in ex:
         svc.make_intervention(e["latent"], e.get("mode", "add"), e["strength"], e.get("units", "norm"),
                               e.get("positions", "all"), 8192)
+
+
+def test_cli_generate_flags_become_interventions():
+    import argparse
+
+    from esr_core import cli_generate
+    from esr_core.errors import BadInput
+
+    ap = argparse.ArgumentParser()
+    cli_generate.register(ap.add_subparsers(dest="cmd"))
+    args = ap.parse_args(["generate", "--prompt", "hi", "--steer", "5:2.5", "--steer-raw", "6:40", "--clamp", "7:3",
+                          "--scale", "8:0.5", "--ablate", "9,10", "--positions", "generated"])
+    spec = cli_generate.spec_from_args(args)
+    got = [(i.latent, i.mode, i.strength, i.units, i.positions) for i in spec.interventions]
+    assert got == [(5, "add", 2.5, "norm", "generated"), (6, "add", 40.0, "raw", "generated"),
+                   (7, "clamp", 3.0, "raw", "generated"), (8, "scale", 0.5, "raw", "generated"),
+                   (9, "ablate", 0.0, "raw", "generated"), (10, "ablate", 0.0, "raw", "generated")]
+    with pytest.raises(BadInput):
+        cli_generate.spec_from_args(ap.parse_args(["generate", "--prompt", "hi", "--steer", "five:2"]))
