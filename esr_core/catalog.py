@@ -189,23 +189,11 @@ def chat_rows(tokenizer, chat_texts: Iterable, max_tokens: int = MAX_CHAT_TOKENS
 
 
 def text_rows(tokenizer, texts: Sequence[str], max_tokens: int | None, window: int = WINDOW) -> list[list[int]]:
-    """Texts packed (EOS-separated) into fixed windows, as the SAE trainer does."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    buf: list[int] = []
-    rows = []
-    for t in texts:
-        if not t or not str(t).strip():
-            continue
-        buf.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        buf.append(eos)
-        while len(buf) >= window:
-            rows.append(buf[:window])
-            buf = buf[window:]
-            if max_tokens is not None and len(rows) * window >= max_tokens:
-                return rows
-    if len(buf) > 8:
-        rows.append(buf)
-    return rows
+    """Texts packed (EOS-separated) into fixed windows, as the SAE trainer does, plus the tail."""
+    from .corpus import pack_tokens
+
+    rows, tail = pack_tokens(texts, tokenizer, window, max_tokens, skip_blank=True)
+    return rows + [tail] if len(tail) > 8 else rows
 
 
 # ----------------------------------------------------------------------------- build

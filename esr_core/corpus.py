@@ -605,6 +605,29 @@ def interleave_by_source(docs: list[dict]) -> list[dict]:
         out.append(d)
 
 
+def pack_tokens(texts: Iterable[str], tokenizer, window: int, max_tokens: int | None = None,
+                skip_blank: bool = False) -> tuple[list[list[int]], list[int]]:
+    """Pack texts, each followed by EOS, into full windows of ``window`` token ids.
+
+    Stops once ``max_tokens`` are packed. Returns (full windows, leftover ids of the last
+    partial window): the SAE trainer drops the leftover, the catalog keeps it.
+    """
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    buf: list[int] = []
+    rows: list[list[int]] = []
+    for t in texts:
+        if skip_blank and (not t or not str(t).strip()):
+            continue
+        buf.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        buf.append(eos)
+        while len(buf) >= window:
+            rows.append(buf[:window])
+            buf = buf[window:]
+            if max_tokens is not None and len(rows) * window >= max_tokens:
+                return rows, []
+    return rows, buf
+
+
 def token_windows(texts: Iterable[str], tokenizer, window: int = 128, max_tokens: int | None = None):
     """Pack texts (EOS-separated) into fixed windows of token ids: an (n, window) int64 array.
 
@@ -612,17 +635,7 @@ def token_windows(texts: Iterable[str], tokenizer, window: int = 128, max_tokens
     """
     import numpy as np
 
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    buf: list[int] = []
-    rows = []
-    for t in texts:
-        buf.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        buf.append(eos)
-        while len(buf) >= window:
-            rows.append(buf[:window])
-            buf = buf[window:]
-            if max_tokens is not None and len(rows) * window >= max_tokens:
-                return np.asarray(rows, dtype=np.int64)
+    rows, _ = pack_tokens(texts, tokenizer, window, max_tokens)
     if not rows:
         raise BadInput(f"Not enough text for one {window}-token window")
     return np.asarray(rows, dtype=np.int64)
