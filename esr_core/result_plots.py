@@ -325,6 +325,112 @@ def aligned_activity_figure(series: Mapping[str, Sequence[Sequence[float]]],
     return fig
 
 
+OVERLAY_SIGNALS = {"circuit": ("resistance circuit", "#D55E00"), "backtracking": ("backtracking", "#0072B2"),
+                   "distractor": ("distractor latent", "#009E73")}
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[k:k + 2], 16) for k in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _num_array(values) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def correction_overlay_figure(overlay: Mapping | None, source: str = "synthetic", scale: str = "auto") -> go.Figure:
+    """A saved correction overlay (:mod:`esr_core.correction_overlay`) for one source.
+
+    Top: mean EMA activity per token offset from the correction (0 = first token of the
+    restart phrase), one line per signal with a ±1 s.e. band. ``scale`` "baseline" divides
+    the circuit and backtracking by their on-topic baseline (1 = on-topic level, the paper's
+    "x above baseline"), "raw" keeps group sums with dotted baseline lines, "auto" picks
+    "baseline" when both baselines are positive. The distractor (steered replays only) is
+    raw on its own right-hand axis. Bottom: episodes contributing at each offset (n; NaN
+    padding elsewhere).
+    """
+    title = "Activity around the correction point"
+    block = ((overlay or {}).get("sources") or {}).get(source)
+    if not block or not block.get("n_episodes") or not block.get("signals"):
+        return empty_figure(title, "No recovery episodes for this source: compute the overlay first.")
+    signals = block["signals"]
+    base = (overlay or {}).get("baseline") or {}
+    if scale == "auto":
+        ok = all((base.get(k) or 0) > 0 for k in ("circuit", "backtracking") if k in signals)
+        scale = "baseline" if ok else "raw"
+    if scale not in ("baseline", "raw"):
+        raise EsrError(f"scale must be auto, baseline or raw, got {scale!r}")
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.74, 0.26], vertical_spacing=0.06,
+                        specs=[[{"secondary_y": True}], [{}]])
+    n_ref, x_ref = None, None
+    for key, (label, colour) in OVERLAY_SIGNALS.items():
+        s = signals.get(key)
+        if not s:
+            continue
+        x = np.asarray(s["offsets"], dtype=float)
+        mean, se, n = _num_array(s["mean"]), _num_array(s["se"]), np.asarray(s["n"], dtype=int)
+        n_ref = n if n_ref is None else np.maximum(n_ref, n)
+        x_ref = x
+        secondary = key == "distractor"
+        b = base.get(key)
+        unit = ""
+        if scale == "baseline" and not secondary and b:
+            mean, se, unit = mean / b, se / b, "× baseline"
+        elif not secondary and b is not None and x.size:
+            fig.add_trace(go.Scatter(x=[x[0], x[-1]], y=[b, b], mode="lines", name=f"{label}: on-topic baseline",
+                                     legendgroup=key, line={"color": colour, "dash": "dot", "width": 1},
+                                     hovertemplate=f"{label} on-topic baseline %{{y:.3g}}<extra></extra>"),
+                          row=1, col=1, secondary_y=False)
+        band = np.isfinite(mean) & np.isfinite(se)
+        if band.any():
+            xb = x[band]
+            fig.add_trace(go.Scatter(x=np.concatenate([xb, xb[::-1]]),
+                                     y=np.concatenate([(mean + se)[band], (mean - se)[band][::-1]]),
+                                     fill="toself", fillcolor=_rgba(colour, 0.18), line={"width": 0},
+                                     name=f"{label} ±1 s.e.", legendgroup=key, showlegend=False,
+                                     hoverinfo="skip"), row=1, col=1, secondary_y=secondary)
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=label + (" (right axis)" if secondary else ""),
+                                 legendgroup=key, line={"color": colour, "width": 2},
+                                 customdata=np.stack([n, np.nan_to_num(se)], 1),
+                                 hovertemplate=f"{label}<br>offset %{{x}}<br>mean %{{y:.3g}} {unit} "
+                                               f"± %{{customdata[1]:.2g}}<br>episodes: %{{customdata[0]}}<extra></extra>"),
+                      row=1, col=1, secondary_y=secondary)
+    if scale == "baseline" and x_ref is not None and x_ref.size:
+        fig.add_trace(go.Scatter(x=[x_ref[0], x_ref[-1]], y=[1, 1], mode="lines", name="on-topic baseline (1×)",
+                                 line={"color": NEUTRAL, "dash": "dot", "width": 1}, hoverinfo="skip"),
+                      row=1, col=1, secondary_y=False)
+    if n_ref is not None:
+        fig.add_trace(go.Bar(x=x_ref, y=n_ref, name="episodes (n)", marker_color="#999999",
+                             hovertemplate="offset %{x}<br>episodes: %{y}<extra></extra>"), row=2, col=1)
+    fig.add_vline(x=0, line_dash="dash", line_color="#000000", row="all", col=1)
+    ratios = ((overlay or {}).get("ratios") or {}).get(source, {}).get("circuit", {})
+
+    def fr(v):
+        return "n/a" if v is None else f"{v:.1f}×"
+
+    n_ep = int(block["n_episodes"])
+    sub = (f"{block.get('label', source)}: {n_ep} episode{'s' if n_ep != 1 else ''}, steering "
+           f"{block.get('steering')}<br>circuit vs on-topic baseline: off-topic {fr(ratios.get('off_topic'))}, "
+           f"after the correction {fr(ratios.get('after_correction'))} (paper, 146 episodes: 4.4× / 2.1×)")
+    fig.update_layout(title={"text": f"{title}<br><sup>{sub}</sup>"}, template="plotly_white",
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.16, "x": 0}, bargap=0.1,
+                      margin={"t": 110})
+    fig.update_xaxes(title_text="tokens relative to the correction (0 = first token of the restart phrase)",
+                     row=2, col=1)
+    alpha = (overlay or {}).get("ema_alpha")
+    ytitle = "× on-topic baseline" if scale == "baseline" else "group sum"
+    fig.update_yaxes(title_text=f"{ytitle} (EMA α={alpha})" if alpha else ytitle, row=1, col=1,
+                     secondary_y=False, rangemode="tozero")
+    if "distractor" in signals:
+        fig.update_yaxes(title_text="distractor activation", row=1, col=1, secondary_y=True, showgrid=False,
+                         rangemode="tozero")
+    top = int(n_ref.max()) if n_ref is not None and n_ref.size else 1
+    fig.update_yaxes(title_text="n", row=2, col=1, rangemode="tozero", tickformat="d",
+                     dtick=max(1, math.ceil(top / 4)))
+    return fig
+
+
 # ---------------------------------------------------------------------------
 # export
 
