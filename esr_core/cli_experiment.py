@@ -1,4 +1,4 @@
-"""``esr-lab experiment ...``: run, resume, summarise, plot and list ESR experiments."""
+"""``esr-lab experiment ...``: run, resume, summarise, plot, list ESR experiments, and the correction overlay."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .errors import BadInput
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("experiment", help="ESR experiments: run, summary, plots, list")
+    p = subparsers.add_parser("experiment", help="ESR experiments: run, summary, plots, overlay, list")
     sub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
 
     r = sub.add_parser("run", help="run (or --resume) an experiment; results land in a run directory")
@@ -64,6 +64,21 @@ def register(subparsers) -> None:
     rj.add_argument("--judge", help="judge name (default: the run's)")
     rj.add_argument("--json", action="store_true")
     rj.set_defaults(func=cmd_rejudge)
+
+    ov = sub.add_parser("overlay", help="circuit and backtracking activity aligned at correction points "
+                                        "(teacher-forced replay; saved as RUN_DIR/overlay.json)")
+    ov.add_argument("run_dir", help="an experiment run (its multi-attempt trials are replayed with their "
+                                    "steering), or any folder for synthetic recoveries only")
+    ov.add_argument("--synthetic", type=int, default=48, metavar="N",
+                    help="synthetic recoveries replayed with steering off (default 48; 0: none)")
+    ov.add_argument("--window", type=int, default=40, metavar="W", help="tokens either side of the correction")
+    ov.add_argument("--no-trials", action="store_true", help="leave out the run's multi-attempt trials")
+    ov.add_argument("--baseline", type=int, metavar="N", help="on-topic answers for the baseline (default: all)")
+    ov.add_argument("--force", action="store_true", help="recompute even if the inputs are unchanged")
+    ov.add_argument("--plot", action="store_true", help="also export the figures to RUN_DIR/plots (HTML, PNG)")
+    ov.add_argument("--threads", type=int, help="torch CPU threads")
+    ov.add_argument("--json", action="store_true", help="print overlay.json")
+    ov.set_defaults(func=cmd_overlay)
 
     ls = sub.add_parser("list", help="runs in the user cache (and the shipped reference run)")
     ls.add_argument("--json", action="store_true")
@@ -270,4 +285,72 @@ def cmd_list(args) -> int:
     for r in runs:
         tag = " [reference]" if r.get("reference") else ""
         print(f"{r['name']}{tag}: {r.get('trials', 0)} trials, {r.get('stage') or 'finished'} - {r['dir']}")
+    return 0
+
+
+def _overlay_text(ov: dict, path) -> str:
+    from .correction_overlay import SOURCE_LABELS, describe
+
+    lines = [f"overlay: {path}",
+             f"window {ov['window'][0]}..{ov['window'][1]} tokens around the correction, EMA alpha {ov['ema_alpha']}, "
+             f"circuit {ov['groups']['circuit']['members']}, backtracking "
+             f"{len((ov['groups'].get('backtracking') or {}).get('members') or [])} latents",
+             f"on-topic baseline ({ov['baseline']['n_answers']} unsteered answers): circuit "
+             f"{ov['baseline'].get('circuit')}, backtracking {ov['baseline'].get('backtracking')}",
+             f"{'source':<34}{'episodes':>9}  {'steering':<10}{'signal':<14}{'off-topic':>12}{'correction':>12}"
+             f"{'after':>12}"]
+    for s, b in ov.get("sources", {}).items():
+        for name, reg in (b.get("regions") or {}).items():
+            cells = []
+            for r in ("off_topic", "correction", "after_correction"):
+                x = reg.get(r, {})
+                cells.append(f"{x['ratio']:.2f}x" if x.get("ratio") is not None else
+                             ("n/a" if x.get("mean") is None else f"{x['mean']:.3g}"))
+            lines.append(f"{SOURCE_LABELS.get(s, s):<34}{b['n_episodes']:>9}  {str(b['steering']):<10}{name:<14}"
+                         + "".join(f"{c:>12}" for c in cells))
+        if not b.get("regions"):
+            lines.append(f"{SOURCE_LABELS.get(s, s):<34}{b['n_episodes']:>9}  {str(b['steering']):<10}(no episodes)")
+    lines.append("ratios are region means over the on-topic baseline (distractor: raw means)")
+    sec = ov.get("seconds") or {}
+    lines.append(f"replayed {sec.get('chats_replayed')} chats in {sec.get('forward')} s (total {sec.get('total')} s)")
+    lines.append(describe(ov))
+    return "\n".join(lines)
+
+
+def cmd_overlay(args) -> int:
+    from .correction_overlay import OverlayParams, compute_overlay, overlay_path
+    from .experiment_runner import SPEC_FILE, default_run_dir
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    folder = Path(args.run_dir)
+    if not (folder / SPEC_FILE).exists() and (default_run_dir(args.run_dir) / SPEC_FILE).exists():
+        folder = default_run_dir(args.run_dir)
+    params = OverlayParams(window=args.window, n_synthetic=args.synthetic, include_trials=not args.no_trials,
+                           n_baseline=args.baseline)
+    last = {"t": 0.0}
+
+    def progress(done: int, total: int, msg: str) -> None:
+        now = time.time()
+        if now - last["t"] >= 2.0 or done == total:
+            last["t"] = now
+            print(f"[overlay] {done}/{total} {msg}", file=sys.stderr, flush=True)
+
+    ov = compute_overlay(folder, params=params, progress=progress, force=args.force)
+    if args.plot:
+        from .errors import EsrError
+        from .result_plots import correction_overlay_figure, export_figure
+
+        for s in ov.get("sources", {}):
+            try:
+                for w in export_figure(correction_overlay_figure(ov, s), folder / "plots" / f"correction_overlay_{s}"):
+                    print(w, file=sys.stderr)
+            except EsrError as exc:
+                print(f"esr-lab: PNG skipped: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(ov, indent=1))
+    else:
+        print(_overlay_text(ov, overlay_path(folder)))
     return 0

@@ -965,8 +965,16 @@ def figures_for(trials: pd.DataFrame, spec: ExperimentSpec | None = None) -> dic
 
 
 def run_figures(run_dir: str | Path) -> dict:
+    """The result figures, plus the correction overlay per source when ``overlay.json`` exists."""
+    from .correction_overlay import load_overlay
+    from .result_plots import correction_overlay_figure
+
     run_dir = Path(run_dir)
-    return figures_for(load_trials(run_dir), load_spec(run_dir))
+    figs = figures_for(load_trials(run_dir), load_spec(run_dir))
+    ov = load_overlay(run_dir)
+    for source in (ov or {}).get("sources", {}):
+        figs[f"correction_overlay_{source}"] = correction_overlay_figure(ov, source)
+    return figs
 
 
 # ------------------------------------------------------------------------------ re-judging
