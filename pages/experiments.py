@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from esr_core import correction_overlay as co
 from esr_core import experiment_runner as xr
 from esr_core.errors import EsrError
 from esr_core.experiment_spec import BASE_CONDITIONS, META_PROMPTS, ExperimentSpec
+from esr_core.result_plots import correction_overlay_figure
 
 ss = st.session_state
 st.title("Experiments")
@@ -122,6 +124,72 @@ if dirs:
     ss.exp_view = current
 
 
+@st.fragment(run_every=2.0)
+def overlay_panel() -> None:
+    job: co.OverlayJob | None = ss.get("overlay_job")
+    if job is None:
+        return
+    p = job.progress or {}
+    done, total = int(p.get("done") or 0), int(p.get("total") or 0)
+    st.progress(min(done / total, 1.0) if total else 0.0, text=f"overlay: {done}/{total} · {p.get('message', '')}")
+    if job.running:
+        if st.button("Cancel", key="overlay_cancel", type="secondary"):
+            job.cancel.set()
+            st.toast("Cancelling; replayed episodes are kept and a new start resumes from them.")
+    else:
+        if job.error:
+            st.warning(job.error)
+        else:
+            st.success("Overlay computed.")
+        if st.button("Show the overlay", key="overlay_show"):
+            ss.overlay_job = None
+            st.rerun()
+
+
+def overlay_section(d: Path, reference: bool) -> None:
+    """Circuit, backtracking and distractor activity aligned at correction points (saved overlay.json)."""
+    st.subheader("Activity around corrections")
+    ov = co.load_overlay(d)
+    if ov:
+        st.caption(co.describe(ov))
+        srcs = [s for s in co.SOURCES if s in ov.get("sources", {})]
+        tabs = st.tabs([f"{co.SOURCE_LABELS[s]} · steering {ov['sources'][s].get('steering')} · "
+                        f"n = {ov['sources'][s].get('n_episodes', 0)}" for s in srcs])
+        for tab, s in zip(tabs, srcs):
+            with tab:
+                fig = correction_overlay_figure(ov, s)
+                st.plotly_chart(fig, key=f"overlay_{s}_{d.name}")
+                st.download_button("HTML", fig.to_html(include_plotlyjs=True, full_html=True),
+                                   file_name=f"correction_overlay_{s}.html", mime="text/html",
+                                   key=f"overlay_html_{s}_{d.name}")
+        st.caption("Offset 0 is the first token of the restart phrase; each line is the mean EMA (α = 0.5) "
+                   "activity over the episodes that have a token at that offset (bottom: n, NaN padding "
+                   "elsewhere), with ±1 s.e. Ratios divide region means by the mean activity on unsteered "
+                   "on-topic answers.")
+    else:
+        st.caption("Not computed yet for this run. The overlay replays each multi-attempt trial with its own "
+                   "steering, and synthetic recoveries with steering off, and aligns them at the restart.")
+    job: co.OverlayJob | None = ss.get("overlay_job")
+    mine = job is not None and job.folder == d
+    busy = job is not None and job.running
+    if not busy and (ov is None or not reference):
+        with st.expander("Recompute the overlay" if ov else "Compute the overlay", expanded=ov is None):
+            c1, c2 = st.columns(2)
+            n_syn = c1.number_input("Synthetic recoveries (steering off)", 0, 500, 48, key=f"ov_syn_{d.name}")
+            win = c2.number_input("Window (tokens each side)", 5, 200, 40, key=f"ov_win_{d.name}")
+            if st.button("Compute", key=f"ov_go_{d.name}", type="primary"):
+                try:
+                    params = co.OverlayParams(window=int(win), n_synthetic=int(n_syn)).validate()
+                    ss.overlay_job = co.OverlayJob(d, params, engine=ss.get("engine")).start()
+                    st.rerun()
+                except EsrError as exc:
+                    st.error(str(exc))
+    if mine:
+        overlay_panel()
+    elif busy:
+        st.caption(f"An overlay is being computed for {job.folder.name}; open that run to follow it.")
+
+
 def show_run(run_dir: str) -> None:
     d = Path(run_dir)
     try:
@@ -165,8 +233,7 @@ def show_run(run_dir: str) -> None:
             if ss.get(f"png_{key}_{d.name}"):
                 c2.download_button("PNG", ss[f"png_{key}_{d.name}"], file_name=f"{key}.png", mime="image/png",
                                    key=f"png_dl_{key}_{d.name}")
-    st.caption("The aligned detector-activity overlay needs per-token activations of recovery episodes; it is "
-               "drawn on the Resistance page when such episodes exist (none are stored in experiment runs).")
+    overlay_section(d, reference=d == xr.REFERENCE_DIR)
     st.subheader("Against the paper")
     pt = paper_table(summary)
     if len(pt):
