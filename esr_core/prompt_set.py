@@ -103,7 +103,8 @@ def _generate_with_engine(prompts: list[str], model: str) -> tuple[list[str], st
                             repetition_penalty=s["repetition_penalty"], max_new_tokens=s["max_new_tokens"],
                             seed=s["seed"], chat=True, runs=("default",)) for p in prompts]
     res = eng.generate_batch(specs)
-    return [r["default"].text for r in res], "esr_core.engine.generate_batch"
+    # stripped like the HF path, so both backends write the same file for the same greedy tokens
+    return [r["default"].text.strip() for r in res], "esr_core.engine.generate_batch"
 
 
 def _generate_with_hf(prompts: list[str], model: str, progress: Callable[[int, int], None] | None,

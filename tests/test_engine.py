@@ -276,3 +276,18 @@ def test_spec_round_trips_through_json():
                           watch=[1, 2], seed=7, temperature=0.6)
     again = GenerationSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec
+
+
+def test_shipped_default_answers_are_the_engines_greedy_answers():
+    """`esr-lab prompts answer` (engine backend) reproduces the shipped unsteered answers."""
+    from esr_core.engine import get_engine
+    from esr_core.prompt_set import ANSWER_SETTINGS, load_default_answer_records
+
+    recs = sorted(load_default_answer_records(), key=lambda r: len(r["answer"]))[:2]
+    eng = get_engine(ANSWER_SETTINGS["model"])
+    specs = [GenerationSpec(prompt=r["prompt"], temperature=0.0, repetition_penalty=ANSWER_SETTINGS["repetition_penalty"],
+                            max_new_tokens=ANSWER_SETTINGS["max_new_tokens"], seed=ANSWER_SETTINGS["seed"],
+                            runs=("default",)) for r in recs]
+    got = [res["default"].text.strip() for res in eng.generate_batch(specs)]
+    assert got == [r["answer"] for r in recs]
+    assert recs[0]["settings"]["generated_with"] == "esr_core.engine.generate_batch"
