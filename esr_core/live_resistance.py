@@ -71,6 +71,20 @@ class LiveResistance:
         thr = group_threshold(group) if threshold is None else float(threshold)
         return cls(members=members, weights=weights, threshold=thr, ema_alpha=ema_alpha, name=name)
 
+    @classmethod
+    def replay(cls, group, pieces: Sequence[str], acts, watch: Sequence[int],
+               threshold: float | None = None, ema_alpha: float = 0.5) -> "LiveResistance":
+        """The tracker a finished (or stopped) run would have had while streaming: fed its
+        generated ``pieces`` and watched activations ``acts`` [T, len(watch)] token by token."""
+        t = cls.for_group(group, threshold=threshold, ema_alpha=ema_alpha)
+        a = np.asarray(acts if acts is not None else [], dtype=float)
+        a = a.reshape(-1, len(watch)) if len(watch) and a.size else np.zeros((len(pieces), len(watch)))
+        cols = [int(w) for w in watch]
+        for k, piece in enumerate(pieces):
+            row = a[k] if k < len(a) else np.zeros(len(cols))
+            t.update({c: float(v) for c, v in zip(cols, row) if np.isfinite(v)}, piece)
+        return t
+
     def update(self, acts: dict[int, float], piece: str) -> None:
         raw = sum(w * float(acts.get(m, 0.0)) for m, w in zip(self.members, self.weights))
         prev = self.smoothed[-1] if self.smoothed else raw
@@ -100,15 +114,20 @@ class LiveResistance:
         return [t for t, _ in self.restarts]
 
     def badges_html(self) -> str:
-        """Small escaped badges: circuit crossed (and where), restart phrases seen."""
+        """Small escaped badges: circuit crossed (and where), restart phrases seen.
+
+        Stable hooks for tests and styling: class ``esr-badge`` plus ``esr-circuit`` or
+        ``esr-restart``, ``data-kind`` ("circuit" / "restart") and ``data-token`` (token index);
+        a restart badge also carries its phrase in ``data-phrase`` (escaped)."""
         out = []
         if self.crossing is not None:
-            out.append(f'<span class="esr-badge esr-circuit" data-token="{self.crossing}" '
+            out.append(f'<span class="esr-badge esr-circuit" data-kind="circuit" data-token="{self.crossing}" '
                        f'style="{BADGE_STYLE.format(bg=CIRCUIT_COLOUR)}">'
                        f'{html.escape(self.name)} active from token {self.crossing}</span>')
         for t, key in self.restarts:
             phrase = key.split(":", 1)[1]
-            out.append(f'<span class="esr-badge esr-restart" data-token="{t}" '
+            out.append(f'<span class="esr-badge esr-restart" data-kind="restart" data-token="{t}" '
+                       f'data-phrase="{html.escape(phrase[:80], quote=True)}" '
                        f'style="{BADGE_STYLE.format(bg=RESTART_COLOUR)}">restart at token {t}: '
                        f'“{html.escape(phrase[:40])}”</span>')
         return "".join(out)

@@ -59,3 +59,25 @@ def test_threshold_fallbacks():
     assert group_threshold({"threshold": 2.5}) == 2.5
     assert group_threshold({"threshold": {"value": None}}, fallback=0.3) == 0.3
     assert group_threshold({}, fallback=0.1) == 0.1
+
+
+def test_replay_of_a_finished_run_matches_the_live_tracker_and_badges_have_stable_hooks():
+    import numpy as np
+
+    pieces = ["Oops", ",", " cats", " purr", "<b>.", " Wait", ",", " that's", " wrong", ".", " Boil", " it"]
+    watch = [9, 3, 7]
+    acts = np.zeros((len(pieces), 3))
+    acts[2, 2] = 4.0  # member 7 fires at token 2
+    acts[3, 0] = float("nan")  # NaN reads as no activity
+    live = LiveResistance.for_group(CIRCUIT)
+    feed(live, [({w: float(v) for w, v in zip(watch, row) if np.isfinite(v)}, p) for row, p in zip(acts, pieces)])
+    rep = LiveResistance.replay(CIRCUIT, pieces, acts, watch)
+    assert (rep.crossing, rep.restarts, rep.smoothed) == (live.crossing, live.restarts, live.smoothed)
+    assert rep.crossing == 2 and rep.restart_tokens == [0, 5]
+    out = rep.badges_html()
+    assert out.count('data-kind="restart"') == 2 and out.count('data-kind="circuit"') == 1
+    assert 'class="esr-badge esr-circuit" data-kind="circuit" data-token="2"' in out
+    assert 'data-phrase="Oops"' in out and "<b>" not in out
+    # no acts at all (a record without readouts): nothing crosses, restarts still found
+    none = LiveResistance.replay(CIRCUIT, pieces, None, [])
+    assert none.crossing is None and none.restart_tokens == [0, 5]
