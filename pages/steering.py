@@ -14,7 +14,8 @@ from esr_core import app_services as svc
 from esr_core.errors import BadInput, EsrError
 from esr_core.interventions import MODES, POSITIONS, UNITS
 from esr_core.latent_groups import LatentGroup, groups_from_json, groups_to_json, parse_members
-from esr_core.live_resistance import VERDICT_LABELS, LiveResistance, group_threshold, judged_overlay
+from esr_core.live_resistance import (CIRCUIT_COLOUR, VERDICT_LABELS, LiveResistance, group_threshold,
+                                     judged_overlay)
 from esr_core.run_record import history_to_json, records_from_json
 from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
 from esr_core.token_heatmap import legend_html, render_heatmap, scale_max
@@ -39,7 +40,7 @@ def live_html(run: str, text: str, n: int, status: str, badges: str = "") -> str
             f'style="border:1px solid #ddd;border-radius:6px;padding:8px;min-height:4em">'
             f'<div style="font-size:0.8em;color:#666"><b style="color:{RUN_COLOURS[run]}">{run}</b> · '
             f'<span class="esr-n">{n}</span> tokens · {html.escape(status)}</div>'
-            f'<div>{badges}</div>'
+            f'<div class="esr-badges" data-run="{run}">{badges}</div>'
             f'<div style="white-space:pre-wrap">{html.escape(text)}</div></div>')
 
 
@@ -264,7 +265,12 @@ with right:
             views = {run: svc.token_values(res, latent=latent, group=group, include_prompt=with_prompt)
                      for run, res in rec.results.items()}
         vmax = max([scale_max(v[1], v[2]) for v in views.values()] + [0.0])
-        sel = (ss.tok_run, int(ss.get("tok_idx", 0))) if ss.get("tok_run") in rec.results else None
+        # the selected token, settled before anything draws it (the timeline's identity depends on it)
+        if ss.get("tok_run") not in rec.results:
+            ss.tok_run = list(rec.results)[0]
+        if not 0 <= int(ss.get("tok_idx", 0)) < max(len(rec.results[ss.tok_run].token_ids), 1):
+            ss.tok_idx = 0
+        sel = (ss.tok_run, int(ss.get("tok_idx", 0)))
         st.html(legend_html(label or "activation", colour, vmax, scale))
         hcols = st.columns(len(views))
         for col, (run, (pieces, vals, special, tops)) in zip(hcols, views.items()):
@@ -274,6 +280,19 @@ with right:
                                     scale=scale, vmax=vmax or None, describe=_ui.describe, legend=False,
                                     selected=sel[1] if sel and sel[0] == run and not with_prompt else None,
                                     skip_first=with_prompt))
+
+        # resistance as it was while streaming (circuit crossing, restart phrases), kept for the finished run
+        circuit_g = next((g for g in group_objs if g.name == CIRCUIT_NAME), None)
+        trackers = {}
+        if circuit_g is not None:
+            rcols = st.columns(len(rec.results))
+            for col, (run, res) in zip(rcols, rec.results.items()):
+                trackers[run] = tr = LiveResistance.replay(circuit_g, res.pieces, res.acts, res.watch)
+                crossing = "" if tr.crossing is None else tr.crossing
+                col.html(f'<div class="esr-resistance" data-run="{run}" data-crossing="{crossing}" '
+                         f'data-restarts="{",".join(map(str, tr.restart_tokens))}" style="font-size:0.85em">'
+                         f'<b>{run}</b> · resistance: '
+                         f'{tr.badges_html() or "no circuit crossing, no restart phrase"}</div>')
 
         # timeline: a line per watched latent (not in a group), a lane per group
         series = []
@@ -304,13 +323,19 @@ with right:
                     st.markdown(f"**{k}**: {v}")
         if series:
             ov = (overlay or {}).get("steered") or {}
+            markers = list(ov.get("markers", ()))
+            if trackers.get("steered") is not None and trackers["steered"].crossing is not None:
+                markers.append((trackers["steered"].crossing, "circuit crossing", CIRCUIT_COLOUR))
             fig = timeline_figure(series, selected=sel[1] if sel else None,
-                                  regions=ov.get("regions", ()), markers=ov.get("markers", ()),
+                                  regions=ov.get("regions", ()), markers=markers,
                                   title="Watched latents over generated tokens (solid = steered, dashed = default)")
-            event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"tl_{rec.id}")
+            # Streamlit keys a chart's selection to its figure, and the figure marks the selected token:
+            # a key per selection gives each selection a fresh chart, so any point reported is a new click
+            event = st.plotly_chart(fig, on_select="rerun", selection_mode="points",
+                                    key=f"tl_{rec.id}_{sel[0]}_{sel[1]}")
             pt = selected_point(event)
-            if pt and pt != ss.get("_last_pt"):  # a new click on the chart selects that token
-                ss._last_pt = ss.sel_token = pt
+            if pt and pt != sel and pt[0] in rec.results:  # a click on the chart selects that token
+                ss.sel_token = pt
                 ss.tok_run, ss.tok_idx = pt
                 st.rerun()
             rows = []
@@ -334,10 +359,13 @@ with right:
         ss.sel_token = (trun, int(tidx))
         r = rec.results[trun]
         if r.pieces:
-            piece = repr(r.pieces[int(tidx)]).replace("`", "ˋ")
-            t2.markdown(f"Top latents at token {int(tidx)} `{piece}` of the {trun} run")
-            top_rows = [{"latent": i, "value": round(v, 3), "description": _ui.describe(i)}
-                        for i, v in (r.top[int(tidx)] if int(tidx) < len(r.top) else [])]
+            k = int(tidx)
+            tops_k = r.top[k] if k < len(r.top) else []
+            # model output: escaped; data-* attributes are the stable hooks the browser test reads
+            t2.html(f'<div class="esr-selected-token" data-run="{html.escape(trun)}" data-index="{k}" '
+                    f'data-latents="{",".join(str(int(i)) for i, _ in tops_k)}">Top latents at token <b>{k}</b> '
+                    f'<code>{html.escape(repr(r.pieces[k]))}</code> of the {html.escape(trun)} run</div>')
+            top_rows = [{"latent": i, "value": round(v, 3), "description": _ui.describe(i)} for i, v in tops_k]
             if top_rows:
                 t2.table(pd.DataFrame(top_rows).set_index("latent"))
             else:
