@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 from playwright.sync_api import expect
 
-from browser_util import ARTEFACTS, Browser, StreamlitServer, chromium_available, shot
+from browser_util import ARTEFACTS, Browser, StreamlitServer, chromium_available, shot, wait_app_idle
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SAE = REPO / "assets" / "sae" / "smollm2-135m-instruct"
@@ -71,6 +72,34 @@ def download_run(page) -> dict:
     return json.loads(Path(dl.value.path()).read_text())
 
 
+def click_timeline_point(page, trace: int = 0, point: int = 3) -> tuple[str, int]:
+    """Click a real marker of the plotly timeline with the mouse; (run, token) of the point plotly reports."""
+    page.evaluate("""() => { const gd = document.querySelector('.js-plotly-plot');
+        window.__esrClicks = [];
+        gd.on('plotly_click', d => window.__esrClicks.push(d.points.map(p => p.customdata))); }""")
+    marker = page.locator(".js-plotly-plot .scatterlayer .trace").nth(trace).locator(".points path").nth(point)
+    marker.wait_for(timeout=LONG)
+    marker.scroll_into_view_if_needed()
+    box = marker.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.click(x, y)
+    page.wait_for_function("() => window.__esrClicks && window.__esrClicks.length > 0", timeout=LONG)
+    run, idx, _tok = page.evaluate("() => window.__esrClicks[0][0]")
+    return str(run), int(idx)
+
+
+def svg_texts(page, selector: str) -> list[str]:
+    """Text of SVG elements (plotly legend entries, annotations): SVG has no innerText."""
+    return page.locator(selector).evaluate_all("els => els.map(e => e.textContent)")
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the Streamlit selectbox labelled ``label``."""
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
 def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     page = browser.new_page()
     page.goto(server.url)
@@ -107,6 +136,38 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     toks = page.locator(".esr-heatmap").first.locator(".esr-tok")
     assert toks.count() == 6
     assert toks.first.get_attribute("title").startswith("#0")
+
+    # a click on a point of the timeline selects that token and shows its top latents
+    run, idx = click_timeline_point(page, trace=0, point=3)
+    assert run in ("steered", "default") and idx == 3
+    panel = page.locator(".esr-selected-token")
+    expect(panel).to_have_attribute("data-index", str(idx), timeout=LONG)
+    expect(panel).to_have_attribute("data-run", run, timeout=LONG)
+    expect(panel).to_contain_text(f"Top latents at token {idx}", timeout=LONG)
+    heat = page.locator(".esr-heatmap").nth(["steered", "default"].index(run)).locator(f'.esr-tok[data-i="{idx}"]')
+    expect(heat).to_have_attribute("style", re.compile("outline:2px solid #000"), timeout=LONG)  # marked too
+    tip = heat.get_attribute("title")
+    tip_latents = re.findall(r"#(\d+): ", tip.split("top latents:")[1]) if "top latents:" in tip else []
+    shown = [x for x in (panel.get_attribute("data-latents") or "").split(",") if x]
+    assert shown[:5] == tip_latents  # the panel lists that token's top latents (the tooltip shows the first 5)
+    if shown:  # and the table under it names them
+        table = page.get_by_test_id("stTable").filter(has_text="description").last
+        assert shown[0] in table.inner_text()
+    panel.scroll_into_view_if_needed()
+    shot(page, "timeline-click")
+    # the chart is redrawn with the selection marked; a second click on it selects again
+    wait_app_idle(page, LONG)
+    run2, idx2 = click_timeline_point(page, trace=0, point=1)
+    assert idx2 == 1
+    expect(panel).to_have_attribute("data-index", "1", timeout=LONG)
+    expect(panel).to_have_attribute("data-run", run2, timeout=LONG)
+
+    # colouring by a group of several latents: each latent on its own scale, and the legend says so
+    choose(page, "Colour tokens by", "group backtracking")
+    legend = page.locator(".esr-legend").first
+    expect(legend).to_contain_text("group backtracking · each latent ÷", timeout=LONG)
+    page.get_by_text("raw sum", exact=True).click()
+    expect(legend).to_contain_text("group backtracking · raw weighted sum", timeout=LONG)
 
     url = page.url
     assert f"iv={latent}%3Aadd%3A0.8%3Anorm%3Aall" in url or f"iv={latent}:add:0.8:norm:all" in url
@@ -183,3 +244,80 @@ def test_two_sessions_generate_at_once_with_different_steering(server, browser):
     assert records["a"]["results"]["default"]["text"] == records["b"]["results"]["default"]["text"]
     for p in pages.values():
         p.context.close()
+
+
+# greedy SmolLM2-135M-Instruct answers this with "Oops, I forget to boil an egg!" (11 tokens): a restart phrase
+# at its first token, and the shipped circuit (#1229) fires on " boil" (EMA ~3.96, above the shipped 3.23)
+LIVE_PROMPT = "Fill in the blank: Oops, I forgot to ___. Then explain how to boil an egg."
+
+# records every resistance badge that appears in a streaming answer, however briefly it is on the page
+BADGE_OBSERVER = """() => {
+  window.__esrBadges = {};
+  const note = el => {
+    const live = el.closest('.esr-live');
+    if (!live) return;
+    const r = (window.__esrBadges[live.dataset.run] ||= {circuit: [], restart: []});
+    const t = +el.dataset.token;
+    if (!r[el.dataset.kind].includes(t)) r[el.dataset.kind].push(t);
+  };
+  const scan = n => {
+    if (n.nodeType !== 1) return;
+    if (n.matches('.esr-badge')) note(n);
+    n.querySelectorAll('.esr-badge').forEach(note);
+  };
+  new MutationObserver(ms => ms.forEach(m => m.addedNodes.forEach(scan)))
+    .observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+def test_live_resistance_circuit_lane_badges_and_restart_marker(server, browser):
+    from esr_core.judge import segment
+    from esr_core.latent_groups import LatentGroup
+    from esr_core.live_resistance import LiveResistance
+
+    page = browser.new_page()
+    page.goto(steering_url(server, p=LIVE_PROMPT, n="24", seed="0", t="0"))
+    page.get_by_role("button", name="Generate").wait_for(timeout=LONG)
+    page.evaluate(BADGE_OBSERVER)
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => document.querySelector('.esr-live')", timeout=LONG)
+    wait_results(page)
+    page.locator(".js-plotly-plot .legendtext").first.wait_for(timeout=LONG)
+    rec = download_run(page)
+    groups = {g["name"]: g for g in rec["groups"]}
+    assert "resistance circuit" in groups, list(groups)
+    circuit = LatentGroup.from_dict(groups["resistance circuit"])
+
+    # (a) the circuit lane is on the timeline
+    legend = svg_texts(page, ".js-plotly-plot .legendtext")
+    assert "resistance circuit (steered)" in legend and "resistance circuit (default)" in legend, legend
+
+    # what the page should have shown, from the same esr_core computation on the tokens it produced
+    seen = page.evaluate("() => window.__esrBadges")
+    expected = {}
+    for run, res in rec["results"].items():
+        tr = LiveResistance.replay(circuit, res["pieces"], res["acts"], res["watch"])
+        expected[run] = tr
+        got = seen.get(run, {"circuit": [], "restart": []})
+        # (b) restart phrases and (c) the circuit crossing, as badges while streaming...
+        assert sorted(got["restart"]) == sorted(tr.restart_tokens), (run, got, res["text"])
+        assert got["circuit"] == ([tr.crossing] if tr.crossing is not None else []), (run, got, tr.smoothed[:12])
+        # ...and kept with the finished run
+        box = page.locator(f'.esr-resistance[data-run="{run}"]')
+        expect(box).to_have_attribute("data-restarts", ",".join(map(str, tr.restart_tokens)), timeout=LONG)
+        expect(box).to_have_attribute("data-crossing", "" if tr.crossing is None else str(tr.crossing))
+        assert box.locator(".esr-restart").count() == len(tr.restarts)
+        assert box.locator(".esr-circuit").count() == (tr.crossing is not None)
+    steered = rec["results"]["steered"]
+    assert expected["steered"].restart_tokens, f"no restart phrase in {steered['text']!r}: pick another prompt"
+    if expected["steered"].crossing is None:  # the badge's absence was checked, but not its presence
+        warnings.warn(f"the circuit stayed under its threshold {expected['steered'].threshold} for this prompt "
+                      f"(peak EMA {max(expected['steered'].smoothed, default=0):.3g}): the crossing badge is untested")
+
+    # markers on the timeline: the judge's restart phrases, and the circuit crossing of the steered run
+    notes = svg_texts(page, ".js-plotly-plot .annotation-text")
+    assert ("restart" in notes) == bool(segment(steered["text"])[1]), notes
+    assert ("circuit crossing" in notes) == (expected["steered"].crossing is not None), notes
+    page.locator(".esr-resistance").first.scroll_into_view_if_needed()
+    shot(page, "live-resistance")
+    page.context.close()
