@@ -367,9 +367,8 @@ class LiveRun:
 
 
 # ------------------------------------------------------------------ views of a finished run
-def token_values(result: RunResult, latent: int | None = None, group: LatentGroup | None = None,
-                 how: str = "sum", include_prompt: bool = False) -> tuple[list[str], list[float], list[bool], list]:
-    """Pieces, values, special flags and top lists of one run, for a latent or a group."""
+def _run_tokens(result: RunResult, include_prompt: bool) -> tuple[list[str], np.ndarray, list[bool], list]:
+    """Pieces, watched activations [T, n_watch], special flags and top lists, prompt first if asked."""
     pieces, special, tops = list(result.pieces), list(result.special), list(result.top)
     acts = result.acts if result.acts is not None else np.zeros((len(pieces), len(result.watch)))
     if include_prompt and result.prompt is not None:
@@ -379,6 +378,13 @@ def token_values(result: RunResult, latent: int | None = None, group: LatentGrou
         tops = list(p.top) + tops
         acts = np.concatenate([np.asarray(p.acts).reshape(-1, len(result.watch)), acts], axis=0) if len(
             result.watch) else np.zeros((len(pieces), 0))
+    return pieces, acts, special, tops
+
+
+def token_values(result: RunResult, latent: int | None = None, group: LatentGroup | None = None,
+                 how: str = "sum", include_prompt: bool = False) -> tuple[list[str], list[float], list[bool], list]:
+    """Pieces, values, special flags and top lists of one run, for a latent or a group."""
+    pieces, acts, special, tops = _run_tokens(result, include_prompt)
     if group is not None:
         vals = group.lane(acts, result.watch, how) if all(m in result.watch for m in group.members) else \
             group.lane_from_tops(tops, how)
@@ -394,15 +400,7 @@ def token_values(result: RunResult, latent: int | None = None, group: LatentGrou
 def group_member_values(result: RunResult, group: LatentGroup, include_prompt: bool = False,
                         ) -> tuple[list[str], np.ndarray, list[bool], list]:
     """Pieces, the members' activations [T, n_members], special flags and top lists of one run."""
-    pieces, special, tops = list(result.pieces), list(result.special), list(result.top)
-    acts = result.acts if result.acts is not None else np.zeros((len(pieces), len(result.watch)))
-    if include_prompt and result.prompt is not None:
-        p = result.prompt
-        pieces = list(p.tokens) + pieces
-        special = [False] * len(p.tokens) + special
-        tops = list(p.top) + tops
-        acts = np.concatenate([np.asarray(p.acts).reshape(-1, len(result.watch)), acts], axis=0) if len(
-            result.watch) else np.zeros((len(pieces), 0))
+    pieces, acts, special, tops = _run_tokens(result, include_prompt)
     if all(m in result.watch for m in group.members):
         m = group.member_matrix(acts, result.watch)
     else:

@@ -196,12 +196,12 @@ def _summary_text(summary: dict, run_dir) -> str:
         fs = r.get("first_score_mean")
         fs = f"{fs:9.1f}" if isinstance(fs, (int, float)) else f"{'n/a':>9}"
         lines.append(f"{str(r['condition']):<34}{r['n_trials']:>5}{r['n_valid']:>6}  {m:<30}{e:<30}{fs}")
-    drops = {c: d for c, d in (summary.get("dropped") or {}).items() if d}
-    if drops:
-        lines.append("dropped: " + "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in d.items())
-                                             for c, d in drops.items()))
-    if summary.get("skipped_conditions"):
-        lines.append("skipped: " + "; ".join(f"{c} ({why})" for c, why in summary["skipped_conditions"].items()))
+    from .run_report import dropped_note, skipped_note
+
+    if dropped_note(summary):
+        lines.append("dropped: " + dropped_note(summary))
+    if skipped_note(summary):
+        lines.append("skipped: " + skipped_note(summary))
     thr = summary.get("throughput") or {}
     if thr.get("tokens_per_s"):
         lines.append(f"generation: {thr['generated_tokens']} tokens in {thr['generation_seconds']} s "

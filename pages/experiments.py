@@ -20,20 +20,13 @@ from esr_core import experiment_runner as xr
 from esr_core.errors import EsrError
 from esr_core.experiment_spec import BASE_CONDITIONS, META_PROMPTS, ExperimentSpec
 from esr_core.result_plots import correction_overlay_figure
+from esr_core.run_report import dropped_note, pct, rates_table, skipped_note
 
 ss = st.session_state
 st.title("Experiments")
 st.caption("Measure Endogenous Steering Resistance: steer with a distractor latent and count how often the "
            "model restarts (multi-attempt) and improves after restarting (ESR), per condition, with Wilson 95 % "
            "intervals. Method: arXiv 2602.06941.")
-
-
-def _pct(x) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "n/a"
-    return "n/a" if not math.isfinite(x) else f"{100 * x:.1f} %"
 
 
 def _mtime(d: Path) -> float:
@@ -49,23 +42,6 @@ def _load(run_dir: str, _mt: float) -> tuple[dict, pd.DataFrame]:
     return summary, xr.load_trials(d)
 
 
-def rates_table(summary: dict) -> pd.DataFrame:
-    rows = []
-    for r in summary.get("by_condition", []):
-        rows.append({
-            "condition": r["condition"], "trials": r["n_trials"], "valid": r["n_valid"],
-            "multi-attempt": f"{r['multi_attempt_k']}/{r['multi_attempt_n']} = {_pct(r['multi_attempt_rate'])}",
-            "multi 95 % CI": f"{_pct(r['multi_attempt_lo'])} – {_pct(r['multi_attempt_hi'])}",
-            "ESR": f"{r['esr_k']}/{r['esr_n']} = {_pct(r['esr_rate'])}",
-            "ESR 95 % CI": f"{_pct(r['esr_lo'])} – {_pct(r['esr_hi'])}",
-            "improvement (of multi)": f"{r['improvement_k']}/{r['improvement_n']} = {_pct(r['improvement_rate'])}",
-            "mean 1st score": None if r.get("first_score_mean") is None else round(float(r["first_score_mean"]), 1),
-            "degraded": f"{r['degraded_k']}/{r['degraded_n']}",
-            "dropped": r["n_dropped"],
-        })
-    return pd.DataFrame(rows)
-
-
 def _paper_value(q: str, v) -> str:
     try:
         v = float(v)
@@ -74,7 +50,7 @@ def _paper_value(q: str, v) -> str:
     if not math.isfinite(v):
         return "n/a"
     if q.endswith("_rate"):
-        return _pct(v)
+        return pct(v)
     if "ratio" in q:
         return f"{v:.2f}×"
     if "change" in q:
@@ -100,7 +76,7 @@ def paper_table(summary: dict) -> pd.DataFrame:
                      "paper model": f"{r.get('paper_model')}{_size(r.get('paper_params_b'))}",
                      "paper n": r.get("paper_n"),
                      "ours": _paper_value(q, r.get("our_value")),
-                     "ours 95 % CI": f"{_pct(r.get('our_lo'))} – {_pct(r.get('our_hi'))}" if q.endswith("_rate") else "",
+                     "ours 95 % CI": f"{pct(r.get('our_lo'))} – {pct(r.get('our_hi'))}" if q.endswith("_rate") else "",
                      "our k/n": f"{r.get('our_k')}/{r.get('our_n')}",
                      "our model": f"{r.get('our_model')}{_size(r.get('our_params_b'))}"})
     return pd.DataFrame(rows)
@@ -209,12 +185,10 @@ def show_run(run_dir: str) -> None:
     st.info(summary.get("headline", ""))
     st.subheader("Rates per condition")
     st.dataframe(rates_table(summary), hide_index=True, width="stretch")
-    drops = {c: v for c, v in (summary.get("dropped") or {}).items() if v}
-    if drops:
-        st.caption("Dropped trials: " + "; ".join(f"{c}: " + ", ".join(f"{k} {n}" for k, n in v.items())
-                                                  for c, v in drops.items()))
-    if summary.get("skipped_conditions"):
-        st.caption("Skipped conditions: " + "; ".join(f"{c} ({w})" for c, w in summary["skipped_conditions"].items()))
+    if dropped_note(summary):
+        st.caption("Dropped trials: " + dropped_note(summary))
+    if skipped_note(summary):
+        st.caption("Skipped conditions: " + skipped_note(summary))
     figs = xr.figures_for(trials)
     names = {"score_delta": "Score change & rates", "condition_comparison": "Conditions",
              "rates_vs_boost": "Rates vs boost", "first_last": "First vs last"}
