@@ -342,7 +342,9 @@ with right:
             for s in series:
                 if s.run == "steered":
                     dflt = next((x.values for x in series if x.name == s.name and x.run == "default"), None)
-                    sm = summarise(s.values, dflt)
+                    sm = summarise(s.values, dflt, threshold=s.threshold)
+                    if s.name == CIRCUIT_NAME and trackers.get("steered") is not None:
+                        sm["first_crossing"] = trackers["steered"].crossing  # smoothed, like the live badge
                     rows.append({"series": s.name, **sm})
             if rows:
                 st.table(pd.DataFrame(rows).set_index("series"))
