@@ -803,7 +803,7 @@ def summarise_run(trials: pd.DataFrame, spec: ExperimentSpec) -> dict:
     from .paper_numbers import comparison_table
 
     by_cond = summarise(trials, by=("condition",)) if len(trials) else pd.DataFrame()
-    by_boost = summarise(trials.assign(boost_norm=trials["boost_norm"].astype(float).round(4)),
+    by_boost = summarise(trials.assign(boost_norm=trials["boost_norm"].astype(float).round(3)),
                          by=("condition", "boost_norm")) if len(trials) else pd.DataFrame()
     comp = pd.DataFrame()
     if len(by_cond) and "steering" in set(by_cond["condition"]):

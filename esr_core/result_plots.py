@@ -145,30 +145,53 @@ def rates_vs_boost_figure(summary: pd.DataFrame, x: str = "boost_sd",
               "boost_norm": "boost (× median residual norm)", "boost": "boost (raw residual units)"}
     top = [m for m in metrics if m != "improvement"]
     bottom = [m for m in metrics if m == "improvement"]
-    rows = 2 if top and bottom else 1
+    with_score = "first_score_mean" in summary.columns and summary["first_score_mean"].notna().any()
+    panels = ((["rates"] if top else []) + (["improvement"] if bottom else []) + (["score"] if with_score else []))
+    titles = {"rates": "Share of valid trials", "improvement": "Share of multi-attempt trials that improved",
+              "score": "Mean first-attempt score (0-100; what the calibration targets)"}
+    rows = len(panels)
+    row_of = {p: i + 1 for i, p in enumerate(panels)}
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=(["Share of valid trials"] if top else [])
-                        + (["Share of multi-attempt trials that improved"] if bottom else []))
+                        subplot_titles=[titles[p] for p in panels])
     cond = _condition_series(summary, condition_col)
     many = cond.nunique() > 1
     dashes = ["solid", "dash", "dot", "dashdot", "longdash"]
     for ci, c in enumerate(sorted(cond.unique())):
         part = summary[cond == c].sort_values(x)
+        xs = part[x].astype(float)
         for metric in metrics:
-            row = 2 if (metric == "improvement" and rows == 2) else 1
+            row = row_of["improvement" if metric == "improvement" else "rates"]
             rate, plus, minus = _error_arrays(part, metric)
             name = RATE_LABELS.get(metric, metric) + (f" · {c}" if many else "")
             fig.add_trace(go.Scatter(
-                x=part[x].astype(float), y=rate, mode="lines+markers", name=name,
+                x=xs, y=rate, mode="lines+markers", name=name,
                 line={"color": RATE_COLOURS.get(metric), "dash": dashes[ci % len(dashes)]},
                 error_y={"type": "data", "array": plus, "arrayminus": minus, "visible": True},
-                hovertext=[f"{c}<br>{x} = {v:.3g}<br>{h}" for v, h in
-                           zip(part[x].astype(float), _rate_hover(part, metric))],
+                hovertext=[f"{c}<br>{x} = {v:.3g}<br>{h}" for v, h in zip(xs, _rate_hover(part, metric))],
                 hoverinfo="text"), row=row, col=1)
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="Rate")
+        if with_score:
+            m = part["first_score_mean"].astype(float)
+            lo = part.get("first_score_lo", m).astype(float)
+            hi = part.get("first_score_hi", m).astype(float)
+            n = part.get("first_score_n", pd.Series([None] * len(part), index=part.index))
+            fig.add_trace(go.Scatter(
+                x=xs, y=m, mode="lines+markers", name="Mean first-attempt score" + (f" · {c}" if many else ""),
+                line={"color": NEUTRAL, "dash": dashes[ci % len(dashes)]},
+                error_y={"type": "data", "array": (hi - m).clip(lower=0), "arrayminus": (m - lo).clip(lower=0),
+                         "visible": True},
+                hovertext=[f"{c}<br>{x} = {v:.3g}<br>mean {a:.1f} (95 % CI {b:.1f}-{d:.1f}, n {k})"
+                           for v, a, b, d, k in zip(xs, m, lo, hi, n)],
+                hoverinfo="text"), row=row_of["score"], col=1)
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="Rate",
+                      height=300 + 180 * rows)
     fig.update_xaxes(title_text=x_label or labels.get(x, x), row=rows, col=1)
-    for r in range(1, rows + 1):
-        fig.update_yaxes(tickformat=".0%", rangemode="tozero", title_text="rate", row=r, col=1)
+    for p_ in panels:
+        if p_ == "score":
+            fig.update_yaxes(range=[0, 100], title_text="score", row=row_of[p_], col=1)
+        elif p_ == "improvement":
+            fig.update_yaxes(tickformat=".0%", range=[0, 1.05], title_text="rate", row=row_of[p_], col=1)
+        else:
+            fig.update_yaxes(tickformat=".0%", rangemode="tozero", title_text="rate", row=row_of[p_], col=1)
     if x == "boost_sd":
         fig.add_vline(x=0, line_dash="dot", line_color=NEUTRAL)
     return fig

@@ -311,6 +311,28 @@ def test_reference_run_is_complete_and_small():
     assert len({frozenset(v) for v in trip.values()}) == 1
 
 
+def test_shipped_boost_sweep_covers_five_levels_around_the_calibrated_thresholds():
+    sweep = ROOT / "assets" / "experiments" / "boost-sweep"
+    if not (sweep / "summary.json").exists():
+        pytest.skip("the boost sweep is not shipped in this checkout")
+    spec = json.loads((sweep / "spec.json").read_text())
+    ref = json.loads((REF / "spec.json").read_text())
+    assert spec["boost_mode"] == "sweep" and spec["latents"] == ref["latents"]
+    # the sweep reused the reference run's calibrations: levels are mean +- 2 sd of its thresholds
+    t = np.array([ref["thresholds"][str(k)] for k in ref["latents"]])
+    levels = spec["boosts"][str(spec["latents"][0])]
+    assert levels == pytest.approx(np.linspace(t.mean() - 2 * t.std(ddof=1), t.mean() + 2 * t.std(ddof=1), 5))
+    df = pd.read_parquet(sweep / "trials.parquet")
+    assert len(df) == 200 and df.groupby("boost_sd").size().tolist() == [40] * 5
+    # stronger steering, lower first-attempt scores
+    means = df.groupby("boost_sd")["first_score"].mean().tolist()
+    assert means == sorted(means, reverse=True)
+    from esr_core.experiment_runner import list_runs
+
+    names = [(r["name"], r["shipped"]) for r in list_runs()]
+    assert names[:2] == [("reference", True), ("boost-sweep", True)]
+
+
 @needs_ref
 def test_cli_summary_list_and_errors(capsys, tmp_path):
     from esr_core.cli import main

@@ -60,7 +60,12 @@ def test_rates_vs_boost(trials):
     assert list(t.x) == [-1.0, 0.0] and list(t.y) == pytest.approx([0.5, 0.5])
     one = rp.rates_vs_boost_figure(summarise(trials[trials.condition == "steering"],
                                              by=("condition", "boost_norm")), x="boost_norm")
-    assert set(_names(one)) == {"Multi-attempt rate", "ESR rate", "Improvement rate"}
+    assert set(_names(one)) == {"Multi-attempt rate", "ESR rate", "Improvement rate", "Mean first-attempt score"}
+    # the score panel shows the mean first-attempt score per boost level, on its own 0-100 axis
+    sc = next(t for t in one.data if t.name == "Mean first-attempt score")
+    part = summarise(trials[trials.condition == "steering"], by=("condition", "boost_norm")).sort_values("boost_norm")
+    assert list(sc.y) == pytest.approx(part["first_score_mean"].astype(float).tolist())
+    assert sc.yaxis == "y3" and tuple(one.layout.yaxis3.range) == (0, 100)
     assert _is_empty_fig(rp.rates_vs_boost_figure(summarise(pd.DataFrame(), by=("boost_sd",))))
     assert _is_empty_fig(rp.rates_vs_boost_figure(s, x="no_such_column"))
 
