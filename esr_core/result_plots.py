@@ -192,6 +192,13 @@ def rates_vs_boost_figure(summary: pd.DataFrame, x: str = "boost_sd",
             fig.update_yaxes(tickformat=".0%", range=[0, 1.05], title_text="rate", row=row_of[p_], col=1)
         else:
             fig.update_yaxes(tickformat=".0%", rangemode="tozero", title_text="rate", row=row_of[p_], col=1)
+    if "improvement" in row_of and not any(
+            np.isfinite(np.asarray(t.y, dtype=float)).any() for t in fig.data
+            if t.name and t.name.startswith(RATE_LABELS.get("improvement", "improvement"))):
+        k = row_of["improvement"]
+        fig.add_annotation(text="no multi-attempt trials at any level: nothing to improve",
+                           xref=f"x{k if k > 1 else ''} domain", yref=f"y{k if k > 1 else ''} domain",
+                           x=0.5, y=0.5, showarrow=False, font={"color": NEUTRAL})
     if x == "boost_sd":
         fig.add_vline(x=0, line_dash="dot", line_color=NEUTRAL)
     return fig
