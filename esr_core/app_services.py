@@ -9,8 +9,10 @@ token stream into a partial or finished RunRecord.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +27,8 @@ from .latent_groups import (LatentGroup, catalog_scales, load_builtin_groups, no
 from .model_registry import DEFAULT_MODEL, get_entry, list_models
 from .paths import ASSETS_DIR
 from .run_record import RunRecord
+
+log = logging.getLogger(__name__)
 
 EXAMPLES_FILE = ASSETS_DIR / "examples.json"
 ENV_DEFAULT_SAE = "ESR_LAB_DEFAULT_SAE"
@@ -101,9 +105,29 @@ def load_catalog(engine):
     except Exception:
         return None
     try:
-        return load_catalog_for_names(engine.model.name, engine.sae)
+        cat = load_catalog_for_names(engine.model.name, engine.sae)
     except EsrError:
         return None
+    if cat is not None:
+        warm_search_in_background(cat)
+    return cat
+
+
+def warm_search_in_background(catalog) -> threading.Thread:
+    """Load the search vectors and the query embedder (about 10 s on CPU) while the user reads the
+    page, so the first search answers at once; a failure only means the first search warms up."""
+    from .latent_search import search_latents, warm_search
+
+    def work():
+        try:
+            warm_search(catalog)
+            search_latents(catalog, "warm up", top=1)
+        except Exception:  # noqa: BLE001 - best effort; the real search reports its own errors
+            log.debug("search warm-up failed", exc_info=True)
+
+    t = threading.Thread(target=work, name="esr-search-warmup", daemon=True)
+    t.start()
+    return t
 
 
 def build_catalog(engine, progress: Callable[[float, str], None] | None = None, n_tokens: int = 30_000):

@@ -114,3 +114,15 @@ def test_shipped_catalog_search():
     word, owners = _a_described_word(cat)
     res = search_latents(cat, word, top=10)
     assert any(r["latent"] in owners for r in res)
+
+
+def test_background_warm_up_readies_search_vectors_and_the_query_embedder(monkeypatch):
+    from esr_core import app_services as svc
+    from esr_core import embeddings
+    from esr_core.latent_search import search_index
+
+    _, cat, _ = _shipped()
+    monkeypatch.setattr(embeddings, "_MODEL", None)
+    svc.warm_search_in_background(cat).join(timeout=300)
+    assert embeddings._MODEL is not None  # the first real query will not pay for loading it
+    assert search_index(cat)._emb is not None and search_index(cat)._emb.shape[0] == cat.d_sae == 8192
