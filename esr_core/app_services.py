@@ -116,12 +116,14 @@ def load_catalog(engine):
 def warm_search_in_background(catalog) -> threading.Thread:
     """Load the search vectors and the query embedder (about 10 s on CPU) while the user reads the
     page, so the first search answers at once; a failure only means the first search warms up."""
-    from .latent_search import search_latents, warm_search
+    from .embeddings import embedding_model
+    from .latent_search import embed_query, warm_search
 
     def work():
         try:
             warm_search(catalog)
-            search_latents(catalog, "warm up", top=1)
+            embedding_model()
+            embed_query("warm up")  # first forward of the query embedder
         except Exception:  # noqa: BLE001 - best effort; the real search reports its own errors
             log.debug("search warm-up failed", exc_info=True)
 

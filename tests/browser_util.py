@@ -73,6 +73,7 @@ class Browser:
     def __enter__(self):
         from playwright.sync_api import sync_playwright
 
+        self.pages: list = []
         self._pw = sync_playwright().start()
         # launch() gives every run a fresh temporary user-data-dir (Playwright refuses one in args);
         # TMPDIR points it at our own folder so it is removed afterwards
@@ -84,7 +85,21 @@ class Browser:
     def new_page(self, width: int = 1500, height: int = 1100):
         ctx = self.browser.new_context(viewport={"width": width, "height": height})
         ctx.set_default_timeout(60_000)
-        return ctx.new_page()
+        page = ctx.new_page()
+        self.pages.append(page)
+        return page
+
+    def shoot_open_pages(self, prefix: str) -> list[Path]:
+        """Screenshots of every page still open (evidence when a test fails in CI)."""
+        out = []
+        for k, page in enumerate(self.pages):
+            try:
+                if not page.is_closed():
+                    out.append(shot(page, f"{prefix}-{k}"))
+            except Exception:  # noqa: BLE001 - a dead page must not hide the real failure
+                pass
+        self.pages = []
+        return out
 
     def __exit__(self, *exc) -> None:
         try:

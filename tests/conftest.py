@@ -56,3 +56,11 @@ def engine(sae_spec):
     from esr_core.engine import get_engine
 
     return get_engine("smollm2-135m-instruct", sae_spec)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's report on the test item (rep_setup / rep_call), for failure screenshots."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

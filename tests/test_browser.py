@@ -45,6 +45,16 @@ def browser():
         yield b
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request, browser):
+    """A failed journey leaves a screenshot of each of its pages in test-artefacts/FAILED-<test>-<k>.png."""
+    browser.pages = []
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        browser.shoot_open_pages(f"FAILED-{request.node.name}")
+
+
 def steering_url(server, **params) -> str:
     return f"{server.url}/steering?{urlencode(params)}"
 
