@@ -21,6 +21,9 @@ from esr_core.errors import EsrError
 from esr_core.experiment_spec import BASE_CONDITIONS, META_PROMPTS, ExperimentSpec
 from esr_core.result_plots import correction_overlay_figure
 from esr_core.run_report import dropped_note, pct, rates_table, skipped_note
+from pages import _ui
+
+_ui.require_frame()
 
 ss = st.session_state
 st.title("Experiments")

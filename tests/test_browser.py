@@ -331,3 +331,22 @@ def test_live_resistance_circuit_lane_badges_and_restart_marker(server, browser)
     page.locator(".esr-resistance").first.scroll_into_view_if_needed()
     shot(page, "live-resistance")
     page.context.close()
+
+
+def test_experiments_deep_link_opens_in_the_app_frame_with_shipped_results(server, browser):
+    """A shared /experiments link shows the shipped runs at once, inside the app (sidebar, navigation)."""
+    page = browser.new_page()
+    page.goto(server.url + "/experiments")
+    page.get_by_text("Rates per condition").first.wait_for(timeout=LONG)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    expect(sidebar.get_by_text("Model and SAE")).to_be_visible(timeout=LONG)
+    nav = sidebar.inner_text()
+    assert "Steering lab" in nav and "Experiments" in nav
+    assert "_ui" not in nav and "\nui\n" not in f"\n{nav}\n"  # not Streamlit's file-name navigation
+    page.get_by_text("Activity around corrections").first.wait_for(timeout=LONG)
+    body = page.inner_text("body")
+    # the reference run's headline (steering 0 of 100, meta-prompt 1 %) and the overlay's sources
+    assert "restarted in 0.0 % of 100 valid trials" in body and "multi-attempt rate was 1.0 %" in body
+    assert "steering on · n = 1" in body
+    page.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    shot(page, "experiments-page")

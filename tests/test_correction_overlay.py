@@ -223,7 +223,9 @@ def test_cli_overlay_for_a_folder_without_a_run(engine, tmp_path, capsys):
 def test_experiments_page_shows_the_reference_overlay():
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "pages" / "experiments.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600).run()  # pages run inside the app frame
+    at.switch_page("pages/experiments.py")
+    at.run()
     assert not at.exception, at.exception
     assert any(h.value == "Activity around corrections" for h in at.subheader)
     ov = co.load_overlay(REF)
