@@ -64,3 +64,13 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+def open_app_page(page: str, timeout: float = 600):
+    """AppTest of app.py switched to ``page`` (e.g. "pages/experiments.py"): pages run inside the
+    app frame (sidebar, engine, URL state), as in the browser."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=timeout).run()
+    at.switch_page(page)
+    return at.run()

@@ -221,11 +221,9 @@ def test_cli_overlay_for_a_folder_without_a_run(engine, tmp_path, capsys):
 
 @pytest.mark.skipif(not (REF / co.OVERLAY_FILE).exists(), reason="reference overlay not computed")
 def test_experiments_page_shows_the_reference_overlay():
-    from streamlit.testing.v1 import AppTest
+    from conftest import open_app_page
 
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600).run()  # pages run inside the app frame
-    at.switch_page("pages/experiments.py")
-    at.run()
+    at = open_app_page("pages/experiments.py")
     assert not at.exception, at.exception
     assert any(h.value == "Activity around corrections" for h in at.subheader)
     ov = co.load_overlay(REF)

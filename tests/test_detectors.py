@@ -10,7 +10,6 @@ import torch
 
 from esr_core import detectors as det
 from esr_core.model_registry import DEFAULT_MODEL, get_entry
-from esr_core.paths import REPO_ROOT
 
 SAE_DIR = get_entry(DEFAULT_MODEL).default_sae_path
 pytestmark = pytest.mark.skipif(not (SAE_DIR / "sae_weights.safetensors").exists(),
@@ -171,14 +170,11 @@ def test_cli_bad_input_and_show(capsys):
 
 
 def test_resistance_page_renders_circuit_table(engine):
-    from streamlit.testing.v1 import AppTest
+    from conftest import open_app_page
 
     if det.shipped_group("circuit") is None:
         pytest.skip("no shipped resistance circuit yet")
-    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=600)
-    at.run()
-    at.switch_page("pages/resistance.py")
-    at.run()
+    at = open_app_page("pages/resistance.py")
     assert not at.exception, [e.value for e in at.exception]
     assert any(t.value == "Resistance" for t in at.title)
     frames = at.dataframe

@@ -353,11 +353,9 @@ def test_cli_summary_list_and_errors(capsys, tmp_path):
 
 @needs_ref
 def test_page_renders_the_reference_run_with_its_rates_table():
-    from streamlit.testing.v1 import AppTest
+    from conftest import open_app_page
 
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600).run()  # pages run inside the app frame
-    at.switch_page("pages/experiments.py")
-    at.run()
+    at = open_app_page("pages/experiments.py")
     assert not at.exception, at.exception
     assert any(t.value == "Experiments" for t in at.title)
     frames = [df.value for df in at.dataframe]
