@@ -33,6 +33,16 @@ class Capture:
 
         return hook
 
+    @classmethod
+    def around(cls, engine: Engine, spec: GenerationSpec) -> "Capture":
+        """Run ``spec`` through the engine with the capture hooks on, then remove them."""
+        cap = cls(engine)
+        try:
+            engine.generate(spec)
+        finally:
+            cap.close()
+        return cap
+
     def deltas(self):
         """Per forward call: post - pre, shape [B, T, D]."""
         return [b - a for a, b in zip(self.pre, self.post)]
@@ -51,11 +61,7 @@ def test_add_is_exact_at_every_position_with_kv_cache(engine):
     v = 2.5
     spec = GenerationSpec(prompt=PROMPT, interventions=[Intervention(i, "add", v, "raw", "all")],
                           max_new_tokens=6, runs=("steered",))
-    cap = Capture(engine)
-    try:
-        engine.generate(spec)
-    finally:
-        cap.close()
+    cap = Capture.around(engine, spec)
     d = engine.sae.W_dec[i].detach().float()
     deltas = cap.deltas()
     assert len(deltas) == 7  # prefill + one forward per generated token (each token is read at its position)
@@ -73,11 +79,7 @@ def test_positions_are_respected(engine, positions):
     i = _latent(engine, 5)
     spec = GenerationSpec(prompt=PROMPT, interventions=[Intervention(i, "add", 3.0, "raw", positions)],
                           max_new_tokens=4, runs=("steered",))
-    cap = Capture(engine)
-    try:
-        engine.generate(spec)
-    finally:
-        cap.close()
+    cap = Capture.around(engine, spec)
     norms = [float(dl.norm()) for dl in cap.deltas()]
     prefill, gen = norms[0], norms[1:]
     if positions == "prompt":
@@ -90,11 +92,7 @@ def test_norm_units_scale_by_median_residual_norm(engine):
     i = _latent(engine, 7)
     spec = GenerationSpec(prompt=PROMPT, interventions=[Intervention(i, "add", 0.5, "norm", "all")],
                           max_new_tokens=1, runs=("steered",))
-    cap = Capture(engine)
-    try:
-        engine.generate(spec)
-    finally:
-        cap.close()
+    cap = Capture.around(engine, spec)
     delta = cap.deltas()[0][0, 0]
     assert float(delta.norm()) == pytest.approx(0.5 * engine.median_norm, rel=1e-4)
 
