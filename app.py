@@ -11,9 +11,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from esr_core import app_services as svc
+from esr_core.app import services as svc
 from esr_core.errors import EsrError
-from esr_core.model_registry import DEFAULT_MODEL
+from esr_core.models.registry import DEFAULT_MODEL
 from esr_core.paths import offline_env
 from pages import _ui
 
@@ -29,7 +29,7 @@ SAE_RELEASE = "SAE-Lens pretrained release…"
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def load_engine(model: str, sae: str | None):
-    from esr_core.engine import get_engine
+    from esr_core.steering.engine import get_engine
 
     return get_engine(model, sae)
 
@@ -41,7 +41,7 @@ def load_catalog(_engine, key: str):
 
 @st.cache_data(show_spinner=False)
 def pretrained_releases() -> dict[str, list[str]]:
-    from esr_core.sae_loading import list_pretrained_releases
+    from esr_core.models.sae import list_pretrained_releases
 
     return list_pretrained_releases()
 

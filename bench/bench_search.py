@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 import time
 
-from esr_core.catalog import SHIPPED_DIR, Catalog
-from esr_core.latent_search import search_latents, warm_search
-from esr_core.model_registry import DEFAULT_MODEL
+from esr_core.latents.catalog import SHIPPED_DIR, Catalog
+from esr_core.latents.search import search_latents, warm_search
+from esr_core.models.registry import DEFAULT_MODEL
 
 QUERIES = ["cooking", "weather and rain", "football", "programming code", "religion", "law and courts",
            "emotions", "numbers", "punctuation", "Shakespeare", "money", "war", "animals", "medicine",

@@ -1,6 +1,6 @@
 """Experiments: the shipped reference ESR run, previous runs, and new runs with progress + cancel.
 
-Thin page: runs, tables and figures come from esr_core.experiment_runner (arXiv 2602.06941).
+Thin page: runs, tables and figures come from esr_core.experiments.runner (arXiv 2602.06941).
 A new run works in a background thread that appends every finished trial to disk, so a page
 rerun (or closing the tab) loses nothing; a fragment polls its progress.
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from esr_core import correction_overlay as co
-from esr_core import experiment_runner as xr
+from esr_core.experiments import overlay as co
+from esr_core.experiments import runner as xr
 from esr_core.errors import EsrError
-from esr_core.experiment_spec import BASE_CONDITIONS, META_PROMPTS, ExperimentSpec
-from esr_core.result_plots import correction_overlay_figure
-from esr_core.run_report import dropped_note, pct, rates_table, skipped_note
+from esr_core.experiments.spec import BASE_CONDITIONS, META_PROMPTS, ExperimentSpec
+from esr_core.viz.result_plots import correction_overlay_figure
+from esr_core.experiments.report import dropped_note, pct, rates_table, skipped_note
 from pages import _ui
 
 _ui.require_frame()

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from esr_core import app_services as svc
+from esr_core.app import services as svc
 from pages import _ui
 
 _ui.require_frame()

@@ -5,10 +5,10 @@ import html
 import plotly.graph_objects as go
 import streamlit as st
 
-from esr_core import app_services as svc
+from esr_core.app import services as svc
 from esr_core.errors import BadInput, EsrError
-from esr_core.interventions import Intervention
-from esr_core.token_heatmap import render_heatmap
+from esr_core.steering.interventions import Intervention
+from esr_core.viz.token_heatmap import render_heatmap
 from pages import _ui
 
 _ui.require_frame()

@@ -1,6 +1,6 @@
 """Resistance: the off-topic detector circuit, one-click conditions, and a token-by-token replay.
 
-Thin page: everything it computes comes from esr_core.detectors, .conditions and
+Thin page: everything it computes comes from esr_core.resistance.detectors, .conditions and
 .resistance_view (arXiv 2602.06941, sec. on off-topic detectors and the per-token view).
 """
 
@@ -10,16 +10,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from esr_core import app_services as svc
-from esr_core import detectors as det
-from esr_core import resistance_view as rv
-from esr_core.conditions import CONDITION_KEYS, CONDITION_LABELS, META_PROMPT, build_conditions
+from esr_core.app import services as svc
+from esr_core.resistance import detectors as det
+from esr_core.resistance import view as rv
+from esr_core.experiments.conditions import CONDITION_KEYS, CONDITION_LABELS, META_PROMPT, build_conditions
 from esr_core.errors import EsrError
-from esr_core.generation import GenerationSpec
-from esr_core.interventions import Intervention
-from esr_core.latent_groups import LatentGroup
-from esr_core.timeline_plot import Marker, Region, Series, timeline_figure
-from esr_core.token_heatmap import render_heatmap
+from esr_core.steering.spec import GenerationSpec
+from esr_core.steering.interventions import Intervention
+from esr_core.latents.groups import LatentGroup
+from esr_core.viz.timeline import Marker, Region, Series, timeline_figure
+from esr_core.viz.token_heatmap import render_heatmap
 from pages import _ui
 
 _ui.require_frame()
@@ -103,7 +103,7 @@ for col, key in zip(cols, avail):
             cond = build_conditions(base, distractor, circuit, d_sae, keys=[key])[0]
             with st.spinner(f"Running {cond.label}…"):
                 out = eng.generate(cond.spec)["steered"]
-            from esr_core.judge import judge_response
+            from esr_core.judge.scoring import judge_response
 
             j = judge_response(cond.judge_prompt, out.text, None)
             res_store[key] = {"cond": cond.to_dict(), "text": out.text, "acts": out.acts, "watch": out.watch,

@@ -10,15 +10,15 @@ import html
 import pandas as pd
 import streamlit as st
 
-from esr_core import app_services as svc
+from esr_core.app import services as svc
 from esr_core.errors import BadInput, EsrError
-from esr_core.interventions import MODES, POSITIONS, UNITS
-from esr_core.latent_groups import LatentGroup, groups_from_json, groups_to_json, parse_members
-from esr_core.live_resistance import (CIRCUIT_COLOUR, VERDICT_LABELS, LiveResistance, group_threshold,
+from esr_core.steering.interventions import MODES, POSITIONS, UNITS
+from esr_core.latents.groups import LatentGroup, groups_from_json, groups_to_json, parse_members
+from esr_core.resistance.live import (CIRCUIT_COLOUR, VERDICT_LABELS, LiveResistance, group_threshold,
                                      judged_overlay)
-from esr_core.run_record import history_to_json, records_from_json
-from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
-from esr_core.token_heatmap import legend_html, render_heatmap, scale_max
+from esr_core.app.run_record import history_to_json, records_from_json
+from esr_core.viz.timeline import Series, selected_point, summarise, timeline_figure
+from esr_core.viz.token_heatmap import legend_html, render_heatmap, scale_max
 from pages import _ui
 
 _ui.require_frame()
@@ -49,7 +49,7 @@ def judged_run(rec) -> dict:
     cache = ss.setdefault("_judged", {})
     if rec.id in cache:
         return cache[rec.id]
-    from esr_core.judge import judge_response
+    from esr_core.judge.scoring import judge_response
 
     distractor = next((_ui.describe(iv.latent) for iv in rec.spec.interventions if iv.mode == "add"), None)
     out = {}
@@ -77,7 +77,7 @@ with left:
     st.markdown("**Interventions** (steered run only; the default run gets none)")
     for k, d in enumerate(list(ss.ivs)):
         c1, c2 = st.columns([5, 1])
-        from esr_core.interventions import Intervention
+        from esr_core.steering.interventions import Intervention
 
         iv = Intervention.from_dict(d)
         c1.markdown(f"`{iv.label()}` · {_ui.describe(iv.latent)}")
@@ -317,7 +317,7 @@ with right:
                         f'{html.escape(ov["label"])} · attempt scores {scores} · '
                         f'offline judge</div>', unsafe_allow_html=True)
             with st.popover("What the rates mean"):
-                from esr_core.judge import RATE_DEFINITIONS
+                from esr_core.judge.scoring import RATE_DEFINITIONS
 
                 for k, v in RATE_DEFINITIONS.items():
                     st.markdown(f"**{k}**: {v}")

@@ -75,7 +75,7 @@ def test_home_loads_on_the_default_model():
 
 
 def test_example_button_opens_the_steering_lab_and_generates(tmp_path, monkeypatch):
-    from esr_core import app_services
+    from esr_core.app import services as app_services
 
     short = dict(EXAMPLE, max_new_tokens=6)  # keep it short (the shipped example asks for more)
     (tmp_path / "examples.json").write_text(json.dumps({"examples": [short]}))
@@ -142,7 +142,7 @@ def test_generation_with_an_intervention_gives_two_different_answers_and_replays
     assert any("Verdict (steered run)" in m.value for m in at.markdown)
 
     # history round-trips through JSON, and the same spec + seed gives the same text
-    from esr_core.run_record import RunRecord
+    from esr_core.app.run_record import RunRecord
 
     back = RunRecord.from_json(rec.to_json())
     assert back.results["steered"].text == st_text and back.spec.to_dict() == rec.spec.to_dict()

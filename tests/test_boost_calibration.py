@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from esr_core.boost_calibration import (CalibrationCache, CalibrationResult, boost_sweep_levels,
+from esr_core.experiments.boost import (CalibrationCache, CalibrationResult, boost_sweep_levels,
                                         levels_in_sd_units, observation_confidence,
                                         probabilistic_bisection)
 from esr_core.errors import BadInput
@@ -108,7 +108,7 @@ def test_sweep_levels():
 
 
 def test_import_run_calibrations_keys_by_run_and_refuses_bad_specs(tmp_path):
-    from esr_core.boost_calibration import CalibrationCache, import_run_calibrations
+    from esr_core.experiments.boost import CalibrationCache, import_run_calibrations
     from esr_core.errors import BadInput
 
     cache = CalibrationCache(tmp_path)

@@ -220,8 +220,8 @@ def test_stop_really_stops_a_long_generation(server, browser):
 
 
 def test_two_sessions_generate_at_once_with_different_steering(server, browser):
-    from esr_core.engine import get_engine
-    from esr_core.generation import GenerationSpec
+    from esr_core.steering.engine import get_engine
+    from esr_core.steering.spec import GenerationSpec
 
     lat = int(EXAMPLE["latent"])
     specs = {"a": dict(p="How do I boil an egg?", n="6", seed="0", iv=f"{lat}:add:0.8:norm:all"),
@@ -281,9 +281,9 @@ BADGE_OBSERVER = """() => {
 
 
 def test_live_resistance_circuit_lane_badges_and_restart_marker(server, browser):
-    from esr_core.judge import segment
-    from esr_core.latent_groups import LatentGroup
-    from esr_core.live_resistance import LiveResistance
+    from esr_core.judge.scoring import segment
+    from esr_core.latents.groups import LatentGroup
+    from esr_core.resistance.live import LiveResistance
 
     page = browser.new_page()
     page.goto(steering_url(server, p=LIVE_PROMPT, n="24", seed="0", t="0"))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from esr_core.catalog import (SHIPPED_DIR, Catalog, CatalogUnavailable, build_catalog, hook_residuals,
+from esr_core.latents.catalog import (SHIPPED_DIR, Catalog, CatalogUnavailable, build_catalog, hook_residuals,
                               sae_weights_hash, shipped_catalog_dir)
 from esr_core.errors import BadInput
-from esr_core.neuronpedia_import import clear_import, import_neuronpedia, read_explanations, write_explanations
+from esr_core.latents.neuronpedia import clear_import, import_neuronpedia, read_explanations, write_explanations
 
 SAMPLE = SHIPPED_DIR / "sample_texts.jsonl"
 HOOK = "blocks.3.hook_resid_post"  # an early layer keeps the test forward cheap
@@ -33,7 +33,7 @@ def _throwaway_sae(model, texts, folder: Path, d_sae: int = 160, k: int = 12):
     """Decoder rows = centred residuals of the sample text (no training): latents that fire."""
     from sae_lens import TopKSAE, TopKSAEConfig
 
-    from esr_core.sae_loading import load_sae
+    from esr_core.models.sae import load_sae
 
     ids = model.tokenizer(" ".join(texts[:6]), return_tensors="pt").input_ids[:, :256]
     h = hook_residuals(model, HOOK, ids)[0, 1:]
@@ -61,7 +61,7 @@ def built_catalog(tmp_path_factory):
     """Built once per test session (shared with tests/test_latent_search.py)."""
     if "v" in _BUILT:
         return _BUILT["v"]
-    from esr_core.model_loading import load_model
+    from esr_core.models.loading import load_model
 
     model = load_model()
     base = tmp_path_factory.mktemp("catalog")
@@ -231,8 +231,8 @@ def test_cancel_stops_the_build(built, tmp_path):
 
 
 def _shipped():
-    from esr_core.model_registry import DEFAULT_MODEL, get_entry
-    from esr_core.sae_loading import load_sae
+    from esr_core.models.registry import DEFAULT_MODEL, get_entry
+    from esr_core.models.sae import load_sae
 
     sae_dir = get_entry(DEFAULT_MODEL).default_sae_path
     if not (SHIPPED_DIR / DEFAULT_MODEL / "catalog.json.gz").exists():
@@ -262,7 +262,7 @@ def test_shipped_catalog_is_complete_and_small():
 
 @pytest.mark.slow
 def test_shipped_top_examples_rerun():
-    from esr_core.model_loading import load_model
+    from esr_core.models.loading import load_model
 
     sae, cat, _ = _shipped()
     model = load_model()
@@ -278,7 +278,7 @@ def test_shipped_top_examples_rerun():
 
 
 def test_catalog_for_prefers_a_ready_catalog_and_never_matches_other_weights(built, monkeypatch):
-    import esr_core.catalog as catalog_mod
+    import esr_core.latents.catalog as catalog_mod
 
     model, sae, cat, out, _ = built
     assert shipped_catalog_dir(model.name, sae) is None  # shipped catalogs belong to other weights
@@ -293,8 +293,8 @@ def test_catalog_for_prefers_a_ready_catalog_and_never_matches_other_weights(bui
 
 
 def test_default_corpus_falls_back_to_the_shipped_sample(built, monkeypatch):
-    import esr_core.catalog as catalog_mod
-    import esr_core.corpus as corpus_mod
+    import esr_core.latents.catalog as catalog_mod
+    import esr_core.sae_training.corpus as corpus_mod
 
     model = built[0]
 

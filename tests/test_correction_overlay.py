@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esr_core import correction_overlay as co
+from esr_core.experiments import overlay as co
 from esr_core.errors import BadInput, Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def _fake_overlay() -> dict:
 
 
 def test_overlay_figure_has_bands_a_zero_line_and_n():
-    from esr_core.result_plots import correction_overlay_figure
+    from esr_core.viz.result_plots import correction_overlay_figure
 
     ov = _fake_overlay()
     fig = correction_overlay_figure(ov, "synthetic")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from esr_core import detectors as det
-from esr_core.model_registry import DEFAULT_MODEL, get_entry
+from esr_core.resistance import detectors as det
+from esr_core.models.registry import DEFAULT_MODEL, get_entry
 
 SAE_DIR = get_entry(DEFAULT_MODEL).default_sae_path
 pytestmark = pytest.mark.skipif(not (SAE_DIR / "sae_weights.safetensors").exists(),
@@ -59,7 +59,7 @@ FIXTURE = [
 
 @pytest.fixture(scope="module")
 def engine():
-    from esr_core.engine import get_engine
+    from esr_core.steering.engine import get_engine
 
     return get_engine(DEFAULT_MODEL, None)
 
@@ -107,9 +107,9 @@ def test_group_round_trip(tmp_path, small_group, engine):
 
 
 def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine):
-    from esr_core.conditions import build_conditions
-    from esr_core.generation import GenerationSpec
-    from esr_core.interventions import Intervention
+    from esr_core.experiments.conditions import build_conditions
+    from esr_core.steering.spec import GenerationSpec
+    from esr_core.steering.interventions import Intervention
 
     members = small_group[0]["members"]
     off_text = " ".join(a for _, _, a in FIXTURE[1:5])  # other prompts' answers: off-topic for prompt 0
@@ -142,9 +142,9 @@ def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine)
 
 
 def test_condition_specs_replay_identical_seed(engine):
-    from esr_core.conditions import build_conditions
-    from esr_core.generation import GenerationSpec
-    from esr_core.interventions import Intervention
+    from esr_core.experiments.conditions import build_conditions
+    from esr_core.steering.spec import GenerationSpec
+    from esr_core.steering.interventions import Intervention
 
     base = GenerationSpec(prompt=FIXTURE[1][0], max_new_tokens=4, seed=11, temperature=0.6, watch=[1], top_k=0)
     c = build_conditions(base, Intervention(latent=7, strength=2.0), None, engine.sae.d_sae,

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
-from esr_core.engine import Engine
+from esr_core.steering.engine import Engine
 from esr_core.errors import BadInput, ModelUnavailable, SaeUnavailable
-from esr_core.generation import GenerationSpec, RunDone, TokenEvent, collect
-from esr_core.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec, RunDone, TokenEvent, collect
+from esr_core.steering.interventions import Intervention
 
 PROMPT = "How do I boil an egg?"
 
@@ -250,8 +250,8 @@ def test_bad_requests_get_clear_errors(engine, spec_kw, msg):
 
 
 def test_unknown_model_and_corrupt_sae_fail_clearly(tmp_path):
-    from esr_core.model_loading import load_model
-    from esr_core.sae_loading import load_sae
+    from esr_core.models.loading import load_model
+    from esr_core.models.sae import load_sae
 
     with pytest.raises(ModelUnavailable, match="not available offline"):
         load_model("no-such-org/no-such-model")
@@ -278,8 +278,8 @@ def test_spec_round_trips_through_json():
 
 def test_shipped_default_answers_are_the_engines_greedy_answers():
     """`esr-lab prompts answer` (engine backend) reproduces the shipped unsteered answers."""
-    from esr_core.engine import get_engine
-    from esr_core.prompt_set import ANSWER_SETTINGS, load_default_answer_records
+    from esr_core.steering.engine import get_engine
+    from esr_core.judge.prompts import ANSWER_SETTINGS, load_default_answer_records
 
     recs = sorted(load_default_answer_records(), key=lambda r: len(r["answer"]))[:2]
     eng = get_engine(ANSWER_SETTINGS["model"])
@@ -288,4 +288,4 @@ def test_shipped_default_answers_are_the_engines_greedy_answers():
                             runs=("default",)) for r in recs]
     got = [res["default"].text.strip() for res in eng.generate_batch(specs)]
     assert got == [r["answer"] for r in recs]
-    assert recs[0]["settings"]["generated_with"] == "esr_core.engine.generate_batch"
+    assert recs[0]["settings"]["generated_with"] == "esr_core.steering.engine.generate_batch"

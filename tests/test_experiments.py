@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from esr_core import experiment_runner as xr
+from esr_core.experiments import runner as xr
 from esr_core.errors import BadInput, Cancelled
-from esr_core.experiment_spec import ExperimentSpec, batches, plan_trials
+from esr_core.experiments.spec import ExperimentSpec, batches, plan_trials
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SAE = ROOT / "assets" / "sae" / "smollm2-135m-instruct"
@@ -155,14 +155,14 @@ def test_relevance_rules_exclude_latents_active_on_prompts_and_dead_ones():
     kinds = ["concrete", "concrete", "concrete", "format", "", "concrete", "concrete", "concrete"]
     dead = [False, False, False, False, False, False, True, False]
     cat = _FakeCatalog(d, dead, labels, kinds)
-    from esr_core.distractor_selection import select_distractors
+    from esr_core.experiments.distractors import select_distractors
 
     code = select_distractors(cat, eng, ["a", "b"], n=8, rule="code", embed_fn=_fake_embed, seed=1)
     assert set(code["latents"]) == {0, 5, 7}  # 1, 2 fire on prompts; 3 abstract; 4 unlabelled; 6 dead
     assert code["report"]["counts"]["dead"] == 1 and code["report"]["counts"]["relevant_to_prompts"] == 2
     assert code["report"]["counts"]["unlabelled"] == 1
     # paper reading with top-1 per prompt: only the strongest latent of each prompt is excluded
-    from esr_core import distractor_selection as ds
+    from esr_core.experiments import distractors as ds
 
     mx, in_top = ds.prompt_activation_stats(eng, ["a", "b"], top_k=1)
     assert mx[1] == pytest.approx(0.5) and mx[0] == 0.0  # position 0 excluded
@@ -176,7 +176,7 @@ def test_relevance_rules_exclude_latents_active_on_prompts_and_dead_ones():
 
 
 def test_concreteness_scale_separates_concrete_from_style_labels():
-    from esr_core.distractor_selection import concreteness
+    from esr_core.experiments.distractors import concreteness
 
     r = concreteness(["dogs and puppies", "commas and punctuation"], ["concrete", "format"],
                      [["dog", "puppy", "bark"], [",", ";", "."]], embed_fn=_fake_embed)
@@ -191,7 +191,7 @@ needs_sae = pytest.mark.skipif(not (DEFAULT_SAE / "cfg.json").exists(), reason="
 
 @pytest.fixture(scope="module")
 def engine():
-    from esr_core.engine import get_engine
+    from esr_core.steering.engine import get_engine
 
     return get_engine("smollm2-135m-instruct")
 
@@ -272,9 +272,9 @@ def test_resume_after_cancel_gives_exactly_the_uninterrupted_trials(engine, tiny
 
 @needs_sae
 def test_selected_distractors_are_silent_on_the_prompts(engine):
-    from esr_core.catalog import load_catalog_for_names
-    from esr_core.distractor_selection import select_distractors
-    from esr_core.prompt_set import load_prompts
+    from esr_core.latents.catalog import load_catalog_for_names
+    from esr_core.experiments.distractors import select_distractors
+    from esr_core.judge.prompts import load_prompts
 
     cat = load_catalog_for_names(engine.model.name, engine.sae)
     if cat is None:
@@ -327,7 +327,7 @@ def test_shipped_boost_sweep_covers_five_levels_around_the_calibrated_thresholds
     # stronger steering, lower first-attempt scores
     means = df.groupby("boost_sd")["first_score"].mean().tolist()
     assert means == sorted(means, reverse=True)
-    from esr_core.experiment_runner import list_runs
+    from esr_core.experiments.runner import list_runs
 
     names = [(r["name"], r["shipped"]) for r in list_runs()]
     assert names[:2] == [("reference", True), ("boost-sweep", True)]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from esr_core.errors import BadInput
-from esr_core.judge import JUDGE_ID, RATE_DEFINITIONS, get_judge, judge_response, segment, verdict
-from esr_core.restart_phrases import find_restart_phrases, mask_literal_spans
+from esr_core.judge.scoring import JUDGE_ID, RATE_DEFINITIONS, get_judge, judge_response, segment, verdict
+from esr_core.judge.restart_phrases import find_restart_phrases, mask_literal_spans
 
 # (response, substrings at which a new attempt must start); an empty list = one attempt
 SEGMENTATION_CASES = [
@@ -158,8 +158,8 @@ def test_get_judge():
 # ------------------------------------------------------------------ calibration on the shipped answers
 
 def test_calibration_claims_hold():
-    from esr_core.judge_calibration import build_sets, derangement, load_distractors, score_items, summarise
-    from esr_core.prompt_set import load_default_answers, load_prompts
+    from esr_core.judge.calibration import build_sets, derangement, load_distractors, score_items, summarise
+    from esr_core.judge.prompts import load_default_answers, load_prompts
 
     prompts = load_prompts()
     answers = load_default_answers()
@@ -177,7 +177,7 @@ def test_calibration_claims_hold():
 
 
 def test_shipped_calibration_scores_match_summary():
-    from esr_core.judge_calibration import SCORES_PATH, SUMMARY_PATH
+    from esr_core.judge.calibration import SCORES_PATH, SUMMARY_PATH
 
     summary = json.loads(SUMMARY_PATH.read_text())
     rows = [json.loads(line) for line in SCORES_PATH.read_text().splitlines() if line.strip()]

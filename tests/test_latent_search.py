@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from esr_core.errors import BadInput
-from esr_core.latent_search import latents_firing_on, search_latents
+from esr_core.latents.search import latents_firing_on, search_latents
 from test_catalog import _shipped, built_catalog
 
 
@@ -87,7 +87,7 @@ def test_latents_firing_on_text(built):
 
 
 def test_cli_json_outputs(built, monkeypatch, capsys):
-    import esr_core.catalog as catalog_mod
+    import esr_core.latents.catalog as catalog_mod
     from esr_core.cli import main
 
     _, sae, cat, out, _ = built
@@ -117,9 +117,9 @@ def test_shipped_catalog_search():
 
 
 def test_background_warm_up_readies_search_vectors_and_the_query_embedder(monkeypatch):
-    from esr_core import app_services as svc
-    from esr_core import embeddings
-    from esr_core.latent_search import search_index
+    from esr_core.app import services as svc
+    from esr_core.models import embeddings
+    from esr_core.latents.search import search_index
 
     _, cat, _ = _shipped()
     monkeypatch.setattr(embeddings, "_MODEL", None)

@@ -1,6 +1,6 @@
 """Live resistance tracking and judged overlays: pure functions on hand-made streams."""
 
-from esr_core.live_resistance import LiveResistance, group_threshold, judged_overlay, token_starts
+from esr_core.resistance.live import LiveResistance, group_threshold, judged_overlay, token_starts
 
 CIRCUIT = {"name": "resistance circuit", "members": [7, 9], "weights": [1.0, 0.5],
            "threshold": {"value": 1.0, "how": "sum"}}

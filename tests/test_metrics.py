@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esr_core import metrics
+from esr_core.experiments import metrics
 from esr_core.errors import BadInput
-from esr_core.metrics import (SUMMARY_COLUMNS, compare_to_baseline, degraded_output,
+from esr_core.experiments.metrics import (SUMMARY_COLUMNS, compare_to_baseline, degraded_output,
                               relative_change, summarise, trial_flags, wilson_interval)
 
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from esr_core.errors import BadInput
-from esr_core.generation import GenerationSpec, PromptReadout, RunDone, TokenEvent
-from esr_core.interventions import Intervention
-from esr_core.latent_groups import (LatentGroup, catalog_scales, decode_groups, encode_groups, groups_from_json,
+from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
+from esr_core.steering.interventions import Intervention
+from esr_core.latents.groups import (LatentGroup, catalog_scales, decode_groups, encode_groups, groups_from_json,
                                     groups_to_json, load_builtin_groups, normalised_lane, observed_scales, parse_members)
-from esr_core.run_record import RunRecord, history_to_json, records_from_json
-from esr_core.timeline_plot import Series, selected_point, summarise, timeline_figure
-from esr_core.token_heatmap import opacity, render_heatmap, scale_max
-from esr_core import app_services as svc
-from esr_core import url_state
+from esr_core.app.run_record import RunRecord, history_to_json, records_from_json
+from esr_core.viz.timeline import Series, selected_point, summarise, timeline_figure
+from esr_core.viz.token_heatmap import opacity, render_heatmap, scale_max
+from esr_core.app import services as svc
+from esr_core.app import url_state
 
 
 # ---------------------------------------------------------------- heatmap
@@ -320,7 +320,7 @@ def test_examples_file_is_valid():
 def test_cli_generate_flags_become_interventions():
     import argparse
 
-    from esr_core import cli_generate
+    from esr_core.cli import generate as cli_generate
     from esr_core.errors import BadInput
 
     ap = argparse.ArgumentParser()

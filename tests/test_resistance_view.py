@@ -7,12 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from esr_core import resistance_view as rv
-from esr_core.conditions import META_PROMPT, build_conditions, random_latents
-from esr_core.detectors import derangement, ema, rank_auc, select_latents, DetectorParams, class_stats
+from esr_core.resistance import view as rv
+from esr_core.experiments.conditions import META_PROMPT, build_conditions, random_latents
+from esr_core.resistance.detectors import derangement, ema, rank_auc, select_latents, DetectorParams, class_stats
 from esr_core.errors import BadInput
-from esr_core.generation import GenerationSpec
-from esr_core.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec
+from esr_core.steering.interventions import Intervention
 
 GROUP = {"name": "g", "members": [2, 5], "weights": [1.0, 2.0], "threshold": {"value": 3.0, "how": "sum"}}
 

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esr_core import result_plots as rp
+from esr_core.viz import result_plots as rp
 from esr_core.errors import EsrError
-from esr_core.metrics import summarise
-from esr_core.paper_numbers import PAPER_NUMBERS, comparison_table, paper_table
+from esr_core.experiments.metrics import summarise
+from esr_core.experiments.paper import PAPER_NUMBERS, comparison_table, paper_table
 
 
 def _att(*scores):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from esr_core import cli
-from esr_core.corpus import (
+from esr_core.sae_training.corpus import (
     CorpusUnavailable,
     heldout_texts,
     load_documents,
@@ -41,21 +41,21 @@ def meta():
 
 @pytest.fixture(scope="module")
 def lm():
-    from esr_core.model_loading import load_model
+    from esr_core.models.loading import load_model
 
     return load_model(MODEL)
 
 
 @pytest.fixture(scope="module")
 def handle():
-    from esr_core.sae_loading import load_sae
+    from esr_core.models.sae import load_sae
 
     return load_sae(str(SAE_DIR))
 
 
 @pytest.fixture(scope="module")
 def sample_metrics(handle):
-    from esr_core.sae_metrics import measure_sae
+    from esr_core.sae_training.metrics import measure_sae
 
     return measure_sae(handle, model_name=MODEL, n_tokens=METRIC_TOKENS, heldout="shipped")
 
@@ -80,7 +80,7 @@ def test_shipped_sae_loads_with_sae_lens(meta):
 
 def test_shipped_sae_encode_matches_manual_topk(handle, lm):
     """SAE-Lens' encode equals TopK(ReLU((h - b_dec) W_enc + b_enc)) on real residuals."""
-    from esr_core.activations import residuals
+    from esr_core.sae_training.activations import residuals
 
     ids = lm.tokenizer("The committee approved the budget after a long debate about schools.",
                        return_tensors="pt")["input_ids"]
@@ -179,7 +179,7 @@ def test_missing_corpus_gives_clear_error(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_acts(lm, tmp_path_factory, handle):
     """A few hundred real residual vectors at the shipped layer, via the disk cache."""
-    from esr_core.activations import collect_to_memmap, open_activations
+    from esr_core.sae_training.activations import collect_to_memmap, open_activations
 
     texts = heldout_texts(1200, tokenizer=lm.tokenizer, source="shipped")
     win = token_windows(texts, lm.tokenizer, window=64, max_tokens=640)
@@ -192,7 +192,7 @@ def tiny_acts(lm, tmp_path_factory, handle):
 
 
 def test_train_checkpoint_resume_matches_uninterrupted(tiny_acts, tmp_path):
-    from esr_core.sae_training import TrainConfig, train_topk_sae
+    from esr_core.sae_training.train import TrainConfig, train_topk_sae
 
     cfg = TrainConfig(d_in=576, d_sae=256, k=8, batch_size=64, total_tokens=64 * 24, lr=1e-3,
                       checkpoint_every=5, dead_after_tokens=256, seed=3)
@@ -212,7 +212,7 @@ def test_train_checkpoint_resume_matches_uninterrupted(tiny_acts, tmp_path):
 def test_export_roundtrip_sae_lens(tiny_acts, tmp_path):
     from sae_lens import SAE
 
-    from esr_core.sae_training import TrainConfig, export_sae_lens, train_topk_sae
+    from esr_core.sae_training.train import TrainConfig, export_sae_lens, train_topk_sae
 
     cfg = TrainConfig(d_in=576, d_sae=128, k=4, batch_size=64, total_tokens=64 * 6, seed=1)
     res = train_topk_sae(tiny_acts, cfg, tmp_path / "w")
@@ -231,7 +231,7 @@ def test_export_roundtrip_sae_lens(tiny_acts, tmp_path):
 
 
 def test_corrupt_sae_folder(tmp_path):
-    from esr_core.sae_loading import load_sae_folder
+    from esr_core.models.sae import load_sae_folder
 
     bad = tmp_path / "bad"
     shutil.copytree(SAE_DIR, bad)
@@ -247,7 +247,7 @@ def test_corrupt_sae_folder(tmp_path):
 
 
 def test_bad_layer_and_settings(lm, capsys):
-    from esr_core.activations import check_layer
+    from esr_core.sae_training.activations import check_layer
 
     with pytest.raises(BadInput, match="layers 0..29"):
         check_layer(lm.hf_model, 30)

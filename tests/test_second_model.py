@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from esr_core.model_registry import get_entry
+from esr_core.models.registry import get_entry
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,15 @@ if not _have_gemma():
 
 @pytest.fixture(scope="module")
 def engine():
-    from esr_core.engine import get_engine
+    from esr_core.steering.engine import get_engine
 
     torch.set_num_threads(2)
     return get_engine("gemma3-270m")
 
 
 def test_shipped_catalog_matches_the_shipped_sae():
-    from esr_core.catalog import Catalog, shipped_catalog_dir
-    from esr_core.sae_loading import load_sae
+    from esr_core.latents.catalog import Catalog, shipped_catalog_dir
+    from esr_core.models.sae import load_sae
 
     sae = load_sae(str(SAE_DIR))
     p = shipped_catalog_dir("gemma3-270m", sae)
@@ -54,11 +54,11 @@ def test_shipped_catalog_matches_the_shipped_sae():
 
 
 def test_engine_steers_gemma_and_reads_its_latents(engine):
-    from esr_core.generation import GenerationSpec
-    from esr_core.interventions import Intervention
+    from esr_core.steering.spec import GenerationSpec
+    from esr_core.steering.interventions import Intervention
 
     assert engine.hook_name == "blocks.8.hook_resid_post" and not engine.model.entry.instruct
-    from esr_core.catalog import catalog_for
+    from esr_core.latents.catalog import catalog_for
 
     cat = catalog_for(engine.model, engine.sae)
     live = np.nonzero(~cat.dead)[0]

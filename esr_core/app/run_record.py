@@ -1,0 +1,111 @@
+"""One steering run as a self-contained JSON record (download, re-open, replay).
+
+A record carries what is needed to understand and replay the run: prompt and rendered prompt,
+model, SAE, the full GenerationSpec (interventions, sampling settings, seed, watch list), the
+steered and default RunResults (tokens, activations, top latents) and the groups in use.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from esr_core.errors import BadInput
+from esr_core.steering.spec import GenerationSpec, RunResult
+from esr_core.latents.groups import LatentGroup
+
+FORMAT = "esr-lab.run/1"
+MAX_UPLOAD_BYTES = 50_000_000
+
+
+@dataclass
+class RunRecord:
+    spec: GenerationSpec
+    model: str
+    sae: str
+    results: dict[str, RunResult]
+    rendered_prompt: str = ""
+    groups: list[LatentGroup] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    status: str = "done"  # "done" | "stopped" | "running"
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        ivs = ", ".join(iv.label() for iv in self.spec.interventions) or "no steering"
+        p = self.spec.prompt.strip().replace("\n", " ")
+        return f"{time.strftime('%H:%M:%S', time.localtime(self.created))} · {p[:40]} · {ivs}" + (
+            f" · {self.status}" if self.status != "done" else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "id": self.id, "created": self.created, "status": self.status, "note": self.note,
+            "model": self.model, "sae": self.sae, "prompt": self.spec.prompt,
+            "rendered_prompt": self.rendered_prompt, "spec": self.spec.to_dict(),
+            "results": {k: v.to_dict() for k, v in self.results.items()},
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunRecord":
+        if not isinstance(d, dict):
+            raise BadInput("This file is not an ESR Lab run record (expected a JSON object)")
+        if d.get("format") != FORMAT:
+            raise BadInput(f"This file is not an ESR Lab run record (format {d.get('format')!r}, expected {FORMAT!r})")
+        for k in ("spec", "results", "model", "sae"):
+            if k not in d:
+                raise BadInput(f"The run record has no '{k}'")
+        spec = GenerationSpec.from_dict(d["spec"])
+        if not isinstance(d["results"], dict):
+            raise BadInput("The run record's 'results' must be an object")
+        results = {k: RunResult.from_dict(v) for k, v in d["results"].items()}
+        groups = [LatentGroup.from_dict(g) for g in d.get("groups") or []]
+        try:
+            created = float(d.get("created", time.time()))
+        except (TypeError, ValueError):
+            created = time.time()
+        return cls(spec=spec, model=str(d["model"]), sae=str(d["sae"]), results=results,
+                   rendered_prompt=str(d.get("rendered_prompt", "")), groups=groups, created=created,
+                   id=str(d.get("id") or uuid.uuid4().hex[:8]), status=str(d.get("status", "done")),
+                   note=str(d.get("note", "")))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "RunRecord":
+        return cls.from_dict(_json_upload(text))
+
+
+def _json_upload(text: str | bytes):
+    """Parse an uploaded or pasted JSON document with a clear message for each way it can be bad."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_UPLOAD_BYTES:
+            raise BadInput(f"The file is {len(text):,} bytes; the limit is {MAX_UPLOAD_BYTES:,}")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInput("The file is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"The file is not valid JSON: {exc}") from None
+
+
+def history_to_json(records: list[RunRecord]) -> str:
+    return json.dumps({"format": FORMAT + "s", "runs": [r.to_dict() for r in records]}, indent=1)
+
+
+def records_from_json(text: str | bytes) -> list[RunRecord]:
+    """One record, or a whole history export."""
+    data = _json_upload(text)
+    if isinstance(data, dict) and data.get("format") == FORMAT + "s":
+        runs = data.get("runs")
+        if not isinstance(runs, list):
+            raise BadInput("The history file has no 'runs' list")
+        return [RunRecord.from_dict(r) for r in runs]
+    return [RunRecord.from_dict(data)]

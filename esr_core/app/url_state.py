@@ -1,0 +1,136 @@
+"""Shareable view state <-> URL query parameters (strings only, compact, forgiving).
+
+Interventions: ``iv=123:add:4:norm:all,7:ablate:0:raw:generated``; watch: ``w=1,2,3``;
+groups: ``g=`` (see latent_groups.encode_groups); prompt ``p``, seed ``seed``, temperature
+``t``, max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``.
+Decoding never raises: bad pieces are dropped and reported in ``errors`` so a mangled link
+still opens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from esr_core.errors import BadInput
+from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention
+from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups
+
+MAX_PROMPT_IN_URL = 4000
+
+
+@dataclass
+class ViewState:
+    prompt: str | None = None
+    interventions: list[Intervention] = field(default_factory=list)
+    watch: list[int] = field(default_factory=list)
+    groups: list[LatentGroup] = field(default_factory=list)
+    seed: int | None = None
+    temperature: float | None = None
+    max_new_tokens: int | None = None
+    latent: int | None = None
+    query: str | None = None
+    model: str | None = None
+    sae: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def encode_interventions(ivs: list[Intervention]) -> str:
+    return ",".join(f"{iv.latent}:{iv.mode}:{iv.strength:g}:{iv.units}:{iv.positions}" for iv in ivs)
+
+
+def decode_interventions(text: str) -> list[Intervention]:
+    out = []
+    for part in str(text or "").split(","):
+        if not part.strip():
+            continue
+        bits = part.strip().split(":")
+        try:
+            lat = int(bits[0])
+            mode = bits[1] if len(bits) > 1 else "add"
+            strength = float(bits[2]) if len(bits) > 2 else 0.0
+            units = bits[3] if len(bits) > 3 else "norm"
+            pos = bits[4] if len(bits) > 4 else "all"
+        except ValueError:
+            raise BadInput(f"Bad intervention in the URL: '{part[:40]}'") from None
+        if mode not in MODES or units not in UNITS or pos not in POSITIONS or not math.isfinite(strength):
+            raise BadInput(f"Bad intervention in the URL: '{part[:40]}'")
+        out.append(Intervention(latent=lat, mode=mode, strength=strength, units=units, positions=pos))
+    return out
+
+
+def encode_ints(xs) -> str:
+    return ",".join(str(int(x)) for x in xs)
+
+
+def decode_ints(text: str) -> list[int]:
+    out = []
+    for p in str(text or "").split(","):
+        p = p.strip().lstrip("#")
+        if p:
+            out.append(int(p))
+    return out
+
+
+def to_params(vs: ViewState) -> dict[str, str]:
+    """Only non-empty fields, so URLs stay short."""
+    d: dict[str, str] = {}
+    if vs.prompt:
+        d["p"] = vs.prompt[:MAX_PROMPT_IN_URL]
+    if vs.interventions:
+        d["iv"] = encode_interventions(vs.interventions)
+    if vs.watch:
+        d["w"] = encode_ints(vs.watch)
+    if vs.groups:
+        d["g"] = encode_groups(vs.groups)
+    if vs.seed is not None:
+        d["seed"] = str(int(vs.seed))
+    if vs.temperature is not None:
+        d["t"] = f"{vs.temperature:g}"
+    if vs.max_new_tokens is not None:
+        d["n"] = str(int(vs.max_new_tokens))
+    if vs.latent is not None:
+        d["latent"] = str(int(vs.latent))
+    if vs.query:
+        d["q"] = vs.query
+    if vs.model:
+        d["model"] = vs.model
+    if vs.sae:
+        d["sae"] = vs.sae
+    return d
+
+
+def from_params(params: Mapping[str, Any]) -> ViewState:
+    vs = ViewState()
+
+    def get(k):
+        v = params.get(k)
+        if isinstance(v, (list, tuple)):
+            v = v[-1] if v else None
+        return None if v is None else str(v)
+
+    def attempt(key, fn):
+        raw = get(key)
+        if raw is None or raw == "":
+            return None
+        try:
+            return fn(raw)
+        except (BadInput, ValueError, TypeError) as exc:
+            vs.errors.append(f"Ignored '{key}' from the link: {exc}" if isinstance(exc, BadInput)
+                             else f"Ignored '{key}={raw[:30]}' from the link")
+            return None
+
+    vs.prompt = get("p")
+    vs.interventions = attempt("iv", decode_interventions) or []
+    vs.watch = attempt("w", decode_ints) or []
+    vs.groups = attempt("g", decode_groups) or []
+    vs.seed = attempt("seed", int)
+    t = attempt("t", float)
+    vs.temperature = t if t is not None and math.isfinite(t) else None
+    vs.max_new_tokens = attempt("n", int)
+    vs.latent = attempt("latent", int)
+    vs.query = get("q")
+    vs.model = get("model")
+    vs.sae = get("sae")
+    return vs

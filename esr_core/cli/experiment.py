@@ -1,0 +1,356 @@
+"""``esr-lab experiment ...``: run, resume, summarise, plot, list ESR experiments, and the correction overlay."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from esr_core.errors import BadInput
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("experiment", help="ESR experiments: run, summary, plots, overlay, list")
+    sub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
+
+    r = sub.add_parser("run", help="run (or --resume) an experiment; results land in a run directory")
+    r.add_argument("--config", help="JSON file with experiment settings (see docs/EXPERIMENTS.md)")
+    r.add_argument("--name", help="run name (default: exp-<time>)")
+    r.add_argument("--model", help="model name (default smollm2-135m-instruct)")
+    r.add_argument("--sae", help="SAE folder or release:sae_id (default: the model's default SAE)")
+    r.add_argument("--latents", type=int, help="number of distractor latents to select")
+    r.add_argument("--latent-ids", help="comma-separated distractor latents (skips selection)")
+    r.add_argument("--prompts", type=int, help="prompts per latent (= trials per latent and condition)")
+    r.add_argument("--conditions", help="comma-separated: no_steering,steering,meta_prompt,detector_ablation,"
+                                        "random_ablation,group_ablation:<name>")
+    r.add_argument("--meta-variants", help="comma-separated: get_back_on_track,dont_get_distracted,ignore_label")
+    r.add_argument("--max-new-tokens", type=int)
+    r.add_argument("--boost-mode", choices=["calibrate", "fixed", "sweep"])
+    r.add_argument("--boost", type=float, help="fixed boost value (with --boost-mode fixed)")
+    r.add_argument("--boost-units", choices=["norm", "raw"], help="units of --boost (default norm)")
+    r.add_argument("--calib-steps", type=int, help="bisection steps per latent")
+    r.add_argument("--calib-prompts", type=int, help="prompts scored per bisection step")
+    r.add_argument("--relevance", choices=["code", "paper"], help="relevance rule for distractor selection")
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--seed", type=int, help="base seed of the trials")
+    r.add_argument("--judge", help="judge name: offline (default) or llm")
+    r.add_argument("--out", help="run directory (default: user cache experiments/<name>)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out (or named --name)")
+    r.add_argument("--no-judge", action="store_true", help="only generate; a later --resume judges")
+    r.add_argument("--limit", type=int, help="stop after about this many new trials (whole batches)")
+    r.add_argument("--calibration-from", metavar="RUN_DIR",
+                   help="reuse the boost calibrations stored in an earlier run (same model, SAE, target, judge)")
+    r.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy machine)")
+    r.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("summary", help="rates per condition with Wilson intervals")
+    s.add_argument("run_dir")
+    s.add_argument("--recompute", action="store_true", help="rebuild trials.parquet and summary.json from the logs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_summary)
+
+    pl = sub.add_parser("plots", help="export the result figures as HTML (and PNG)")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    pl.add_argument("--no-png", action="store_true", help="HTML only")
+    pl.set_defaults(func=cmd_plots)
+
+    rj = sub.add_parser("rejudge", help="judge a run's responses again (e.g. after a judge change)")
+    rj.add_argument("run_dir")
+    rj.add_argument("--out", help="where the re-judged run goes (default: <run>-rejudged)")
+    rj.add_argument("--judge", help="judge name (default: the run's)")
+    rj.add_argument("--json", action="store_true")
+    rj.set_defaults(func=cmd_rejudge)
+
+    ov = sub.add_parser("overlay", help="circuit and backtracking activity aligned at correction points "
+                                        "(teacher-forced replay; saved as RUN_DIR/overlay.json)")
+    ov.add_argument("run_dir", help="an experiment run (its multi-attempt trials are replayed with their "
+                                    "steering), or any folder for synthetic recoveries only")
+    ov.add_argument("--synthetic", type=int, default=48, metavar="N",
+                    help="synthetic recoveries replayed with steering off (default 48; 0: none)")
+    ov.add_argument("--window", type=int, default=40, metavar="W", help="tokens either side of the correction")
+    ov.add_argument("--no-trials", action="store_true", help="leave out the run's multi-attempt trials")
+    ov.add_argument("--baseline", type=int, metavar="N", help="on-topic answers for the baseline (default: all)")
+    ov.add_argument("--force", action="store_true", help="recompute even if the inputs are unchanged")
+    ov.add_argument("--plot", action="store_true", help="also export the figures to RUN_DIR/plots (HTML, PNG)")
+    ov.add_argument("--threads", type=int, help="torch CPU threads")
+    ov.add_argument("--json", action="store_true", help="print overlay.json")
+    ov.set_defaults(func=cmd_overlay)
+
+    ls = sub.add_parser("list", help="runs in the user cache (and the shipped reference run)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _spec_from_args(args):
+    from esr_core.experiments.spec import ExperimentSpec
+
+    d: dict = {}
+    if args.config:
+        try:
+            d = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BadInput(f"No config file at {args.config}") from None
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{args.config} is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise BadInput(f"{args.config} must hold a JSON object")
+    simple = {"name": args.name, "model": args.model, "sae": args.sae, "n_latents": args.latents,
+              "prompts_per_latent": args.prompts, "max_new_tokens": args.max_new_tokens,
+              "boost_mode": args.boost_mode, "boost": args.boost, "boost_units": args.boost_units,
+              "calib_steps": args.calib_steps, "calib_prompts": args.calib_prompts,
+              "relevance_rule": args.relevance, "batch_size": args.batch_size, "base_seed": args.seed,
+              "judge": args.judge}
+    d.update({k: v for k, v in simple.items() if v is not None})
+    if args.boost is not None and not args.boost_mode:
+        d["boost_mode"] = "fixed"
+    if args.conditions:
+        d["conditions"] = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    if args.meta_variants:
+        d["meta_variants"] = [c.strip() for c in args.meta_variants.split(",") if c.strip()]
+    if args.latent_ids:
+        try:
+            d["latents"] = [int(x) for x in args.latent_ids.split(",") if x.strip()]
+        except ValueError:
+            raise BadInput(f"--latent-ids must be integers, got {args.latent_ids!r}") from None
+    if not d.get("name"):
+        d["name"] = args.out and Path(args.out).name or time.strftime("exp-%Y%m%d-%H%M%S")
+    return ExperimentSpec.from_dict(d)
+
+
+def _fmt_eta(s) -> str:
+    if s is None or not math.isfinite(float(s)):
+        return "--"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def cmd_run(args) -> int:
+    from esr_core.experiments.runner import SPEC_FILE, default_run_dir, finalize, run_experiment
+    from esr_core.experiments.spec import ExperimentSpec
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    if args.resume and (args.out or args.name):
+        run_dir = Path(args.out) if args.out else default_run_dir(args.name)
+        if not (run_dir / SPEC_FILE).exists():
+            raise BadInput(f"Nothing to resume in {run_dir} (no spec.json)")
+        spec = ExperimentSpec.load(run_dir / SPEC_FILE)
+    elif args.resume:
+        raise BadInput("--resume needs --out DIR or --name NAME of the run to continue")
+    else:
+        spec = _spec_from_args(args)
+        run_dir = Path(args.out) if args.out else default_run_dir(spec.name)
+    last = {"t": 0.0}
+
+    def progress(p: dict) -> None:
+        now = time.time()
+        if now - last["t"] < 2.0 and p.get("done") != p.get("total"):
+            return
+        last["t"] = now
+        done, total = p.get("done", 0), p.get("total", 0) or 0
+        pct = f"{100 * done / total:.0f}%" if total else ""
+        print(f"[{p.get('stage', '')}] {done}/{total} {pct} ETA {_fmt_eta(p.get('eta_s'))} {p.get('message', '')}",
+              file=sys.stderr, flush=True)
+
+    if getattr(args, "calibration_from", None):
+        from esr_core.experiments.boost import import_run_calibrations
+
+        src = Path(args.calibration_from) / SPEC_FILE
+        try:
+            doc = json.loads(src.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInput(f"Cannot read {src}: {type(exc).__name__}") from None
+        got = import_run_calibrations(doc)
+        print(f"imported {len(got)} calibrations from {src}", file=sys.stderr)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    final = run_experiment(spec, run_dir, resume=args.resume, judge=not args.no_judge, progress=progress,
+                           stop_after=args.limit)
+    summary = finalize(run_dir)
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "progress": final, "summary": summary}, indent=1))
+    else:
+        print(_summary_text(summary, run_dir))
+    return 0
+
+
+def _pct(x) -> str:
+    return "  n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * float(x):5.1f}%"
+
+
+def _summary_text(summary: dict, run_dir) -> str:
+    lines = [f"run: {summary.get('name')} ({run_dir})",
+             f"model {summary.get('model')}, SAE {summary.get('sae')} at {summary.get('hook')}, judge "
+             f"{summary.get('judge_id')}, {summary.get('n_trials')} of {summary.get('n_trials_planned')} trials",
+             f"{'condition':<34}{'n':>5}{'valid':>6}  {'multi-attempt (95% Wilson)':<30}{'ESR (95% Wilson)':<30}"
+             f"{'1st score':>9}"]
+    for r in summary.get("by_condition", []):
+        m = f"{r['multi_attempt_k']}/{r['multi_attempt_n']} {_pct(r['multi_attempt_rate'])} [{_pct(r['multi_attempt_lo'])},{_pct(r['multi_attempt_hi'])}]"
+        e = f"{r['esr_k']}/{r['esr_n']} {_pct(r['esr_rate'])} [{_pct(r['esr_lo'])},{_pct(r['esr_hi'])}]"
+        fs = r.get("first_score_mean")
+        fs = f"{fs:9.1f}" if isinstance(fs, (int, float)) else f"{'n/a':>9}"
+        lines.append(f"{str(r['condition']):<34}{r['n_trials']:>5}{r['n_valid']:>6}  {m:<30}{e:<30}{fs}")
+    from esr_core.experiments.report import dropped_note, skipped_note
+
+    if dropped_note(summary):
+        lines.append("dropped: " + dropped_note(summary))
+    if skipped_note(summary):
+        lines.append("skipped: " + skipped_note(summary))
+    thr = summary.get("throughput") or {}
+    if thr.get("tokens_per_s"):
+        lines.append(f"generation: {thr['generated_tokens']} tokens in {thr['generation_seconds']} s "
+                     f"({thr['tokens_per_s']} tokens/s, {summary.get('environment', {}).get('device', '?')})")
+    lines.append(summary.get("headline", ""))
+    return "\n".join(lines)
+
+
+def _existing_run(path: str) -> Path:
+    from esr_core.experiments.runner import SPEC_FILE, default_run_dir
+
+    p = Path(path)
+    if (p / SPEC_FILE).exists():
+        return p
+    q = default_run_dir(path)
+    if (q / SPEC_FILE).exists():
+        return q
+    raise BadInput(f"No experiment run at {path} (no spec.json)")
+
+
+def cmd_summary(args) -> int:
+    from esr_core.experiments.runner import finalize, load_summary
+
+    run_dir = _existing_run(args.run_dir)
+    summary = finalize(run_dir) if args.recompute else load_summary(run_dir)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(_summary_text(summary, run_dir))
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from esr_core.errors import EsrError
+    from esr_core.experiments.runner import run_figures
+    from esr_core.viz.result_plots import export_figure
+
+    run_dir = _existing_run(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "plots"
+    written, png_error = [], None
+    for name, fig in run_figures(run_dir).items():
+        try:
+            written += export_figure(fig, out / name, png=not args.no_png and png_error is None)
+        except EsrError as exc:  # PNG unavailable: HTML is written; say so once
+            png_error = str(exc)
+            written.append(out / f"{name}.html")
+    for w in written:
+        print(w)
+    if png_error:
+        print(f"esr-lab: PNG skipped: {png_error}", file=sys.stderr)
+    return 0
+
+
+def cmd_rejudge(args) -> int:
+    from esr_core.experiments.runner import finalize, rejudge
+    from esr_core.judge.scoring import get_judge
+
+    run_dir = _existing_run(args.run_dir)
+    out = Path(args.out) if args.out else None
+    final = rejudge(run_dir, out, judge_fn=get_judge(args.judge) if args.judge else None)
+    target = out or (run_dir.with_name(run_dir.name + "-rejudged"))
+    from esr_core.experiments.runner import REFERENCE_DIR, default_run_dir, load_spec
+
+    if out is None and run_dir == REFERENCE_DIR:
+        target = default_run_dir(load_spec(run_dir).name + "-rejudged")
+    summary = finalize(target)
+    print(json.dumps({"run_dir": str(target), "progress": final}, indent=1) if args.json
+          else _summary_text(summary, target))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from esr_core.experiments.runner import list_runs
+
+    runs = list_runs()
+    if args.json:
+        print(json.dumps(runs, indent=1))
+        return 0
+    if not runs:
+        print("no experiment runs yet (esr-lab experiment run ...)")
+    for r in runs:
+        tag = " [reference]" if r.get("reference") else ""
+        print(f"{r['name']}{tag}: {r.get('trials', 0)} trials, {r.get('stage') or 'finished'} - {r['dir']}")
+    return 0
+
+
+def _overlay_text(ov: dict, path) -> str:
+    from esr_core.experiments.overlay import SOURCE_LABELS, describe
+
+    lines = [f"overlay: {path}",
+             f"window {ov['window'][0]}..{ov['window'][1]} tokens around the correction, EMA alpha {ov['ema_alpha']}, "
+             f"circuit {ov['groups']['circuit']['members']}, backtracking "
+             f"{len((ov['groups'].get('backtracking') or {}).get('members') or [])} latents",
+             f"on-topic baseline ({ov['baseline']['n_answers']} unsteered answers): circuit "
+             f"{ov['baseline'].get('circuit')}, backtracking {ov['baseline'].get('backtracking')}",
+             f"{'source':<34}{'episodes':>9}  {'steering':<10}{'signal':<14}{'off-topic':>12}{'correction':>12}"
+             f"{'after':>12}"]
+    for s, b in ov.get("sources", {}).items():
+        for name, reg in (b.get("regions") or {}).items():
+            cells = []
+            for r in ("off_topic", "correction", "after_correction"):
+                x = reg.get(r, {})
+                cells.append(f"{x['ratio']:.2f}x" if x.get("ratio") is not None else
+                             ("n/a" if x.get("mean") is None else f"{x['mean']:.3g}"))
+            lines.append(f"{SOURCE_LABELS.get(s, s):<34}{b['n_episodes']:>9}  {str(b['steering']):<10}{name:<14}"
+                         + "".join(f"{c:>12}" for c in cells))
+        if not b.get("regions"):
+            lines.append(f"{SOURCE_LABELS.get(s, s):<34}{b['n_episodes']:>9}  {str(b['steering']):<10}(no episodes)")
+    lines.append("ratios are region means over the on-topic baseline (distractor: raw means)")
+    sec = ov.get("seconds") or {}
+    lines.append(f"replayed {sec.get('chats_replayed')} chats in {sec.get('forward')} s (total {sec.get('total')} s)")
+    lines.append(describe(ov))
+    return "\n".join(lines)
+
+
+def cmd_overlay(args) -> int:
+    from esr_core.experiments.overlay import OverlayParams, compute_overlay, overlay_path
+    from esr_core.experiments.runner import SPEC_FILE, default_run_dir
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    folder = Path(args.run_dir)
+    if not (folder / SPEC_FILE).exists() and (default_run_dir(args.run_dir) / SPEC_FILE).exists():
+        folder = default_run_dir(args.run_dir)
+    params = OverlayParams(window=args.window, n_synthetic=args.synthetic, include_trials=not args.no_trials,
+                           n_baseline=args.baseline)
+    last = {"t": 0.0}
+
+    def progress(done: int, total: int, msg: str) -> None:
+        now = time.time()
+        if now - last["t"] >= 2.0 or done == total:
+            last["t"] = now
+            print(f"[overlay] {done}/{total} {msg}", file=sys.stderr, flush=True)
+
+    ov = compute_overlay(folder, params=params, progress=progress, force=args.force)
+    if args.plot:
+        from esr_core.errors import EsrError
+        from esr_core.viz.result_plots import correction_overlay_figure, export_figure
+
+        for s in ov.get("sources", {}):
+            try:
+                for w in export_figure(correction_overlay_figure(ov, s), folder / "plots" / f"correction_overlay_{s}"):
+                    print(w, file=sys.stderr)
+            except EsrError as exc:
+                print(f"esr-lab: PNG skipped: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(ov, indent=1))
+    else:
+        print(_overlay_text(ov, overlay_path(folder)))
+    return 0

