@@ -11,9 +11,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from esr_core.app import services as svc
+from esr_core.app import session as svc
 from esr_core.errors import EsrError
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.models.sae import list_pretrained_releases
 from esr_core.paths import offline_env
 from pages import _ui
 
@@ -29,7 +30,7 @@ SAE_RELEASE = "SAE-Lens pretrained release…"
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def load_engine(model: str, sae: str | None):
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engine import get_engine  # heavy: torch, once the first page asks for a model
 
     return get_engine(model, sae)
 
@@ -41,8 +42,6 @@ def load_catalog(_engine, key: str):
 
 @st.cache_data(show_spinner=False)
 def pretrained_releases() -> dict[str, list[str]]:
-    from esr_core.models.sae import list_pretrained_releases
-
     return list_pretrained_releases()
 
 
@@ -152,15 +151,19 @@ def sidebar_status() -> None:
         st.caption(f"Group skipped: {e}")
 
 
+PAGES = (("pages/home.py", "Home", ":material/home:"), ("pages/latents.py", "Latents", ":material/search:"),
+         ("pages/steering.py", "Steering lab", ":material/science:"),
+         ("pages/resistance.py", "Resistance", ":material/shield:"),
+         ("pages/experiments.py", "Experiments", ":material/monitoring:"))
+
+
 def navigation():
-    pages = [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-             st.Page("pages/latents.py", title="Latents", icon=":material/search:"),
-             st.Page("pages/steering.py", title="Steering lab", icon=":material/science:")]
-    # pages other engineers add: listed only when their files exist
-    for fname, title, icon in (("resistance.py", "Resistance", ":material/shield:"), ("experiments.py", "Experiments", ":material/monitoring:")):
-        if (ROOT / "pages" / fname).exists():
-            pages.append(st.Page(f"pages/{fname}", title=title, icon=icon))
-    return st.navigation(pages)
+    """The fixed list of pages: a missing page file is an error, never a silently shorter menu."""
+    missing = [f for f, _, _ in PAGES if not (ROOT / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"ESR Lab is incomplete: {', '.join(missing)} missing")
+    return st.navigation([st.Page(f, title=title, icon=icon, default=(k == 0))
+                          for k, (f, title, icon) in enumerate(PAGES)])
 
 
 _ui.enter_frame()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from esr_core.latents.catalog import SHIPPED_DIR, Catalog
+from esr_core.latents.catalog.store import SHIPPED_DIR, Catalog
 from esr_core.latents.search import search_latents, warm_search
 from esr_core.models.registry import DEFAULT_MODEL
 

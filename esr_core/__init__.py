@@ -1,6 +1,7 @@
-"""ESR Lab core library: steering, SAE readout, judging and experiments.
+"""ESR Lab core library: steering, SAE readout, judging and experiments (never imports streamlit).
 
-Never imports streamlit: the app's pages are thin layers over this package.
+Layers, bottom to top (an import may only point down): the core files ``errors``, ``paths``,
+``io``, ``jobs``; then ``models``, ``viz``, ``steering``, ``sae_training``, ``latents``,
+``judge``, ``resistance``, ``experiments``; then ``app`` and ``cli``; the Streamlit pages sit
+on top. ``tests/test_package_layout.py`` checks it.
 """
-
-__version__ = "0.1.0"

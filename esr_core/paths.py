@@ -1,12 +1,24 @@
-"""Where things live: shipped assets in the repo, caches in a user cache directory."""
+"""Where things live: shipped assets in the repo, caches in a user cache directory.
+
+In a checkout the app and the assets sit beside ``esr_core``; an installed wheel carries them
+in ``esr_core/bundle`` (see setup.py), so the same code finds them either way.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parent
+_CHECKOUT = _PACKAGE.parent
+_BUNDLE = _PACKAGE / "bundle"
+REPO_ROOT = _CHECKOUT if (_CHECKOUT / "assets").is_dir() or not (_BUNDLE / "assets").is_dir() else _BUNDLE
 ASSETS_DIR = REPO_ROOT / "assets"
+APP_FILE = REPO_ROOT / "app.py"
+
+# what the app needs from assets/ to run on the embedded default (the wheel test checks them)
+REQUIRED_ASSETS = ("sae/smollm2-135m-instruct", "catalog/smollm2-135m-instruct", "groups", "prompts", "judge",
+                   "experiments/reference", "examples.json")
 
 
 def cache_dir() -> Path:

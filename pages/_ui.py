@@ -1,6 +1,6 @@
 """Streamlit helpers shared by the pages: session state, URL sync, the engine in use.
 
-Only widget plumbing lives here; anything that computes lives in esr_core.app.services.
+Only widget plumbing lives here; anything that computes lives in esr_core.app.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 import streamlit as st
 
 from esr_core.app import url_state
-from esr_core.steering.interventions import Intervention
+from esr_core.app.latent_view import description
 from esr_core.latents.groups import LatentGroup
+from esr_core.steering.interventions import Intervention
 
 _FRAME_ATTR = "_esr_lab_frame"
 
@@ -193,8 +194,6 @@ def add_to_group(name: str, latent: int, colour: str = "#009E73") -> LatentGroup
 
 
 def describe(latent: int) -> str:
-    from esr_core.app.services import description
-
     return description(catalog(), latent)
 
 

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from esr_core.app import services as svc
+from esr_core.app.session import load_examples
 from pages import _ui
 
 _ui.require_frame()
@@ -24,7 +24,7 @@ c3.metric("No steering", "0 %", "13,118 trials", delta_color="off")
 c4.metric("Meta-prompt", "4.3x", "multi-attempt, 70B", delta_color="off")
 
 st.subheader("Try it")
-examples = svc.load_examples()
+examples = load_examples()
 if not examples:
     st.info("No examples are shipped (assets/examples.json is missing).")
 for i, ex in enumerate(examples):

@@ -5,7 +5,9 @@ import html
 import plotly.graph_objects as go
 import streamlit as st
 
-from esr_core.app import services as svc
+from esr_core.app import latent_view as lv
+from esr_core.app.forms import parse_latent
+from esr_core.app.session import build_catalog
 from esr_core.errors import BadInput, EsrError
 from esr_core.steering.interventions import Intervention
 from esr_core.viz.token_heatmap import render_heatmap
@@ -27,7 +29,7 @@ if cat is None:
         if st.button("Build the catalog now", key="build_catalog"):
             bar = st.progress(0.0, "starting…")
             try:
-                ss.catalog = svc.build_catalog(eng, progress=lambda f, m: bar.progress(f, m))
+                ss.catalog = build_catalog(eng, progress=lambda s: bar.progress(s.fraction, s.text()))
                 st.rerun()
             except EsrError as exc:
                 st.error(str(exc))
@@ -40,7 +42,7 @@ def open_latent(i: int) -> None:
 
 def typed_latent() -> None:
     try:
-        ss.latent = svc.parse_latent(ss.open_id, d_sae) if ss.open_id.strip() else None
+        ss.latent = parse_latent(ss.open_id, d_sae) if ss.open_id.strip() else None
     except BadInput as exc:
         ss._open_error = str(exc)
 
@@ -56,7 +58,7 @@ with search_col:
                         placeholder="e.g. cooking, football, French")
         if q.strip():
             try:
-                results = svc.search(cat, q, top=20, d_sae=d_sae)
+                results = lv.search(cat, q, top=20, d_sae=d_sae)
                 if not results:
                     st.info("No latent matches that search.")
             except EsrError as exc:
@@ -65,7 +67,7 @@ with search_col:
         text = st.text_area("Your text", key="fire_text", height=80, placeholder="Paste a sentence")
         if st.button("Find latents", key="fire_go") and text.strip():
             try:
-                ss.fire_results = svc.firing_on(eng, text, top=20, catalog=cat)
+                ss.fire_results = lv.firing_on(eng, text, top=20, catalog=cat)
             except EsrError as exc:
                 st.error(str(exc))
         results = ss.get("fire_results") or []
@@ -89,7 +91,7 @@ with search_col:
         if r.get("token"):
             facts.append(f"on {html.escape(repr(r['token']))}")
         c2.html(f'<div class="esr-result" data-latent="{i}" style="font-size:0.9em">'
-                f'{html.escape(r.get("description") or svc.NO_DESCRIPTION)}<br>'
+                f'{html.escape(r.get("description") or lv.NO_DESCRIPTION)}<br>'
                 f'<span style="color:#777;font-size:0.85em">{" · ".join(facts)}</span>{bar}</div>')
 
 # ------------------------------------------------------------------ detail
@@ -103,14 +105,14 @@ with detail_col:
         st.info("Search for a latent on the left, or type an id, to open its page.")
         st.stop()
     try:
-        lat = svc.parse_latent(ss.latent, d_sae)
+        lat = parse_latent(ss.latent, d_sae)
     except BadInput as exc:
         st.error(str(exc))
         ss.latent = None
         st.stop()
-    e = svc.latent_entry(eng, cat, lat)
+    e = lv.latent_entry(eng, cat, lat)
     st.subheader(f"Latent #{lat}")
-    st.markdown(f"**{e.get('description') or svc.NO_DESCRIPTION}**"
+    st.markdown(f"**{e.get('description') or lv.NO_DESCRIPTION}**"
                 + (" · *dead (never fired on the catalog text)*" if e.get("dead") else ""))
     facts = []
     if e.get("density") is not None:
@@ -143,7 +145,7 @@ with detail_col:
     marker = None
     if test.strip():
         try:
-            ta = svc.text_activation(eng, test, lat)
+            ta = lv.text_activation(eng, test, lat)
             marker = ta["max"]
             st.html(render_heatmap(ta["tokens"], ta["values"], label=f"#{lat}", colour="#D55E00",
                                    vmax=e.get("max_act") or None))
@@ -183,6 +185,6 @@ with detail_col:
     nb = e.get("neighbours") or []
     ncols = st.columns(4)
     for k, n in enumerate(nb[:8]):
-        desc = svc.description(cat, n["latent"]) if cat is not None else n.get("description", "")
+        desc = lv.description(cat, n["latent"]) if cat is not None else n.get("description", "")
         ncols[k % 4].button(f"#{n['latent']} · {n['cosine']:.2f}", key=f"nb_{n['latent']}", help=desc,
                             on_click=open_latent, args=(n["latent"],), width="stretch")

@@ -1,7 +1,7 @@
 """Resistance: the off-topic detector circuit, one-click conditions, and a token-by-token replay.
 
-Thin page: everything it computes comes from esr_core.resistance.detectors, .conditions and
-.resistance_view (arXiv 2602.06941, sec. on off-topic detectors and the per-token view).
+Thin page: everything it computes comes from esr_core.resistance, esr_core.latents.groups and
+esr_core.experiments.conditions (arXiv 2602.06941, sec. on off-topic detectors and the per-token view).
 """
 
 import html
@@ -10,14 +10,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from esr_core.app import services as svc
-from esr_core.resistance import detectors as det
-from esr_core.resistance import view as rv
-from esr_core.experiments.conditions import CONDITION_KEYS, CONDITION_LABELS, META_PROMPT, build_conditions
+from esr_core.app.live_run import normalised_member_series
+from esr_core.app.session import load_examples
 from esr_core.errors import EsrError
-from esr_core.steering.spec import GenerationSpec
+from esr_core.experiments.conditions import BASE_CONDITIONS, CONDITIONS, build_conditions
+from esr_core.judge.scoring import judge_response
+from esr_core.latents.groups import LatentGroup, group_for, shipped_group
+from esr_core.resistance import view as rv
+from esr_core.resistance.signals import ema
 from esr_core.steering.interventions import Intervention
-from esr_core.latents.groups import LatentGroup
+from esr_core.steering.spec import GenerationSpec
+from esr_core.viz import palette
 from esr_core.viz.timeline import Marker, Region, Series, timeline_figure
 from esr_core.viz.token_heatmap import render_heatmap
 from pages import _ui
@@ -39,17 +42,16 @@ EXAMPLE_RESPONSE = (
     "oil into the surface before storing it.")
 
 
-def _describe(group: dict, i: int) -> str:
-    d = (group.get("descriptions") or {}).get(str(i))
-    return d if d else _ui.describe(i)
+def _describe(group: LatentGroup, i: int) -> str:
+    return group.member_descriptions.get(str(i)) or _ui.describe(i)
 
 
-circuit = det.group_for(eng, "circuit")
-backtrack = det.group_for(eng, "backtracking")
+circuit = group_for(eng, "circuit")
+backtrack = group_for(eng, "backtracking")
 
 # ------------------------------------------------------------------ the groups
 st.subheader("Latent groups")
-shipped = det.shipped_group("circuit")
+shipped = shipped_group("circuit")
 if circuit is None:
     if shipped is not None:
         st.warning("The shipped resistance circuit was found on another model/SAE; it does not apply to this one. "
@@ -62,17 +64,18 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
         if g is None:
             st.caption(f"No {name} group for this model and SAE.")
             continue
-        st.markdown(f"<span style='color:{html.escape(g.get('colour', '#000'))}'>■</span> **{html.escape(g['name'])}** "
-                    f"· {len(g['members'])} latents", unsafe_allow_html=True)
-        st.caption(g.get("description", ""))
-        rows = det.group_table(g)
+        st.markdown(f"<span style='color:{html.escape(g.colour)}'>■</span> **{html.escape(g.name)}** "
+                    f"· {len(g.members)} latents", unsafe_allow_html=True)
+        st.caption(g.description)
+        rows = g.table()
         for r in rows:
             r["description"] = r.get("description") or _describe(g, r["latent"])
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=f"tbl_{name}")
-        s = g.get("summary") or {}
+        s = g.extra.get("summary") or {}
         if name == "circuit" and s:
-            thr = g.get("threshold", {})
-            st.caption(f"Rule {g['params'].get('rule')} (AUC threshold used {g['params'].get('threshold_used')}); "
+            thr = g.threshold or {}
+            params = g.extra.get("params") or {}
+            st.caption(f"Rule {params.get('rule')} (AUC threshold used {params.get('threshold_used')}); "
                        f"{s.get('n_on')} on-topic vs {s.get('n_off')} off-topic pairs; held-out AUC mean "
                        f"{s.get('mean_auc_heldout')}, min {s.get('min_auc_heldout')}; alert threshold "
                        f"{thr.get('value')} ({thr.get('basis', '')}).")
@@ -83,7 +86,7 @@ st.caption("Same prompt, seed and sampling for every condition; only the edit di
            "corrects itself (the paper finds ESR only at 70B scale): expect restarts mainly with the meta-prompt.")
 c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
 cprompt = c1.text_input("Prompt", value=EXAMPLE_PROMPT, key="res_prompt")
-ex = svc.load_examples()
+ex = load_examples()
 dlat = c2.number_input("Distractor latent", min_value=0, max_value=d_sae - 1,
                        value=int(ex[0]["latent"]) if ex else 0, key="res_dlat")
 dstr = c3.number_input("Strength (× median norm)", value=float(ex[0]["strength"]) if ex else 8.0, step=1.0,
@@ -91,28 +94,26 @@ dstr = c3.number_input("Strength (× median norm)", value=float(ex[0]["strength"
 ntok = c4.number_input("New tokens", min_value=4, max_value=256, value=48, key="res_ntok")
 seed = st.number_input("Seed", min_value=0, value=0, key="res_seed")
 distractor = Intervention(latent=int(dlat), mode="add", strength=float(dstr), units="norm", positions="all")
-watch = sorted(set((circuit or {}).get("members", []) + (backtrack or {}).get("members", []) + [int(dlat)]))
+watch = sorted(set((circuit.members if circuit else []) + (backtrack.members if backtrack else []) + [int(dlat)]))
 base = GenerationSpec(prompt=cprompt or " ", watch=watch, max_new_tokens=int(ntok), seed=int(seed),
                       temperature=0.6, repetition_penalty=1.1, top_k=0)
-avail = [k for k in CONDITION_KEYS if circuit is not None or k not in ("circuit_ablated", "random_ablated")]
+avail = [k for k in BASE_CONDITIONS if circuit is not None or not CONDITIONS[k].ablates]
 cols = st.columns(len(avail))
 res_store = ss.setdefault("res_conditions", {})
 for col, key in zip(cols, avail):
-    if col.button(CONDITION_LABELS[key], key=f"cond_{key}"):
+    if col.button(CONDITIONS[key].label, key=f"cond_{key}"):
         try:
             cond = build_conditions(base, distractor, circuit, d_sae, keys=[key])[0]
             with st.spinner(f"Running {cond.label}…"):
                 out = eng.generate(cond.spec)["steered"]
-            from esr_core.judge.scoring import judge_response
-
             j = judge_response(cond.judge_prompt, out.text, None)
             res_store[key] = {"cond": cond.to_dict(), "text": out.text, "acts": out.acts, "watch": out.watch,
                               "pieces": out.pieces, "judgement": j}
         except EsrError as exc:
             st.error(str(exc))
-for key in [k for k in CONDITION_KEYS if k in res_store]:
+for key in [k for k in BASE_CONDITIONS if k in res_store]:
     r = res_store[key]
-    with st.expander(f"{CONDITION_LABELS[key]} · {len(r['judgement'].get('attempts', []))} attempt(s)", expanded=True):
+    with st.expander(f"{CONDITIONS[key].label} · {len(r['judgement'].get('attempts', []))} attempt(s)", expanded=True):
         st.caption(r["cond"].get("note") or "")
         st.markdown(f"<div style='white-space:pre-wrap'>{html.escape(r['text'])}</div>", unsafe_allow_html=True)
         scores = [round(float(a.get("score", 0))) for a in r["judgement"].get("attempts", [])]
@@ -153,27 +154,26 @@ if rep is not None:
     series = []
     toks = rep["tokens"]
     if "circuit" in rep["series"]:
-        series.append(Series("resistance circuit", rep["series"]["circuit"], colour=circuit["colour"], lane="circuit",
+        series.append(Series("resistance circuit", rep["series"]["circuit"], colour=circuit.colour, lane="circuit",
                              tokens=toks, threshold=rep.get("threshold")))
     if "backtracking" in rep["series"]:
-        series.append(Series("backtracking", rep["series"]["backtracking"], colour=backtrack["colour"],
+        series.append(Series("backtracking", rep["series"]["backtracking"], colour=backtrack.colour,
                              lane="backtracking", tokens=toks))
     for lat, vals in rep["distractor_series"].items():
-        series.append(Series(f"distractor #{lat}", vals, colour="#E69F00", lane="distractor", tokens=toks))
+        series.append(Series(f"distractor #{lat}", vals, colour=palette.DISTRACTOR, lane="distractor", tokens=toks))
     regions = [Region(r["start"], r["end"], r["label"], rv.region_rgba(r["label"])) for r in rep["regions"]]
     markers = [Marker(m["token"], "restart") for m in rep["markers"]]
-    markers += [Marker(t, "crossing", "#D55E00") for t in rep.get("crossings", [])[:10]]
+    markers += [Marker(t, "crossing", palette.CIRCUIT) for t in rep.get("crossings", [])[:10]]
     st.plotly_chart(timeline_figure(series, regions=regions, markers=markers), key="rep_chart")
     if "circuit" in rep["series"]:
         hm_vals, hm_label = list(rep["series"]["circuit"]), "resistance circuit"
         mem = (rep.get("members") or {}).get("circuit")
-        if mem is not None and len(circuit["members"]) > 1:
+        if mem is not None and len(circuit.members) > 1:
             # several latents on one colour: each ÷ its own scale, never one shared raw scale
-            g = LatentGroup.from_dict(circuit)
-            v, note = svc.normalised_member_series(mem, g, _ui.catalog(), how=rep.get("how", "sum"))
-            hm_vals = list(det.ema(v, rep.get("ema_alpha")) if rep.get("ema_alpha") else v)
+            v, note = normalised_member_series(mem, circuit, _ui.catalog(), how=rep.get("how", "sum"))
+            hm_vals = list(ema(v, rep.get("ema_alpha")) if rep.get("ema_alpha") else v)
             hm_label = f"resistance circuit · {note}"
-        st.html(render_heatmap(toks, hm_vals, label=hm_label, colour=circuit["colour"]))
+        st.html(render_heatmap(toks, hm_vals, label=hm_label, colour=circuit.colour))
     rows = []
     for key, s in rep["summary"].items():
         for lab, v in s["regions"].items():

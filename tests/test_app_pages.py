@@ -75,7 +75,7 @@ def test_home_loads_on_the_default_model():
 
 
 def test_example_button_opens_the_steering_lab_and_generates(tmp_path, monkeypatch):
-    from esr_core.app import services as app_services
+    from esr_core.app import session as app_services
 
     short = dict(EXAMPLE, max_new_tokens=6)  # keep it short (the shipped example asks for more)
     (tmp_path / "examples.json").write_text(json.dumps({"examples": [short]}))

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from esr_core.latents.catalog import (SHIPPED_DIR, Catalog, CatalogUnavailable, build_catalog, hook_residuals,
-                              sae_weights_hash, shipped_catalog_dir)
+from esr_core.latents.catalog.store import SHIPPED_DIR, Catalog, CatalogUnavailable, sae_weights_hash, shipped_catalog_dir
+from esr_core.latents.catalog.build import build_catalog
+from esr_core.models.hooks import capture
 from esr_core.errors import BadInput
 from esr_core.latents.neuronpedia import clear_import, import_neuronpedia, read_explanations, write_explanations
 
@@ -36,7 +37,7 @@ def _throwaway_sae(model, texts, folder: Path, d_sae: int = 160, k: int = 12):
     from esr_core.models.sae import load_sae
 
     ids = model.tokenizer(" ".join(texts[:6]), return_tensors="pt").input_ids[:, :256]
-    h = hook_residuals(model, HOOK, ids)[0, 1:]
+    h = capture(model, HOOK, ids)[HOOK][0, 1:]
     mu = h.mean(0)
     g = torch.Generator().manual_seed(0)
     D = (h - mu)[torch.randint(0, h.shape[0], (d_sae,), generator=g)]
@@ -69,7 +70,7 @@ def built_catalog(tmp_path_factory):
     sae = _throwaway_sae(model, texts, base / "sae")
     out = base / "cat"
     seen = []
-    build_catalog(model, sae, texts, chats, out, progress=lambda f, m: seen.append(f), budget_mb=1.0,
+    build_catalog(model, sae, texts, chats, out, progress=lambda s: seen.append(s.fraction), budget_mb=1.0,
                   command="pytest tests/test_catalog.py")
     _BUILT["v"] = (model, sae, Catalog.load(out), out, seen)
     return _BUILT["v"]
@@ -113,7 +114,7 @@ def test_dead_latent_is_marked(built):
 
 def test_top_examples_reach_the_recorded_activation_when_rerun(built):
     model, sae, cat, _, _ = built
-    toks, starts = cat._a("tokens"), cat._a("row_starts")
+    toks, starts = cat.array("tokens"), cat.array("row_starts")
     z_of_row: dict[int, np.ndarray] = {}
     checked = 0
     for i in np.nonzero(~cat.dead)[0][:: max(1, cat.d_sae // 8)]:
@@ -123,7 +124,7 @@ def test_top_examples_reach_the_recorded_activation_when_rerun(built):
                 if r not in z_of_row:
                     ids = torch.tensor(toks[starts[r] : starts[r + 1]].astype(np.int64)).view(1, -1)
                     with torch.no_grad():
-                        z_of_row[r] = sae.encode(hook_residuals(model, sae.hook_name, ids))[0].numpy()
+                        z_of_row[r] = sae.encode(capture(model, sae.hook_name, ids)[sae.hook_name])[0].numpy()
                 z = z_of_row[r][:, int(i)]
                 assert float(z[c["position"]]) == pytest.approx(c["max_act"], rel=1e-3, abs=1e-3)
                 assert c["position"] >= 1  # position 0 (attention sink) is never a top example
@@ -146,7 +147,7 @@ def test_chat_contexts_are_answer_tokens_rendered_with_the_template(built):
             assert c["position"] >= c["answer_start"]
             found += 1
     assert found > 0
-    assert "<|im_start|>" in "".join(cat.token_str(t) for t in cat._a("tokens")[cat._a("row_kind").repeat(np.diff(cat._a("row_starts"))) == 1][:40])
+    assert "<|im_start|>" in "".join(cat.token_str(t) for t in cat.array("tokens")[cat.array("row_kind").repeat(np.diff(cat.array("row_starts"))) == 1][:40])
 
 
 def test_unknown_latent_gives_one_clear_line(built):
@@ -266,22 +267,24 @@ def test_shipped_top_examples_rerun():
 
     sae, cat, _ = _shipped()
     model = load_model()
-    toks, starts = cat._a("tokens"), cat._a("row_starts")
+    toks, starts = cat.array("tokens"), cat.array("row_starts")
     live = np.nonzero(~cat.dead)[0]
     for i in live[:: len(live) // 3][:3]:
         c = cat.contexts(int(i), "text")[0]
         r = c["row"]
         ids = torch.tensor(toks[starts[r] : starts[r + 1]].astype(np.int64)).view(1, -1)
         with torch.no_grad():
-            z = sae.encode(hook_residuals(model, sae.hook_name, ids))[0, c["position"], int(i)]
+            z = sae.encode(capture(model, sae.hook_name, ids)[sae.hook_name])[0, c["position"], int(i)]
         assert float(z) == pytest.approx(c["max_act"], rel=2e-3, abs=2e-3)
 
 
 def test_catalog_for_prefers_a_ready_catalog_and_never_matches_other_weights(built, monkeypatch):
-    import esr_core.latents.catalog as catalog_mod
+    import esr_core.latents.catalog.build as catalog_mod
+    import esr_core.latents.catalog.store as store_mod
 
     model, sae, cat, out, _ = built
     assert shipped_catalog_dir(model.name, sae) is None  # shipped catalogs belong to other weights
+    monkeypatch.setattr(store_mod, "cached_catalog_dir", lambda model_name, s: out)
     monkeypatch.setattr(catalog_mod, "cached_catalog_dir", lambda model_name, s: out)
 
     def no_build(*a, **k):
@@ -293,7 +296,7 @@ def test_catalog_for_prefers_a_ready_catalog_and_never_matches_other_weights(bui
 
 
 def test_default_corpus_falls_back_to_the_shipped_sample(built, monkeypatch):
-    import esr_core.latents.catalog as catalog_mod
+    import esr_core.latents.catalog.build as catalog_mod
     import esr_core.sae_training.corpus as corpus_mod
 
     model = built[0]
@@ -301,7 +304,7 @@ def test_default_corpus_falls_back_to_the_shipped_sample(built, monkeypatch):
     def unavailable(*a, **k):
         raise corpus_mod.CorpusUnavailable("no corpus here")
 
-    monkeypatch.setattr(corpus_mod, "heldout_documents", unavailable)
+    monkeypatch.setattr(catalog_mod.corpus, "heldout_documents", unavailable)
     texts, chats, note = catalog_mod.default_corpus(model, 2000)
     assert "sample" in note and len(texts) >= 10 and len(chats) >= 3
     assert all(isinstance(t, str) and t for t in texts)

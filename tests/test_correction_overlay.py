@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from esr_core.experiments import overlay as co
+from esr_core.experiments import overlay_summary as cs
 from esr_core.errors import BadInput, Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ needs_ref = pytest.mark.skipif(not (REF / "trials.parquet").exists(), reason="re
 
 def test_aligned_stats_pads_with_nan_and_counts_episodes_per_offset():
     # episode A: 5 tokens, correction at 3; B: 3 tokens, correction at 0; C: correction outside -> left out
-    st = co.aligned_stats([[0, 1, 2, 3, 4], [10, 20, 30], [1, 1]], [3, 0, 7], window=2)
+    st = cs.aligned_stats([[0, 1, 2, 3, 4], [10, 20, 30], [1, 1]], [3, 0, 7], window=2)
     assert st["offsets"] == [-2, -1, 0, 1, 2]
     assert st["n"] == [1, 1, 2, 2, 1]
     assert st["mean"] == [1.0, 2.0, 6.5, 12.0, 30.0]
@@ -36,7 +37,7 @@ def test_aligned_stats_pads_with_nan_and_counts_episodes_per_offset():
     assert st["se"][2] == pytest.approx(np.std([3, 10], ddof=1) / math.sqrt(2), rel=1e-4)
     assert st["se"][3] == pytest.approx(np.std([4, 20], ddof=1) / math.sqrt(2), rel=1e-4)
     # asymmetric window; an offset nobody reaches has n = 0 and no mean
-    st = co.aligned_stats([[5, 6]], [0], (1, 3))
+    st = cs.aligned_stats([[5, 6]], [0], (1, 3))
     assert st["offsets"] == [-1, 0, 1, 2, 3] and st["n"] == [0, 1, 1, 0, 0]
     assert st["mean"] == [None, 5.0, 6.0, None, None]
 
@@ -49,7 +50,7 @@ def test_region_ratios_against_the_baseline():
             "off": [1, 4], "off_topic": True},
            {"circuit": [7, 7, 7, 0, 5], "backtracking": None, "distractor": None, "corr": 3, "corr_end": 4,
             "off": [0, 3], "off_topic": False}]  # first attempt on-topic: no off-topic region
-    out = co.summarise_source(eps, {"circuit": 0.5}, window=2, alpha=1.0)
+    out = cs.summarise_source(eps, {"circuit": 0.5}, window=2, alpha=1.0)
     reg = out["regions"]["circuit"]
     assert reg["off_topic"]["n"] == 2 and reg["off_topic"]["mean"] == pytest.approx(3.0)  # (4 + 2) / 2
     assert reg["off_topic"]["ratio"] == pytest.approx(6.0)
@@ -59,7 +60,7 @@ def test_region_ratios_against_the_baseline():
     assert reg["correction"]["mean"] == pytest.approx((9 + 9 + 0) / 3)
     assert "backtracking" not in out["signals"] and out["signals"]["circuit"]["n"] == [3, 3, 3, 3, 2]
     # no baseline (a silent circuit): no ratio, means still there
-    out = co.summarise_source(eps, {"circuit": 0.0}, window=1, alpha=1.0)
+    out = cs.summarise_source(eps, {"circuit": 0.0}, window=1, alpha=1.0)
     assert out["regions"]["circuit"]["off_topic"]["ratio"] is None
     assert out["regions"]["circuit"]["off_topic"]["mean"] == pytest.approx(3.0)
 
@@ -69,12 +70,12 @@ def test_char_offsets_map_to_response_tokens():
     resp = " Wait, no. Ok."
     offs = [(0, 6), (6, 7), (7, 9), (9, 10), (10, 17), (17, 22), (22, 23), (23, 26), (26, 27), (27, 30), (30, 31),
             (31, 36)]
-    base, first, last = co.locate_response(text, offs, resp)
+    base, first, last = cs.locate_response(text, offs, resp)
     assert text[base:base + len(resp)] == resp and first == 5 and last == 11
-    assert co.char_token(offs, base, first, last, resp.index("no")) == 2
-    assert co.span_tokens(offs, base, first, last, resp.index("Ok"), len(resp)) == (4, 6)
+    assert cs.char_token(offs, base, first, last, resp.index("no")) == 2
+    assert cs.span_tokens(offs, base, first, last, resp.index("Ok"), len(resp)) == (4, 6)
     with pytest.raises(BadInput):
-        co.locate_response(text, offs, "not there")
+        cs.locate_response(text, offs, "not there")
 
 
 def test_synthetic_specs_know_their_drift_and_restart_spans():
@@ -109,7 +110,7 @@ def test_params_are_validated():
 
 def _fake_overlay() -> dict:
     sig = {"offsets": [-1, 0, 1], "mean": [0.1, 0.5, None], "se": [None, 0.1, None], "n": [1, 2, 0]}
-    return {"format": co.FORMAT, "ema_alpha": 0.5, "baseline": {"circuit": 0.05, "backtracking": 1.0},
+    return {"format": cs.FORMAT, "ema_alpha": 0.5, "baseline": {"circuit": 0.05, "backtracking": 1.0},
             "sources": {"synthetic": {"label": "synthetic recoveries", "n_episodes": 2, "steering": "off",
                                       "signals": {"circuit": sig, "backtracking": sig}},
                         "trials": {"label": "t", "n_episodes": 0, "steering": "n/a", "signals": {}}},
@@ -149,18 +150,18 @@ def small_overlay(engine, tmp_path_factory):
     cancel = threading.Event()
     seen = []
 
-    def stop_after_two(done, total, msg):
-        seen.append((done, total))
-        if done >= 2:
+    def stop_after_two(step):
+        seen.append((step.done, step.total))
+        if step.done >= 2:
             cancel.set()
 
     with pytest.raises(Cancelled):
         co.compute_overlay(run, engine, params, progress=stop_after_two, cancel=cancel)
-    assert not (run / co.OVERLAY_FILE).exists()
-    kept = len((run / co.PARTIAL_FILE).read_text().splitlines())
+    assert not (run / cs.OVERLAY_FILE).exists()
+    kept = len((run / cs.PARTIAL_FILE).read_text().splitlines())
     assert kept >= 2
     totals = []
-    ov = co.compute_overlay(run, engine, params, progress=lambda d, t, m: totals.append(t))
+    ov = co.compute_overlay(run, engine, params, progress=lambda s: totals.append(s.total))
     return run, params, ov, seen[0][1], kept, totals[0]
 
 
@@ -170,8 +171,8 @@ def test_small_real_overlay(small_overlay, engine):
     run, params, ov, first_total, kept, resumed_total = small_overlay
     # resumed: only the chats not replayed before the cancel
     assert resumed_total == first_total - kept
-    assert not (run / co.PARTIAL_FILE).exists()
-    assert json.loads((run / co.OVERLAY_FILE).read_text()) == ov
+    assert not (run / cs.PARTIAL_FILE).exists()
+    assert json.loads((run / cs.OVERLAY_FILE).read_text()) == ov
     assert ov["window"] == [-12, 12]
     syn, tri = ov["sources"]["synthetic"], ov["sources"]["trials"]
     assert syn["n_episodes"] == 3 and syn["steering"] == "off"
@@ -198,7 +199,7 @@ def test_small_real_overlay(small_overlay, engine):
     calls = []
     again = co.compute_overlay(run, engine, params, progress=lambda *a: calls.append(a))
     assert again == ov and not calls
-    assert "steering on" in co.describe(ov) and "steering off" in co.describe(ov)
+    assert "steering on" in cs.describe(ov) and "steering off" in cs.describe(ov)
 
 
 @needs_sae
@@ -219,17 +220,17 @@ def test_cli_overlay_for_a_folder_without_a_run(engine, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- page
 
-@pytest.mark.skipif(not (REF / co.OVERLAY_FILE).exists(), reason="reference overlay not computed")
+@pytest.mark.skipif(not (REF / cs.OVERLAY_FILE).exists(), reason="reference overlay not computed")
 def test_experiments_page_shows_the_reference_overlay():
     from conftest import open_app_page
 
     at = open_app_page("pages/experiments.py")
     assert not at.exception, at.exception
     assert any(h.value == "Activity around corrections" for h in at.subheader)
-    ov = co.load_overlay(REF)
+    ov = cs.load_overlay(REF)
     caps = [c.value for c in at.caption]
-    assert co.describe(ov) in caps
-    assert "steering on" in co.describe(ov) and "steering off" in co.describe(ov)
+    assert cs.describe(ov) in caps
+    assert "steering on" in cs.describe(ov) and "steering off" in cs.describe(ov)
     labels = [t.label for t in at.tabs]
     assert any("synthetic recoveries" in lab and "steering off" in lab for lab in labels)
     assert any("multi-attempt trials" in lab and "steering on" in lab for lab in labels)

@@ -6,9 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
-import torch
 
+from esr_core.models.hooks import hook_module
+from esr_core.errors import BadInput
+from esr_core.latents.groups import GroupUnavailable, LatentGroup, load_group, save_group, shipped_group
 from esr_core.resistance import detectors as det
+from esr_core.resistance.episodes import derangement
+from esr_core.resistance.signals import rank_auc, youden_threshold
 from esr_core.models.registry import DEFAULT_MODEL, get_entry
 
 SAE_DIR = get_entry(DEFAULT_MODEL).default_sae_path
@@ -75,35 +79,36 @@ def small_group(engine):
 
 def test_search_group_separates_held_out_derangement(small_group, engine):
     g, prompts, answers = small_group
-    thr = g["params"]["threshold_used"]
-    assert g["members"], "no latent separates off-topic from on-topic pairs"
+    thr = g.extra["params"]["threshold_used"]
+    assert g.members, "no latent separates off-topic from on-topic pairs"
     assert 0.7 <= thr <= 1.0
-    for i in g["members"]:
-        s = g["stats"][str(i)]
+    for i in g.members:
+        s = g.stats[str(i)]
         assert s["auc"] >= thr - 1e-9
         assert s["off_mean"] > s["on_mean"]
-    held = [g["stats"][str(i)]["auc_heldout"] for i in g["members"]]
+    held = [g.stats[str(i)]["auc_heldout"] for i in g.members]
     assert np.mean(held) >= thr - 0.05, held  # the group generalises to a pairing it never saw
-    assert g["threshold"]["value"] >= 0
-    assert g["sae"]["weights_hash"] and g["model"] == DEFAULT_MODEL
+    assert g.threshold["value"] >= 0
+    assert g.extra["sae"]["weights_hash"] and g.extra["model"] == DEFAULT_MODEL
     # recompute one member's held-out AUC independently from fresh forward passes
-    i = g["members"][0]
-    d = det.derangement(len(prompts), 1001, [p["topic"] for p in prompts])
+    i = g.members[0]
+    d = derangement(len(prompts), 1001, [p["topic"] for p in prompts])
     on = det.pooled_pairs(engine, [(p["prompt"], a) for p, a in zip(prompts, answers)]).pooled[:, i]
     off = det.pooled_pairs(engine, [(prompts[k]["prompt"], answers[int(d[k])]) for k in range(len(prompts))]).pooled[:, i]
-    assert det.rank_auc(off, on)[0] == pytest.approx(g["stats"][str(i)]["auc_heldout"], abs=1e-3)
+    assert rank_auc(off, on)[0] == pytest.approx(g.stats[str(i)]["auc_heldout"], abs=1e-3)
 
 
 def test_group_round_trip(tmp_path, small_group, engine):
     g = small_group[0]
-    p = det.save_group(g, tmp_path / "g.json")
-    back = det.load_group(p)
-    assert back["members"] == g["members"] and det.group_matches(back, engine)
-    back["sae"]["weights_hash"] = "0" * 16
-    assert not det.group_matches(back, engine)
+    p = save_group(g, tmp_path / "g.json")
+    back = load_group(p)
+    assert back.members == g.members and back.matches(engine)
+    assert back.stats == g.stats and back.threshold == g.threshold
+    back.extra["sae"]["weights_hash"] = "0" * 16
+    assert not back.matches(engine)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(det.GroupUnavailable):
-        det.load_group(tmp_path / "bad.json")
+    with pytest.raises(GroupUnavailable):
+        load_group(tmp_path / "bad.json")
 
 
 def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine):
@@ -111,14 +116,14 @@ def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine)
     from esr_core.steering.spec import GenerationSpec
     from esr_core.steering.interventions import Intervention
 
-    members = small_group[0]["members"]
+    members = small_group[0].members
     off_text = " ".join(a for _, _, a in FIXTURE[1:5])  # other prompts' answers: off-topic for prompt 0
     dis = Intervention(latent=int(members[-1]) + 1 if members[-1] + 1 < engine.sae.d_sae else 0, mode="add",
                        strength=0.5)
     base = GenerationSpec(prompt=FIXTURE[0][0], watch=list(members), max_new_tokens=5, seed=3, temperature=0.6, top_k=0)
-    cond = {c.key: c for c in build_conditions(base, dis, {"members": members}, engine.sae.d_sae,
-                                               keys=["steering", "circuit_ablated"])}
-    res = engine.generate(cond["circuit_ablated"].spec)["steered"]
+    cond = {c.key: c for c in build_conditions(base, dis, LatentGroup(name="c", members=members), engine.sae.d_sae,
+                                               keys=["steering", "detector_ablation"])}
+    res = engine.generate(cond["detector_ablation"].spec)["steered"]
     assert np.all(res.acts == 0) and np.all(res.prompt.acts == 0)  # engine readout after ablation
 
     # re-encode check: the residual that leaves the hook no longer carries the members
@@ -128,12 +133,12 @@ def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine)
     def grab(_m, _i, out):
         grabbed["h"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
 
-    hp = engine.model.hook_point(engine.hook_name)
+    hp = hook_module(engine.model, engine.hook_name)
     h = hp.register_forward_hook(grab)  # registered after the engine's hook: sees the edited residual
     try:
         engine.activations(messages=msgs, interventions=cond["steering"].spec.interventions)
         before = det.encode(engine, grabbed["h"][0])[1:, members].sum().item()
-        engine.activations(messages=msgs, interventions=cond["circuit_ablated"].spec.interventions)
+        engine.activations(messages=msgs, interventions=cond["detector_ablation"].spec.interventions)
         after = det.encode(engine, grabbed["h"][0])[1:, members].sum().item()
     finally:
         h.remove()
@@ -159,7 +164,7 @@ def test_cli_bad_input_and_show(capsys):
     assert main(["detectors", "find", "--threshold", "2"]) == 2
     assert "AUC threshold" in capsys.readouterr().err
     rc = main(["detectors", "show", "--json"])
-    if det.shipped_group("circuit") is None:
+    if shipped_group("circuit") is None:
         assert rc == 2
     else:
         import json
@@ -172,30 +177,30 @@ def test_cli_bad_input_and_show(capsys):
 def test_resistance_page_renders_circuit_table(engine):
     from conftest import open_app_page
 
-    if det.shipped_group("circuit") is None:
+    if shipped_group("circuit") is None:
         pytest.skip("no shipped resistance circuit yet")
     at = open_app_page("pages/resistance.py")
     assert not at.exception, [e.value for e in at.exception]
     assert any(t.value == "Resistance" for t in at.title)
     frames = at.dataframe
     assert frames, "the circuit table is missing"
-    members = det.shipped_group("circuit")["members"]
+    members = shipped_group("circuit").members
     assert list(frames[0].value["latent"]) == members
 
 
 def test_youden_threshold_separates_peaks_and_respects_floor():
     on = [0.0, 0.0, 1.0, 2.0]
     off = [3.0, 4.0, 5.0, 1.5]
-    t = det.youden_threshold(on, off)
+    t = youden_threshold(on, off)
     # best split is between 2.0 and 3.0: all on-topic below, 3 of 4 off-topic above
     assert t["value"] == pytest.approx(2.5)
     assert (t["tpr"], t["fpr"]) == (0.75, 0.0)
     assert t["j"] == pytest.approx(0.75)
     # a floor above the best split wins: the threshold is never below it
-    t2 = det.youden_threshold(on, off, floor=3.5)
+    t2 = youden_threshold(on, off, floor=3.5)
     assert t2["value"] >= 3.5 and t2["fpr"] == 0.0 and t2["tpr"] == 0.5
     # identical classes: no split beats J = 0, and the highest threshold is kept (no false alarms)
-    t3 = det.youden_threshold([1.0, 2.0], [1.0, 2.0])
+    t3 = youden_threshold([1.0, 2.0], [1.0, 2.0])
     assert t3["j"] == pytest.approx(0.0) and t3["fpr"] == 0.0
-    with pytest.raises(det.BadInput):
-        det.youden_threshold([], [1.0])
+    with pytest.raises(BadInput):
+        youden_threshold([], [1.0])

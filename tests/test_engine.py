@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from esr_core.models.hooks import hook_module
 from esr_core.steering.engine import Engine
 from esr_core.errors import BadInput, ModelUnavailable, SaeUnavailable
 from esr_core.steering.spec import GenerationSpec, RunDone, TokenEvent, collect
@@ -22,7 +23,7 @@ class Capture:
 
     def __init__(self, engine: Engine):
         self.pre, self.post = [], []
-        hp = engine.model.hook_point(engine.hook_name)
+        hp = hook_module(engine.model, engine.hook_name)
         self.handles = [hp.register_forward_hook(self._grab(self.pre), prepend=True),
                         hp.register_forward_hook(self._grab(self.post))]
 

@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
-import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,9 @@ import torch
 
 from esr_core.experiments import runner as xr
 from esr_core.errors import BadInput, Cancelled
-from esr_core.experiments.spec import ExperimentSpec, batches, plan_trials
+from esr_core.experiments import store
+from esr_core.experiments.spec import ExperimentSpec, batches, plan_trials, prompt_for, trial_interventions
+from esr_core.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SAE = ROOT / "assets" / "sae" / "smollm2-135m-instruct"
@@ -76,19 +77,19 @@ def test_condition_interventions_and_prompts():
     trials = {}
     for t in plan_trials(spec):
         trials.setdefault(t.condition, t)  # the first trial of each condition: latent 3, boost 10
-    iv = {c: xr._interventions(spec, t) for c, t in trials.items()}
+    iv = {c: trial_interventions(spec, t) for c, t in trials.items()}
     assert iv["no_steering"] == []
     assert [(i.latent, i.mode, i.strength, i.units) for i in iv["steering"]] == [(3, "add", 10.0, "raw")]
     assert [(i.latent, i.mode) for i in iv["detector_ablation"]] == [(3, "add"), (1, "ablate"), (2, "ablate")]
     rnd = trials["random_ablation"]
     assert [i.latent for i in iv["random_ablation"][1:]] == spec.random_sets[str(rnd.ablation_seed)]
     base = "Explain how to clean a cast iron pan after cooking."
-    sent, variant = xr._prompt_for(spec, trials["meta_prompt"], base)
+    sent, variant = prompt_for(spec, trials["meta_prompt"].condition, trials["meta_prompt"].latent, base)
     assert variant == "get_back_on_track" and sent.startswith(base) and "get back on track" in sent
-    sent2, v2 = xr._prompt_for(spec, trials["meta_prompt:dont_get_distracted"], base)
+    sent2, v2 = prompt_for(spec, trials["meta_prompt:dont_get_distracted"].condition, trials["meta_prompt:dont_get_distracted"].latent, base)
     assert v2 == "dont_get_distracted" and sent2.endswith("Don't get distracted!")
-    assert xr._prompt_for(spec, trials["steering"], base) == (base, None)
-    assert xr.boost_norm_of(spec, 7, 15.0) == pytest.approx(0.3)
+    assert prompt_for(spec, trials["steering"].condition, trials["steering"].latent, base) == (base, None)
+    assert spec.boost_norm(7, 15.0) == pytest.approx(0.3)
 
 
 def test_spec_validation_rejects_bad_settings():
@@ -234,7 +235,7 @@ def test_tiny_real_experiment_end_to_end(tiny_run):
     row = {r["condition"]: r for r in summary["by_condition"]}["steering"]
     assert row["n_valid"] + row["n_dropped"] == 4 and 0.0 <= row["esr_lo"] <= row["esr_hi"] <= 1.0
     assert summary["complete"] is True and "steering" in summary["headline"]
-    assert any(p.get("eta_s") is not None for p in seen) and seen[-1]["stage"] == "done"
+    assert any(p.eta_s is not None for p in seen) and seen[-1].stage == "done"
 
 
 @needs_sae
@@ -244,22 +245,22 @@ def test_resume_after_cancel_gives_exactly_the_uninterrupted_trials(engine, tiny
     cancel = threading.Event()
 
     def stop_early(p):
-        if p.get("done", 0) >= 3:
+        if p.done >= 3:
             cancel.set()
 
     with pytest.raises(Cancelled):
         xr.run_experiment(_tiny_spec("full"), run_dir, engine=engine, progress=stop_early, cancel=cancel)
-    partial = xr.read_jsonl(run_dir / xr.TRIALS_FILE)
+    partial = read_jsonl(run_dir / store.TRIALS_FILE)
     assert 3 <= len(partial) < 12
     with pytest.raises(BadInput):  # an existing run is never silently overwritten
         xr.run_experiment(_tiny_spec("full"), run_dir, engine=engine)
     # a torn last line (crash mid-write) is ignored and that trial is redone
-    with open(run_dir / xr.TRIALS_FILE, "a") as f:
+    with open(run_dir / store.TRIALS_FILE, "a") as f:
         f.write('{"key": "steering|11|howto')
-    n_gen_before = len(xr.read_jsonl(run_dir / xr.GEN_FILE))
+    n_gen_before = len(read_jsonl(run_dir / store.GEN_FILE))
     final = xr.run_experiment(_tiny_spec("ignored on resume"), run_dir, engine=engine, resume=True)
     assert final["stage"] == "done" and final["new_generations"] == 12 - n_gen_before
-    assert len(xr.read_jsonl(run_dir / xr.TRIALS_FILE)) == 12 + 0  # the torn line is skipped
+    assert len(read_jsonl(run_dir / store.TRIALS_FILE)) == 12 + 0  # the torn line is skipped
     a = pd.read_parquet(full_dir / "trials.parquet").set_index("key")
     b = pd.read_parquet(run_dir / "trials.parquet").set_index("key")
     assert list(a.index) == list(b.index)
@@ -272,7 +273,7 @@ def test_resume_after_cancel_gives_exactly_the_uninterrupted_trials(engine, tiny
 
 @needs_sae
 def test_selected_distractors_are_silent_on_the_prompts(engine):
-    from esr_core.latents.catalog import load_catalog_for_names
+    from esr_core.latents.catalog.store import load_catalog_for_names
     from esr_core.experiments.distractors import select_distractors
     from esr_core.judge.prompts import load_prompts
 
@@ -291,7 +292,7 @@ def test_selected_distractors_are_silent_on_the_prompts(engine):
 
 # ----------------------------------------------------------------------------- CLI and page
 
-REF = xr.REFERENCE_DIR
+REF = store.REFERENCE_DIR
 needs_ref = pytest.mark.skipif(not (REF / "summary.json").exists(),
                                reason="reference run not shipped in assets/experiments/reference")
 
@@ -327,7 +328,7 @@ def test_shipped_boost_sweep_covers_five_levels_around_the_calibrated_thresholds
     # stronger steering, lower first-attempt scores
     means = df.groupby("boost_sd")["first_score"].mean().tolist()
     assert means == sorted(means, reverse=True)
-    from esr_core.experiments.runner import list_runs
+    from esr_core.experiments.store import list_runs
 
     names = [(r["name"], r["shipped"]) for r in list_runs()]
     assert names[:2] == [("reference", True), ("boost-sweep", True)]

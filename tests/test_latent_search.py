@@ -87,11 +87,11 @@ def test_latents_firing_on_text(built):
 
 
 def test_cli_json_outputs(built, monkeypatch, capsys):
-    import esr_core.latents.catalog as catalog_mod
+    import esr_core.latents.catalog.store as catalog_store
     from esr_core.cli import main
 
     _, sae, cat, out, _ = built
-    monkeypatch.setattr(catalog_mod, "cached_catalog_dir", lambda model_name, s: out)
+    monkeypatch.setattr(catalog_store, "cached_catalog_dir", lambda model_name, s: out)
     word, _ = _a_described_word(cat)
     assert main(["search", word, "--top", "3", "--json", "--sae", sae.source]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -117,7 +117,7 @@ def test_shipped_catalog_search():
 
 
 def test_background_warm_up_readies_search_vectors_and_the_query_embedder(monkeypatch):
-    from esr_core.app import services as svc
+    from esr_core.app import session as svc
     from esr_core.models import embeddings
     from esr_core.latents.search import search_index
 

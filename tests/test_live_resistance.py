@@ -1,9 +1,10 @@
 """Live resistance tracking and judged overlays: pure functions on hand-made streams."""
 
-from esr_core.resistance.live import LiveResistance, group_threshold, judged_overlay, token_starts
+from esr_core.latents.groups import LatentGroup
+from esr_core.resistance.live import LiveResistance, judged_overlay, token_starts
 
-CIRCUIT = {"name": "resistance circuit", "members": [7, 9], "weights": [1.0, 0.5],
-           "threshold": {"value": 1.0, "how": "sum"}}
+CIRCUIT = LatentGroup.from_dict({"name": "resistance circuit", "members": [7, 9], "weights": [1.0, 0.5],
+                                 "threshold": {"value": 1.0, "how": "sum"}})
 
 
 def feed(tracker, stream):
@@ -56,9 +57,13 @@ def test_judged_overlay_maps_attempts_to_token_regions():
 
 
 def test_threshold_fallbacks():
-    assert group_threshold({"threshold": 2.5}) == 2.5
-    assert group_threshold({"threshold": {"value": None}}, fallback=0.3) == 0.3
-    assert group_threshold({}, fallback=0.1) == 0.1
+    def group(**extra):
+        return LatentGroup(name="c", members=[1], extra=extra)
+
+    assert group(threshold=2.5).threshold_value() == 2.5
+    assert group(threshold={"value": None}).threshold_value() is None
+    assert group().threshold_value() is None
+    assert LiveResistance.for_group(group()).threshold == 0.0  # no stored threshold: any activity alerts
 
 
 def test_replay_of_a_finished_run_matches_the_live_tracker_and_badges_have_stable_hooks():

@@ -11,12 +11,12 @@ import pytest
 from esr_core.errors import BadInput
 from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
 from esr_core.steering.interventions import Intervention
-from esr_core.latents.groups import (LatentGroup, catalog_scales, decode_groups, encode_groups, groups_from_json,
-                                    groups_to_json, load_builtin_groups, normalised_lane, observed_scales, parse_members)
+from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups, groups_from_json, groups_to_json, load_builtin_groups, parse_members
+from esr_core.latents.group_scales import catalog_scales, normalised_lane, observed_scales
 from esr_core.app.run_record import RunRecord, history_to_json, records_from_json
 from esr_core.viz.timeline import Series, selected_point, summarise, timeline_figure
 from esr_core.viz.token_heatmap import opacity, render_heatmap, scale_max
-from esr_core.app import services as svc
+from esr_core.app import forms, latent_view, live_run, session
 from esr_core.app import url_state
 
 
@@ -152,7 +152,7 @@ def test_catalog_scales_read_each_latents_catalog_max():
 
 def test_group_heatmap_values_normalise_per_latent_across_runs():
     spec = GenerationSpec(prompt="Hi", watch=[5, 7], max_new_tokens=3)
-    live = svc.LiveRun(spec=spec, model="m", sae="s")
+    live = live_run.LiveRun(spec=spec, model="m", sae="s")
     for run in spec.runs:
         live.add(PromptReadout(run=run, rendered_prompt="<u>Hi", token_ids=[1, 2], tokens=["<u>", "Hi"],
                                acts=np.array([[900.0, 90.0], [0.0, 0.0]], dtype=np.float32), top=[[], []]))
@@ -166,15 +166,15 @@ def test_group_heatmap_values_normalise_per_latent_across_runs():
         max_act = np.zeros(10, dtype=np.float32)
 
     Cat.max_act[5] = 20.0  # #5 has a catalog max; #7 does not (max 0): it takes its max over both runs (2)
-    views, note = svc.group_heatmap_values(rec.results, g, Cat())
+    views, note = live_run.group_heatmap_values(rec.results, g, Cat())
     assert views["steered"][1] == [0.5, 0.5] and views["default"][1] == [1.0]
     assert "catalog max for #5" in note and "max in these runs for #7" in note
-    raw, note = svc.group_heatmap_values(rec.results, g, Cat(), normalise=False)
+    raw, note = live_run.group_heatmap_values(rec.results, g, Cat(), normalise=False)
     assert raw["steered"][1] == [10.0, 1.0] and note == "raw weighted sum"
     # with the prompt shown, position 0 (the attention sink, 900 and 90) does not set the fallback scale
-    views, note = svc.group_heatmap_values(rec.results, g, None, include_prompt=True)
+    views, note = live_run.group_heatmap_values(rec.results, g, None, include_prompt=True)
     assert views["steered"][1][1:] == [0.0, 1.0, 0.5] and note == "each latent ÷ its max in these runs"
-    vals, note = svc.normalised_member_series(np.array([[900.0, 90.0], [10.0, 0.0], [0.0, 2.0]]), g, Cat())
+    vals, note = live_run.normalised_member_series(np.array([[900.0, 90.0], [10.0, 0.0], [0.0, 2.0]]), g, Cat())
     assert vals[1:].tolist() == [0.5, 1.0]
 
 
@@ -232,9 +232,9 @@ def test_url_state_ignores_mangled_pieces():
 
 
 # ---------------------------------------------------------------- run records and live runs
-def _live() -> svc.LiveRun:
+def _live() -> live_run.LiveRun:
     spec = GenerationSpec(prompt="Hi", interventions=[Intervention(5, "add", 4.0)], watch=[5], max_new_tokens=3)
-    live = svc.LiveRun(spec=spec, model="m", sae="s", groups=[LatentGroup("g", [5])])
+    live = live_run.LiveRun(spec=spec, model="m", sae="s", groups=[LatentGroup("g", [5])])
     for run in spec.runs:
         live.add(PromptReadout(run=run, rendered_prompt="<u>Hi", token_ids=[1, 2], tokens=["<u>", "Hi"],
                                acts=np.array([[0.0], [1.0]], dtype=np.float32), top=[[], [(5, 1.0)]]))
@@ -275,45 +275,45 @@ def test_run_record_json_round_trip_and_errors():
 def test_token_values_for_latent_group_and_prompt():
     rec = _live().record("done")
     r = rec.results["steered"]
-    pieces, vals, special, tops = svc.token_values(r, latent=5)
+    pieces, vals, special, tops = live_run.token_values(r, latent=5)
     assert pieces == ["A", "<b>"] and vals == [2.0, 3.0]
-    pieces, vals, _, _ = svc.token_values(r, group=LatentGroup("g", [5], [2.0]), include_prompt=True)
+    pieces, vals, _, _ = live_run.token_values(r, group=LatentGroup("g", [5], [2.0]), include_prompt=True)
     assert pieces == ["<u>", "Hi", "A", "<b>"] and vals == [0.0, 2.0, 4.0, 6.0]
-    _, vals, _, _ = svc.token_values(r, latent=99)  # not watched: from the top-k lists
+    _, vals, _, _ = live_run.token_values(r, latent=99)  # not watched: from the top-k lists
     assert vals == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------- form parsing
 def test_form_parsing_errors_are_one_clear_line():
-    assert svc.make_intervention("#12", "add", "4", "norm", "all", 100).latent == 12
+    assert forms.make_intervention("#12", "add", "4", "norm", "all", 100).latent == 12
     for args, msg in [(("12", "add", "1e9", "norm", "all"), "absurd"), (("12", "add", "nan", "norm", "all"), "finite"),
                       (("100", "add", "1", "norm", "all"), "out of range"), (("x", "add", "1", "norm", "all"), "latent id"),
                       (("1", "add", "", "norm", "all"), "not a number")]:
         with pytest.raises(BadInput, match=msg):
-            svc.make_intervention(*args, d_sae=100)
-    assert svc.make_intervention("3", "ablate", "junk", "raw", "generated", 100).strength == 0.0
-    assert svc.parse_watch("1, 2 2;3", 10) == [1, 2, 3]
-    spec = svc.build_spec("Hi", [Intervention(1, "add", 2.0)], [4], [LatentGroup("g", [6, 7])], 10,
+            forms.make_intervention(*args, d_sae=100)
+    assert forms.make_intervention("3", "ablate", "junk", "raw", "generated", 100).strength == 0.0
+    assert forms.parse_watch("1, 2 2;3", 10) == [1, 2, 3]
+    spec = forms.build_spec("Hi", [Intervention(1, "add", 2.0)], [4], [LatentGroup("g", [6, 7])], 10,
                           ablate_groups=[LatentGroup("a", [8])], max_new_tokens=5)
     assert spec.watch == [4, 1, 6, 7, 8] and [iv.mode for iv in spec.interventions] == ["add", "ablate"]
     with pytest.raises(BadInput, match="prompt is empty"):
-        svc.build_spec("  ", [], [], [], 10)
+        forms.build_spec("  ", [], [], [], 10)
 
 
 def test_search_by_ids_without_catalog():
-    assert [r["latent"] for r in svc.search(None, "#12 40", d_sae=100)] == [12, 40]
-    assert svc.search(None, "  ") == []
+    assert [r["latent"] for r in latent_view.search(None, "#12 40", d_sae=100)] == [12, 40]
+    assert latent_view.search(None, "  ") == []
     with pytest.raises(BadInput, match="catalog"):
-        svc.search(None, "cooking")
+        latent_view.search(None, "cooking")
     with pytest.raises(BadInput, match="out of range"):
-        svc.search(None, "500", d_sae=100)
+        latent_view.search(None, "500", d_sae=100)
 
 
 def test_examples_file_is_valid():
-    ex = svc.load_examples()
+    ex = session.load_examples()
     assert ex and all({"prompt", "latent", "strength"} <= set(e) for e in ex)
     for e in ex:
-        svc.make_intervention(e["latent"], e.get("mode", "add"), e["strength"], e.get("units", "norm"),
+        forms.make_intervention(e["latent"], e.get("mode", "add"), e["strength"], e.get("units", "norm"),
                               e.get("positions", "all"), 8192)
 
 

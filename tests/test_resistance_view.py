@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 
 from esr_core.resistance import view as rv
-from esr_core.experiments.conditions import META_PROMPT, build_conditions, random_latents
-from esr_core.resistance.detectors import derangement, ema, rank_auc, select_latents, DetectorParams, class_stats
 from esr_core.errors import BadInput
-from esr_core.steering.spec import GenerationSpec
+from esr_core.experiments.conditions import DEFAULT_META_VARIANT, META_PROMPTS, build_conditions, random_latents
+from esr_core.latents.groups import LatentGroup
+from esr_core.resistance.detectors import DetectorParams, select_latents
+from esr_core.resistance.episodes import derangement
+from esr_core.resistance.signals import class_stats, ema, rank_auc
 from esr_core.steering.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec
 
-GROUP = {"name": "g", "members": [2, 5], "weights": [1.0, 2.0], "threshold": {"value": 3.0, "how": "sum"}}
+GROUP = LatentGroup.from_dict({"name": "g", "members": [2, 5], "weights": [1.0, 2.0],
+                               "threshold": {"value": 3.0, "how": "sum"}})
+META_PROMPT = META_PROMPTS[DEFAULT_META_VARIANT]
 
 
 def test_ema_matches_recurrence():
@@ -49,9 +54,9 @@ def test_threshold_crossings_rising_edges_only():
     assert rv.threshold_crossings([5, 5, 1], 3) == [0]
     assert rv.threshold_crossings([0, 0, 0.2, 0], 0.0) == [2]  # a zero threshold: any activity
     assert rv.threshold_crossings([], 1) == []
-    assert rv.default_threshold(GROUP) == 3.0
-    assert rv.default_threshold(GROUP, how="mean") == 1.5
-    assert rv.default_threshold({"members": [1]}) is None
+    assert GROUP.threshold_value() == 3.0
+    assert GROUP.threshold_value(how="mean") == 1.5
+    assert LatentGroup(name="h", members=[1]).threshold_value() is None
 
 
 def _fake_episode():
@@ -151,22 +156,22 @@ def test_selection_rules():
 def test_conditions_share_prompt_seed_and_sampling():
     base = GenerationSpec(prompt="How do I boil an egg?", watch=[1, 2], max_new_tokens=8, seed=7, temperature=0.6)
     dis = Intervention(latent=40, mode="add", strength=8.0)
-    circ = {"members": [3, 4, 5]}
+    circ = LatentGroup(name="resistance circuit", members=[3, 4, 5])
     conds = build_conditions(base, dis, circ, d_sae=100, random_seed=1)
     keys = [c.key for c in conds]
-    assert keys == ["no_steering", "steering", "circuit_ablated", "random_ablated", "meta_prompt"]
+    assert keys == ["no_steering", "steering", "meta_prompt", "detector_ablation", "random_ablation"]
     for c in conds:
         assert c.spec.seed == 7 and c.spec.temperature == 0.6 and c.spec.max_new_tokens == 8
         assert c.spec.runs == ("steered",) and c.judge_prompt == base.prompt
     by = {c.key: c for c in conds}
     assert by["no_steering"].spec.interventions == []
     assert by["steering"].spec.interventions == [dis]
-    abl = [iv for iv in by["circuit_ablated"].spec.interventions if iv.mode == "ablate"]
+    abl = [iv for iv in by["detector_ablation"].spec.interventions if iv.mode == "ablate"]
     assert [iv.latent for iv in abl] == [3, 4, 5] and all(iv.positions == "all" for iv in abl)
-    rnd = by["random_ablated"].ablated
+    rnd = by["random_ablation"].ablated
     assert len(rnd) == 3 and not set(rnd) & {3, 4, 5, 40}
     # the random set is reproducible from its seed
-    again = build_conditions(base, dis, circ, d_sae=100, random_seed=1, keys=["random_ablated"])[0]
+    again = build_conditions(base, dis, circ, d_sae=100, random_seed=1, keys=["random_ablation"])[0]
     assert again.ablated == rnd
     assert by["meta_prompt"].spec.prompt.endswith(META_PROMPT) and by["meta_prompt"].spec.prompt != base.prompt
     assert base.prompt == "How do I boil an egg?" and base.runs == ("steered", "default")  # base untouched
@@ -174,4 +179,4 @@ def test_conditions_share_prompt_seed_and_sampling():
     with pytest.raises(BadInput):
         random_latents(10, 4, 0, exclude=[0, 1], live=[0, 1, 2, 3, 4])
     with pytest.raises(BadInput):
-        build_conditions(base, dis, None, d_sae=100, keys=["circuit_ablated"])
+        build_conditions(base, dis, None, d_sae=100, keys=["detector_ablation"])

@@ -1,6 +1,5 @@
 """Result figures build from small and empty tables and contain the expected traces."""
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -8,7 +7,8 @@ import pytest
 
 from esr_core.viz import result_plots as rp
 from esr_core.errors import EsrError
-from esr_core.experiments.metrics import summarise
+from esr_core.experiments.metrics import pool_by, summarise, trial_table_flags
+from esr_core.experiments.overlay_summary import align_at_events
 from esr_core.experiments.paper import PAPER_NUMBERS, comparison_table, paper_table
 
 
@@ -38,7 +38,7 @@ def _is_empty_fig(fig):
 
 
 def test_score_delta_figure(trials):
-    fig = rp.score_delta_figure(trials)
+    fig = rp.score_delta_figure(trial_table_flags(trials), summarise(trials))
     names = _names(fig)
     assert "Δ score · steering" in names and "Δ score · meta_prompt" in names
     assert "Multi-attempt rate" in names and "ESR rate" in names
@@ -48,7 +48,7 @@ def test_score_delta_figure(trials):
     assert list(bars.x) == ["meta_prompt", "steering"]
     assert list(bars.y) == pytest.approx([4 / 6, 2 / 8])
     assert "k/n = 2/8" in bars.hovertext[1]
-    assert _is_empty_fig(rp.score_delta_figure(pd.DataFrame()))
+    assert _is_empty_fig(rp.score_delta_figure(pd.DataFrame(), pd.DataFrame()))
 
 
 def test_rates_vs_boost(trials):
@@ -71,8 +71,8 @@ def test_rates_vs_boost(trials):
 
 
 def test_condition_comparison(trials):
-    s = summarise(trials, by=("condition", "boost_sd"))  # pooled over boosts inside
-    fig = rp.condition_comparison_figure(s, baseline="steering")
+    s = summarise(trials, by=("condition", "boost_sd"))
+    fig = rp.condition_comparison_figure(pool_by(s), baseline="steering")  # pooled over boosts
     bars = [t for t in fig.data if t.type == "bar"]
     assert [b.name for b in bars] == ["Multi-attempt rate", "ESR rate", "Improvement rate"]
     assert list(bars[0].y) == pytest.approx([4 / 6, 4 / 8])
@@ -80,45 +80,29 @@ def test_condition_comparison(trials):
     assert len(base) == 3 and list(base[1].y) == pytest.approx([0.25, 0.25])
     assert all(l.dash == "dash" for l in (b.line for b in base))
     assert _is_empty_fig(rp.condition_comparison_figure(pd.DataFrame()))
+    assert _is_empty_fig(rp.condition_comparison_figure(s))  # not pooled: one row per condition is required
 
 
 def test_first_last_scatter(trials):
-    fig = rp.first_last_scatter(trials)
+    fig = rp.first_last_scatter(trial_table_flags(trials))
     assert _names(fig) == ["meta_prompt (n=4)", "steering (n=4)", "y = x (no change)"]
     st = fig.data[1]
     assert sorted(zip(st.x, st.y)) == [(20, 80), (20, 80), (60, 40), (60, 40)]
     empty = rp.first_last_scatter(pd.DataFrame())
     assert _is_empty_fig(empty)
-    no_multi = rp.first_last_scatter(trials[trials.attempts.map(len) == 1])
+    no_multi = rp.first_last_scatter(trial_table_flags(trials[trials.attempts.map(len) == 1]))
     assert _names(no_multi) == ["y = x (no change)"] and len(no_multi.layout.annotations) == 1
 
 
 def test_align_at_events_pads_with_nan():
-    offsets, mat = rp.align_at_events([[1, 2, 3, 4], [10, 20]], [2, 0], before=2, after=1)
+    offsets, mat = align_at_events([[1, 2, 3, 4], [10, 20]], [2, 0], before=2, after=1)
     assert list(offsets) == [-2, -1, 0, 1]
     assert mat[0].tolist() == [1, 2, 3, 4]
     assert np.isnan(mat[1, :2]).all() and mat[1, 2:].tolist() == [10, 20]
-    _, mat = rp.align_at_events([[1, 2]], [5], 1, 1)  # correction outside the episode: dropped
+    _, mat = align_at_events([[1, 2]], [5], 1, 1)  # correction outside the episode: dropped
     assert np.isnan(mat).all()
     with pytest.raises(EsrError):
-        rp.align_at_events([[1]], [0, 1])
-
-
-def test_aligned_activity_figure():
-    circuit = [[0, 0, 1, 3, 1], [0, 2, 4, 2]]
-    backtrack = [[0, 0, 0, 5, 0], [0, 0, 6, 0]]
-    fig = rp.aligned_activity_figure({"detector circuit": circuit, "backtracking": backtrack},
-                                     [3, 2], window=2)
-    assert {"detector circuit", "backtracking", "episodes (n)"} <= set(_names(fig))
-    line = next(t for t in fig.data if t.name == "detector circuit")
-    assert list(line.x) == [-2, -1, 0, 1, 2]
-    assert list(line.y[:4]) == pytest.approx([0.0, 1.5, 3.5, 1.5])
-    assert math.isnan(line.y[4])
-    n = next(t for t in fig.data if t.name == "episodes (n)")
-    assert list(n.y) == [2, 2, 2, 2, 0]
-    assert list(line.customdata) == [2, 2, 2, 2, 0]
-    assert _is_empty_fig(rp.aligned_activity_figure({}, []))
-    assert _is_empty_fig(rp.aligned_activity_figure({"detector circuit": []}, []))
+        align_at_events([[1]], [0, 1])
 
 
 def test_export_html_always_and_png_error_when_kaleido_missing(tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,11 +79,11 @@ def test_shipped_sae_loads_with_sae_lens(meta):
 
 def test_shipped_sae_encode_matches_manual_topk(handle, lm):
     """SAE-Lens' encode equals TopK(ReLU((h - b_dec) W_enc + b_enc)) on real residuals."""
-    from esr_core.sae_training.activations import residuals
+    from esr_core.models.hooks import capture
 
     ids = lm.tokenizer("The committee approved the budget after a long debate about schools.",
                        return_tensors="pt")["input_ids"]
-    h = residuals(lm.hf_model, ids, [handle.layer])[handle.layer][0, 1:]
+    h = capture(lm.hf_model, handle.hook_name, ids)[handle.hook_name][0, 1:]
     z = handle.encode(h)
     sae = handle.sae
     pre = (h - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -247,7 +246,7 @@ def test_corrupt_sae_folder(tmp_path):
 
 
 def test_bad_layer_and_settings(lm, capsys):
-    from esr_core.sae_training.activations import check_layer
+    from esr_core.models.hooks import check_layer
 
     with pytest.raises(BadInput, match="layers 0..29"):
         check_layer(lm.hf_model, 30)

@@ -37,7 +37,7 @@ def engine():
 
 
 def test_shipped_catalog_matches_the_shipped_sae():
-    from esr_core.latents.catalog import Catalog, shipped_catalog_dir
+    from esr_core.latents.catalog.store import Catalog, shipped_catalog_dir
     from esr_core.models.sae import load_sae
 
     sae = load_sae(str(SAE_DIR))
@@ -58,7 +58,7 @@ def test_engine_steers_gemma_and_reads_its_latents(engine):
     from esr_core.steering.interventions import Intervention
 
     assert engine.hook_name == "blocks.8.hook_resid_post" and not engine.model.entry.instruct
-    from esr_core.latents.catalog import catalog_for
+    from esr_core.latents.catalog.build import catalog_for
 
     cat = catalog_for(engine.model, engine.sae)
     live = np.nonzero(~cat.dead)[0]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esr_core.errors import BadInput
-from esr_core.steering.spec import GenerationSpec, RunResult
 from esr_core.latents.groups import LatentGroup
+from esr_core.steering.spec import GenerationSpec, RunResult
 
 FORMAT = "esr-lab.run/1"
 MAX_UPLOAD_BYTES = 50_000_000

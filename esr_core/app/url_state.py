@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from esr_core.errors import BadInput
-from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention
 from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups
+from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention
 
 MAX_PROMPT_IN_URL = 4000
 

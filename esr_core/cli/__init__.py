@@ -1,7 +1,10 @@
-"""The ``esr-lab`` command line: the same capabilities as the app, for scripting.
+"""The ``esr-lab`` command line: a fixed list of command groups, one module each.
 
-Each area registers its subcommands from its own ``cli_<area>`` module; bad input exits
-non-zero with one clear line on stderr (no traceback).
+``generate`` (generate), ``sae`` (corpus, train-sae, sae-metrics), ``latents`` (search, latent,
+fires, catalog), ``judge`` (judge, prompts), ``resistance`` (detectors), ``experiment``
+(experiment), ``bench`` (bench), ``serve`` (serve: the app); ``common`` holds what they share. A missing group fails loudly.
+
+May import: everything below it (core files through experiments); never app.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import logging
 import sys
 
 from esr_core.errors import EsrError
+from esr_core.paths import offline_env
 
 # the command groups, in help order: each module has register(subparsers); a missing one fails loudly
-COMMAND_GROUPS = ("generate", "sae", "latents", "judge", "resistance", "experiment", "bench")
+COMMAND_GROUPS = ("generate", "sae", "latents", "judge", "resistance", "experiment", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from esr_core.paths import offline_env
-
     offline_env()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-from esr_core.errors import BadInput
+from esr_core.cli.common import StderrProgress
+from esr_core.errors import BadInput, EsrError
+from esr_core.experiments.boost import import_run_calibrations
+from esr_core.experiments.overlay import OverlayParams, compute_overlay
+from esr_core.experiments.overlay_summary import SOURCE_LABELS, describe, overlay_path
+from esr_core.experiments.report import finalize, load_summary, run_figures, summary_text
+from esr_core.experiments.runner import rejudge, run_experiment
+from esr_core.experiments.spec import ExperimentSpec
+from esr_core.experiments.store import REFERENCE_DIR, SPEC_FILE, default_run_dir, list_runs, load_spec
+from esr_core.io import read_json
+from esr_core.judge.scoring import get_judge
+from esr_core.viz.result_plots import correction_overlay_figure, export_figure
 
 
 def register(subparsers) -> None:
@@ -87,16 +97,9 @@ def register(subparsers) -> None:
 
 
 def _spec_from_args(args):
-    from esr_core.experiments.spec import ExperimentSpec
-
     d: dict = {}
     if args.config:
-        try:
-            d = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInput(f"No config file at {args.config}") from None
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{args.config} is not valid JSON: {exc}") from None
+        d = read_json(args.config, f"Config file {args.config}")
         if not isinstance(d, dict):
             raise BadInput(f"{args.config} must hold a JSON object")
     simple = {"name": args.name, "model": args.model, "sae": args.sae, "n_latents": args.latents,
@@ -122,19 +125,9 @@ def _spec_from_args(args):
     return ExperimentSpec.from_dict(d)
 
 
-def _fmt_eta(s) -> str:
-    if s is None or not math.isfinite(float(s)):
-        return "--"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def cmd_run(args) -> int:
-    from esr_core.experiments.runner import SPEC_FILE, default_run_dir, finalize, run_experiment
-    from esr_core.experiments.spec import ExperimentSpec
-
     if args.threads:
-        import torch
+        import torch  # heavy: torch, only to set its thread count
 
         torch.set_num_threads(int(args.threads))
     if args.resume and (args.out or args.name):
@@ -147,72 +140,23 @@ def cmd_run(args) -> int:
     else:
         spec = _spec_from_args(args)
         run_dir = Path(args.out) if args.out else default_run_dir(spec.name)
-    last = {"t": 0.0}
-
-    def progress(p: dict) -> None:
-        now = time.time()
-        if now - last["t"] < 2.0 and p.get("done") != p.get("total"):
-            return
-        last["t"] = now
-        done, total = p.get("done", 0), p.get("total", 0) or 0
-        pct = f"{100 * done / total:.0f}%" if total else ""
-        print(f"[{p.get('stage', '')}] {done}/{total} {pct} ETA {_fmt_eta(p.get('eta_s'))} {p.get('message', '')}",
-              file=sys.stderr, flush=True)
-
     if getattr(args, "calibration_from", None):
-        from esr_core.experiments.boost import import_run_calibrations
-
         src = Path(args.calibration_from) / SPEC_FILE
-        try:
-            doc = json.loads(src.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInput(f"Cannot read {src}: {type(exc).__name__}") from None
+        doc = read_json(src, f"The run spec {src}")
         got = import_run_calibrations(doc)
         print(f"imported {len(got)} calibrations from {src}", file=sys.stderr)
     print(f"run directory: {run_dir}", file=sys.stderr)
-    final = run_experiment(spec, run_dir, resume=args.resume, judge=not args.no_judge, progress=progress,
+    final = run_experiment(spec, run_dir, resume=args.resume, judge=not args.no_judge, progress=StderrProgress(every=2.0, newline=True),
                            stop_after=args.limit)
     summary = finalize(run_dir)
     if args.json:
         print(json.dumps({"run_dir": str(run_dir), "progress": final, "summary": summary}, indent=1))
     else:
-        print(_summary_text(summary, run_dir))
+        print(summary_text(summary, run_dir))
     return 0
 
 
-def _pct(x) -> str:
-    return "  n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * float(x):5.1f}%"
-
-
-def _summary_text(summary: dict, run_dir) -> str:
-    lines = [f"run: {summary.get('name')} ({run_dir})",
-             f"model {summary.get('model')}, SAE {summary.get('sae')} at {summary.get('hook')}, judge "
-             f"{summary.get('judge_id')}, {summary.get('n_trials')} of {summary.get('n_trials_planned')} trials",
-             f"{'condition':<34}{'n':>5}{'valid':>6}  {'multi-attempt (95% Wilson)':<30}{'ESR (95% Wilson)':<30}"
-             f"{'1st score':>9}"]
-    for r in summary.get("by_condition", []):
-        m = f"{r['multi_attempt_k']}/{r['multi_attempt_n']} {_pct(r['multi_attempt_rate'])} [{_pct(r['multi_attempt_lo'])},{_pct(r['multi_attempt_hi'])}]"
-        e = f"{r['esr_k']}/{r['esr_n']} {_pct(r['esr_rate'])} [{_pct(r['esr_lo'])},{_pct(r['esr_hi'])}]"
-        fs = r.get("first_score_mean")
-        fs = f"{fs:9.1f}" if isinstance(fs, (int, float)) else f"{'n/a':>9}"
-        lines.append(f"{str(r['condition']):<34}{r['n_trials']:>5}{r['n_valid']:>6}  {m:<30}{e:<30}{fs}")
-    from esr_core.experiments.report import dropped_note, skipped_note
-
-    if dropped_note(summary):
-        lines.append("dropped: " + dropped_note(summary))
-    if skipped_note(summary):
-        lines.append("skipped: " + skipped_note(summary))
-    thr = summary.get("throughput") or {}
-    if thr.get("tokens_per_s"):
-        lines.append(f"generation: {thr['generated_tokens']} tokens in {thr['generation_seconds']} s "
-                     f"({thr['tokens_per_s']} tokens/s, {summary.get('environment', {}).get('device', '?')})")
-    lines.append(summary.get("headline", ""))
-    return "\n".join(lines)
-
-
 def _existing_run(path: str) -> Path:
-    from esr_core.experiments.runner import SPEC_FILE, default_run_dir
-
     p = Path(path)
     if (p / SPEC_FILE).exists():
         return p
@@ -223,22 +167,16 @@ def _existing_run(path: str) -> Path:
 
 
 def cmd_summary(args) -> int:
-    from esr_core.experiments.runner import finalize, load_summary
-
     run_dir = _existing_run(args.run_dir)
     summary = finalize(run_dir) if args.recompute else load_summary(run_dir)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        print(_summary_text(summary, run_dir))
+        print(summary_text(summary, run_dir))
     return 0
 
 
 def cmd_plots(args) -> int:
-    from esr_core.errors import EsrError
-    from esr_core.experiments.runner import run_figures
-    from esr_core.viz.result_plots import export_figure
-
     run_dir = _existing_run(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "plots"
     written, png_error = [], None
@@ -256,26 +194,19 @@ def cmd_plots(args) -> int:
 
 
 def cmd_rejudge(args) -> int:
-    from esr_core.experiments.runner import finalize, rejudge
-    from esr_core.judge.scoring import get_judge
-
     run_dir = _existing_run(args.run_dir)
     out = Path(args.out) if args.out else None
     final = rejudge(run_dir, out, judge_fn=get_judge(args.judge) if args.judge else None)
     target = out or (run_dir.with_name(run_dir.name + "-rejudged"))
-    from esr_core.experiments.runner import REFERENCE_DIR, default_run_dir, load_spec
-
     if out is None and run_dir == REFERENCE_DIR:
         target = default_run_dir(load_spec(run_dir).name + "-rejudged")
     summary = finalize(target)
     print(json.dumps({"run_dir": str(target), "progress": final}, indent=1) if args.json
-          else _summary_text(summary, target))
+          else summary_text(summary, target))
     return 0
 
 
 def cmd_list(args) -> int:
-    from esr_core.experiments.runner import list_runs
-
     runs = list_runs()
     if args.json:
         print(json.dumps(runs, indent=1))
@@ -289,8 +220,6 @@ def cmd_list(args) -> int:
 
 
 def _overlay_text(ov: dict, path) -> str:
-    from esr_core.experiments.overlay import SOURCE_LABELS, describe
-
     lines = [f"overlay: {path}",
              f"window {ov['window'][0]}..{ov['window'][1]} tokens around the correction, EMA alpha {ov['ema_alpha']}, "
              f"circuit {ov['groups']['circuit']['members']}, backtracking "
@@ -318,11 +247,8 @@ def _overlay_text(ov: dict, path) -> str:
 
 
 def cmd_overlay(args) -> int:
-    from esr_core.experiments.overlay import OverlayParams, compute_overlay, overlay_path
-    from esr_core.experiments.runner import SPEC_FILE, default_run_dir
-
     if args.threads:
-        import torch
+        import torch  # heavy: torch, only to set its thread count
 
         torch.set_num_threads(int(args.threads))
     folder = Path(args.run_dir)
@@ -330,19 +256,8 @@ def cmd_overlay(args) -> int:
         folder = default_run_dir(args.run_dir)
     params = OverlayParams(window=args.window, n_synthetic=args.synthetic, include_trials=not args.no_trials,
                            n_baseline=args.baseline)
-    last = {"t": 0.0}
-
-    def progress(done: int, total: int, msg: str) -> None:
-        now = time.time()
-        if now - last["t"] >= 2.0 or done == total:
-            last["t"] = now
-            print(f"[overlay] {done}/{total} {msg}", file=sys.stderr, flush=True)
-
-    ov = compute_overlay(folder, params=params, progress=progress, force=args.force)
+    ov = compute_overlay(folder, params=params, progress=StderrProgress(every=2.0, newline=True), force=args.force)
     if args.plot:
-        from esr_core.errors import EsrError
-        from esr_core.viz.result_plots import correction_overlay_figure, export_figure
-
         for s in ov.get("sources", {}):
             try:
                 for w in export_figure(correction_overlay_figure(ov, s), folder / "plots" / f"correction_overlay_{s}"):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import textwrap
 
 from esr_core.errors import BadInput
-from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
-from esr_core.steering.interventions import Intervention, parse_cli_pair
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.steering.interventions import Intervention, parse_cli_pair
+from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
 
 
 def register(sub) -> None:
@@ -69,7 +70,7 @@ def spec_from_args(args) -> GenerationSpec:
 
 
 def run(args) -> int:
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engine import get_engine  # heavy: pulls torch
 
     spec = spec_from_args(args)
     spec.validate()
@@ -101,7 +102,6 @@ def _print_side_by_side(eng, spec: GenerationSpec) -> int:
             final[ev.run] = ev
     print()
     cols = [(r, final[r].text) for r in spec.runs if r in final]
-    import textwrap
 
     wrapped = [[f"== {r} ({len(final[r].token_ids)} tokens, {final[r].stop_reason}) =="]
                + sum((textwrap.wrap(line, width) or [""] for line in t.splitlines()), []) for r, t in cols]

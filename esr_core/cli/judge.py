@@ -6,6 +6,9 @@ import json
 import sys
 
 from esr_core.errors import BadInput
+from esr_core.judge.calibration import run_calibration
+from esr_core.judge.prompts import ANSWERS_PATH, generate_default_answers, load_prompts
+from esr_core.judge.scoring import get_judge, verdict
 
 
 def _read_arg(value: str) -> str:
@@ -22,8 +25,6 @@ def _read_arg(value: str) -> str:
 
 
 def cmd_judge(args) -> int:
-    from esr_core.judge.scoring import get_judge, verdict
-
     prompt = _read_arg(args.prompt)
     response = _read_arg(args.response)
     distractor = _read_arg(args.distractor) if args.distractor else None
@@ -56,16 +57,12 @@ def cmd_judge(args) -> int:
 
 
 def cmd_prompts_list(args) -> int:
-    from esr_core.judge.prompts import load_prompts
-
     for p in load_prompts():
         print(f"{p['id']}\t{p['topic']}\t{p['prompt']}")
     return 0
 
 
 def cmd_prompts_answer(args) -> int:
-    from esr_core.judge.prompts import ANSWERS_PATH, generate_default_answers
-
     path = args.out or ANSWERS_PATH
     recs = generate_default_answers(model=args.model, path=path, backend=args.backend,
                                     progress=lambda i, n: print(f"{i}/{n}", file=sys.stderr))
@@ -74,8 +71,6 @@ def cmd_prompts_answer(args) -> int:
 
 
 def cmd_prompts_calibrate(args) -> int:
-    from esr_core.judge.calibration import run_calibration
-
     summary = run_calibration(write=not args.dry_run)
     print(json.dumps(summary, indent=1))
     return 0

@@ -5,9 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from esr_core.cli.common import StderrProgress, dump_json, sae_spec
 from esr_core.errors import BadInput
+from esr_core.io import safe_name
+from esr_core.latents.catalog.build import build_catalog, catalog_for, default_corpus
+from esr_core.latents.catalog.store import SHIPPED_DIR, Catalog, cached_catalog_dir, find_catalog
+from esr_core.latents.neuronpedia import clear_import, import_neuronpedia
+from esr_core.latents.search import latents_firing_on, search_latents, warm_search
+from esr_core.models.loading import load_model
 from esr_core.models.registry import DEFAULT_MODEL, get_entry
+from esr_core.models.sae import load_sae
+from esr_core.paths import REPO_ROOT
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -15,49 +25,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", default=None, help="SAE folder or release:sae_id (default: the model's default SAE)")
 
 
-def _sae_spec(args) -> str:
-    if args.sae:
-        return args.sae
-    entry = get_entry(args.model)
-    if entry is None or not entry.default_sae:
-        raise BadInput(f"No default SAE is known for '{args.model}'; pass --sae")
-    p = entry.default_sae_path
-    return str(p) if p is not None else entry.default_sae
-
-
-def _progress(frac: float, msg: str) -> None:
-    print(f"\r[{frac:4.0%}] {msg[:100]:<100}", end="", file=sys.stderr, flush=True)
-    if frac >= 1.0:
-        print(file=sys.stderr)
-
-
 def _catalog(args):
     """The catalog for --model/--sae; loads the model only if it has to be built."""
-    from esr_core.latents.catalog import Catalog, catalog_for, find_catalog
-    from esr_core.models.sae import load_sae
-
-    sae = load_sae(_sae_spec(args))
+    sae = load_sae(sae_spec(args))
     p = find_catalog(args.model, sae)
     if p is not None:
         return Catalog.load(p)
-    from esr_core.models.loading import load_model
-
     print("No catalog for this SAE yet: building one on a small local corpus (cached).", file=sys.stderr)
-    return catalog_for(load_model(args.model), sae, progress=_progress)
-
-
-def _dump(obj) -> None:
-    print(json.dumps(obj, ensure_ascii=False, indent=1))
+    return catalog_for(load_model(args.model), sae, progress=StderrProgress())
 
 
 def cmd_search(args) -> int:
-    from esr_core.latents.search import search_latents
-
     cat = _catalog(args)
     res = search_latents(cat, args.query, top=args.top, min_density=args.min_density,
                          max_density=args.max_density, include_dead=args.include_dead)
     if args.json:
-        _dump([{k: r[k] for k in ("latent", "description", "score", "density", "max_act")} for r in res])
+        dump_json([{k: r[k] for k in ("latent", "description", "score", "density", "max_act")} for r in res])
         return 0
     print(f"{len(res)} latents for {args.query!r} (descriptions: {cat.source})")
     for r in res:
@@ -76,7 +59,7 @@ def cmd_latent(args) -> int:
     cat = _catalog(args)
     e = cat.entry(args.id)
     if args.json:
-        _dump(e)
+        dump_json(e)
         return 0
     print(f"latent {e['latent']}: {e['description']}  [{e['description_source']}]")
     print(f"density {e['density']:.4%}  max act {e['max_act']:.3f}  active on {e['n_active']:,} tokens"
@@ -95,15 +78,11 @@ def cmd_latent(args) -> int:
 
 
 def cmd_fires(args) -> int:
-    from esr_core.latents.search import latents_firing_on
-    from esr_core.models.loading import load_model
-    from esr_core.models.sae import load_sae
-
     cat = _catalog(args)
-    model, sae = load_model(args.model), load_sae(_sae_spec(args))
+    model, sae = load_model(args.model), load_sae(sae_spec(args))
     res = latents_firing_on((model, sae), args.text, top=args.top, catalog=cat)
     if args.json:
-        _dump(res)
+        dump_json(res)
         return 0
     for r in res:
         print(f"{r['latent']:>7}  {r['relative']:6.2f}x  {r['max_act_on_text']:8.3f}  at {r['token']!r:>12}  {r['description']}")
@@ -111,19 +90,15 @@ def cmd_fires(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from esr_core.latents.catalog import SHIPPED_DIR, _safe, build_catalog, cached_catalog_dir, default_corpus
-    from esr_core.models.loading import load_model
-    from esr_core.models.sae import load_sae
-
     if args.tokens <= 0:
         raise BadInput("--tokens must be positive")
     model = load_model(args.model)
-    spec = _sae_spec(args)
+    spec = sae_spec(args)
     sae = load_sae(spec)
     entry = get_entry(args.model)
     is_default = not args.sae or (entry is not None and entry.default_sae_path is not None
                                   and str(entry.default_sae_path) == str(spec))
-    out = args.out or (SHIPPED_DIR / _safe(model.name) if is_default else cached_catalog_dir(model.name, sae))
+    out = args.out or (SHIPPED_DIR / safe_name(model.name) if is_default else cached_catalog_dir(model.name, sae))
     texts, chats, note = default_corpus(model, args.tokens)
     chats = chats[: args.chats]
     print(f"building the catalog of {spec} over ~{args.tokens:,} tokens of held-out text and {len(chats)} chat "
@@ -132,17 +107,12 @@ def cmd_build(args) -> int:
         f"esr-lab catalog build --model {args.model}" + (f" --sae {args.sae}" if args.sae else "") + f" --tokens {args.tokens}"
     sae_name = spec
     try:
-        from esr_core.paths import REPO_ROOT
-        from pathlib import Path
-
         sae_name = str(Path(spec).resolve().relative_to(REPO_ROOT))
     except (ValueError, OSError):
         pass
-    build_catalog(model, sae, texts, chats, out, progress=_progress, max_tokens=args.tokens,
+    build_catalog(model, sae, texts, chats, out, progress=StderrProgress(), max_tokens=args.tokens,
                   batch_size=args.batch_size, budget_mb=args.budget_mb, command=cmd, sae_name=sae_name,
                   corpus_note=note)
-    from esr_core.latents.catalog import Catalog
-    from esr_core.latents.search import warm_search
 
     cat = Catalog.load(out)
     if not args.no_warm:
@@ -153,8 +123,6 @@ def cmd_build(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from esr_core.latents.neuronpedia import import_neuronpedia
-
     cat = _catalog(args)
     rep = import_neuronpedia(args.file, cat)
     print(rep.summary())
@@ -164,8 +132,6 @@ def cmd_import(args) -> int:
 
 
 def cmd_clear(args) -> int:
-    from esr_core.latents.neuronpedia import clear_import
-
     print("imported descriptions removed" if clear_import(_catalog(args)) else "nothing was imported")
     return 0
 
@@ -174,7 +140,7 @@ def cmd_info(args) -> int:
     cat = _catalog(args)
     info = cat.info()
     if args.json:
-        _dump(info)
+        dump_json(info)
     else:
         for k, v in info.items():
             print(f"{k}: {v}")

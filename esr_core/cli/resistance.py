@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from esr_core.cli.common import StderrProgress
 from esr_core.errors import BadInput
+from esr_core.io import read_text_arg
+from esr_core.latents.groups import (
+    GroupUnavailable,
+    LatentGroup,
+    cached_group_path,
+    group_for,
+    load_group,
+    save_group,
+    shipped_group,
+)
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
+from esr_core.resistance.detectors import DetectorParams, find_detectors
+from esr_core.resistance.view import replay_episode
+from esr_core.steering.interventions import Intervention, parse_cli_pair
 
 
 def register(sub) -> None:
@@ -69,73 +83,63 @@ def _common(p) -> None:
 
 
 def _engine(args):
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engine import get_engine  # heavy: pulls torch
 
     return get_engine(args.model, args.sae)
 
 
-def _progress(frac: float, msg: str) -> None:
-    print(f"  {frac:5.0%} {msg}", file=sys.stderr, flush=True)
-
-
-def _save(group: dict, args, which: str) -> Path:
-    from esr_core.resistance.detectors import cached_group_path, save_group
-
-    out = Path(args.out) if args.out else cached_group_path(group["model"], group["sae"]["fingerprint"], which)
+def _save(group: LatentGroup, args, which: str) -> Path:
+    sae = group.extra.get("sae") or {}
+    out = Path(args.out) if args.out else cached_group_path(group.extra.get("model", ""), sae.get("fingerprint", ""),
+                                                            which)
     return save_group(group, out)
 
 
-def _finish(group: dict, args, which: str) -> int:
+def _finish(group: LatentGroup, args, which: str) -> int:
     """Save a found group, print it (or its JSON); exit status 1 when no latent passed."""
     path = _save(group, args, which)
     if args.json:
-        print(json.dumps(group))
+        print(json.dumps(group.to_dict()))
     else:
         _print_group(group, path)
-    return 0 if group["members"] else 1
+    return 0 if group.members else 1
 
 
-def _print_group(group: dict, path: Path | None = None) -> None:
-    from esr_core.resistance.detectors import group_table
-
-    print(f"{group['name']}: {len(group['members'])} latents ({group['model']}, SAE {group['sae'].get('source')})")
+def _print_group(group: LatentGroup, path: Path | None = None) -> None:
+    sae = group.extra.get("sae") or {}
+    print(f"{group.name}: {len(group.members)} latents ({group.extra.get('model')}, SAE {sae.get('source')})")
     if path:
         print(f"saved to {path}")
-    s = group.get("summary", {})
-    if "threshold_used" in group.get("params", {}):
-        print(f"rule {group['params']['rule']}, AUC threshold used {group['params']['threshold_used']}, "
+    s = group.extra.get("summary", {})
+    params = group.extra.get("params", {})
+    if "threshold_used" in params:
+        print(f"rule {params['rule']}, AUC threshold used {params['threshold_used']}, "
               f"{s.get('n_latents_auc_1')} latents with AUC 1.0, held-out AUC mean {s.get('mean_auc_heldout')} "
               f"min {s.get('min_auc_heldout')}")
-    for row in group_table(group):
+    for row in group.table():
         rest = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("latent", "weight", "description"))
         d = f"  {row['description'][:50]}" if row.get("description") else ""
         print(f"  #{row['latent']:<6} {rest}{d}")
 
 
 def run_find(args) -> int:
-    from esr_core.resistance.detectors import DetectorParams, find_detectors
-
     params = DetectorParams(rule=args.rule, threshold=args.threshold, relax_to=args.relax_to,
                             strict_min_off_freq=args.min_off_freq, max_size=args.max_size,
                             derangements=args.derangements, heldout=args.heldout,
                             response_only=not args.whole_chat, n_prompts=args.n_prompts,
                             answers_path=args.answers, threshold_rule=args.alert).validate()
-    return _finish(find_detectors(_engine(args), params, progress=None if args.json else _progress), args, "circuit")
+    return _finish(find_detectors(_engine(args), params, progress=None if args.json else StderrProgress(newline=True)), args, "circuit")
 
 
 def run_backtracking(args) -> int:
-    from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
-
     params = BacktrackingParams(max_size=args.max_size, min_selectivity=args.min_selectivity,
                                 min_episode_freq=args.min_episode_freq, n_prompts=args.n_prompts,
                                 answers_path=args.answers)
-    return _finish(find_backtracking(_engine(args), params, progress=None if args.json else _progress), args,
+    return _finish(find_backtracking(_engine(args), params, progress=None if args.json else StderrProgress(newline=True)), args,
                    "backtracking")
 
 
 def run_show(args) -> int:
-    from esr_core.resistance.detectors import GroupUnavailable, load_group, shipped_group
-
     if args.file:
         g = load_group(args.file)
     else:
@@ -144,20 +148,16 @@ def run_show(args) -> int:
             raise GroupUnavailable(f"No shipped {args.which} group; run `esr-lab detectors "
                                    f"{'find' if args.which == 'circuit' else 'backtracking'}`")
     if args.json:
-        print(json.dumps(g))
+        print(json.dumps(g.to_dict()))
     else:
         _print_group(g)
     return 0
 
 
 def run_replay(args) -> int:
-    from esr_core.resistance.detectors import group_for
-    from esr_core.steering.interventions import Intervention, parse_cli_pair
-    from esr_core.resistance.view import replay_episode
-
     if (args.response is None) == (args.response_file is None):
         raise BadInput("Give the response with exactly one of --response or --response-file")
-    resp = args.response if args.response is not None else _read(args.response_file)
+    resp = args.response if args.response is not None else read_text_arg("@" + args.response_file, "--response-file")
     eng = _engine(args)
     steer = [Intervention(latent=l, mode="add", strength=v, units="norm")
              for l, v in (parse_cli_pair(s, "--steer") for s in args.steer)]
@@ -176,13 +176,3 @@ def run_replay(args) -> int:
             print(f"  {reg['label']:<11} tokens {reg['start']}..{reg['end'] - 1}")
         print(r.get("verdict", ""))
     return 0
-
-
-def _read(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise BadInput(f"{path} does not exist")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise BadInput(f"{path} is not UTF-8 text") from None

@@ -10,13 +10,34 @@ import sys
 import time
 from pathlib import Path
 
+from esr_core.cli.common import StderrProgress
 from esr_core.errors import BadInput
+from esr_core.io import atomic_write_json, safe_name
+from esr_core.models.hooks import check_layer
+from esr_core.models.loading import load_model
+from esr_core.models.registry import DEFAULT_MODEL, get_entry
+from esr_core.models.sae import forget
+from esr_core.paths import cache_subdir
+from esr_core.sae_training.activations import activation_divisor, collect_to_memmap, open_activations, training_windows
+from esr_core.sae_training.corpus import (
+    build_corpus,
+    corpus_path,
+    corpus_stats,
+    generate_selfchat,
+    write_shipped_sample,
+)
+from esr_core.sae_training.metrics import measure_sae
+from esr_core.sae_training.sources import CorpusUnavailable, fetch_sources
+from esr_core.sae_training.train import TrainConfig, export_sae_lens, train_topk_sae, write_train_log
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LATENTS = 8192
 DEFAULT_K = 32
 DEFAULT_TOKENS = 1_500_000
+
+
+_PROGRESS = StderrProgress(every=2.0, newline=True)
 
 
 def _say(msg: str) -> None:
@@ -37,6 +58,9 @@ def register(sub) -> None:
     b.set_defaults(func=cmd_corpus_build)
     s = csub.add_parser("stats", help="documents and approximate tokens per source")
     s.set_defaults(func=cmd_corpus_stats)
+    sm = csub.add_parser("sample", help="rewrite the held-out sample shipped in assets/sae (needs the built corpus)")
+    sm.add_argument("--model", default=DEFAULT_MODEL, help="model whose self-chat documents are included")
+    sm.set_defaults(func=cmd_corpus_sample)
     c.set_defaults(func=lambda a: (c.print_help(), 2)[1])
 
     t = sub.add_parser("train-sae", help="train a TopK SAE on the corpus (CPU or CUDA) and save it for SAE-Lens")
@@ -69,35 +93,35 @@ def register(sub) -> None:
 
 
 def cmd_corpus_fetch(args) -> int:
-    from esr_core.sae_training.corpus import build_corpus, fetch_sources
-
-    got = fetch_sources(progress=_say)
+    got = fetch_sources(progress=_PROGRESS)
     _say(f"fetched {len(got)} archive(s); all sources present")
     if not args.no_build:
-        stats = build_corpus(progress=_say)
+        stats = build_corpus(progress=_PROGRESS)
         _print_stats(stats)
     return 0
 
 
 def cmd_corpus_build(args) -> int:
-    from esr_core.sae_training.corpus import build_corpus, generate_selfchat
-
-    stats = build_corpus(progress=_say, force=args.force)
+    stats = build_corpus(progress=_PROGRESS, force=args.force)
     _print_stats(stats)
     if args.selfchat:
-        from esr_core.models.registry import DEFAULT_MODEL
-
-        p = generate_selfchat(args.model or DEFAULT_MODEL, n_prompts=args.selfchat, progress=_say)
+        p = generate_selfchat(args.model or DEFAULT_MODEL, n_prompts=args.selfchat, progress=_PROGRESS)
         _say(f"self-chat documents written to {p}")
     return 0
 
 
 def cmd_corpus_stats(args) -> int:
-    from esr_core.sae_training.corpus import CorpusUnavailable, corpus_path, corpus_stats
-
     if not corpus_path().exists():
         raise CorpusUnavailable("The corpus is not built; run `esr-lab corpus fetch`")
     _print_stats(corpus_stats())
+    return 0
+
+
+def cmd_corpus_sample(args) -> int:
+    if not corpus_path().exists():
+        raise CorpusUnavailable("The corpus is not built; run `esr-lab corpus fetch`")
+    used = write_shipped_sample(args.model)
+    _say("held-out sample written: " + ", ".join(f"{k} {v:,} chars" for k, v in sorted(used.items())))
     return 0
 
 
@@ -111,20 +135,8 @@ def _print_stats(stats: dict) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def _safe(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
-
-
 def cmd_train_sae(args) -> int:
-    import torch
-
-    from esr_core.sae_training.activations import activation_divisor, check_layer, collect_to_memmap, open_activations, training_windows
-    from esr_core.io import atomic_write_json
-    from esr_core.models.loading import load_model
-    from esr_core.models.registry import DEFAULT_MODEL, get_entry
-    from esr_core.paths import cache_subdir
-    from esr_core.sae_training.metrics import measure_sae
-    from esr_core.sae_training.train import TrainConfig, export_sae_lens, train_topk_sae, write_train_log
+    import torch  # heavy: torch
 
     t_start = time.time()
     model_name = args.model or DEFAULT_MODEL
@@ -144,22 +156,22 @@ def cmd_train_sae(args) -> int:
     hook_name = f"blocks.{layer}.hook_resid_post"
     windows, per_source = training_windows(lm.tokenizer, args.tokens, model_name=model_name)
     key = hashlib.sha1(windows.tobytes()).hexdigest()[:10]
-    act_dir = cache_subdir("activations", _safe(model_name), f"L{layer}-{key}")
+    act_dir = cache_subdir("activations", safe_name(model_name), f"L{layer}-{key}")
     _say(f"collecting {windows.size:,} tokens ({len(windows)} windows) at {hook_name} into {act_dir}")
     t0 = time.time()
-    paths = collect_to_memmap(lm.hf_model, windows, [layer], act_dir, device=args.device, progress=_say)
+    paths = collect_to_memmap(lm.hf_model, windows, [layer], act_dir, device=args.device, progress=_PROGRESS)
     collect_s = time.time() - t0
     acts = open_activations(paths[layer], lm.d_model)
     cfg = TrainConfig(d_in=lm.d_model, d_sae=args.latents, k=args.k, total_tokens=int(len(acts) * args.epochs),
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                       dead_after_tokens=min(1_000_000, max(10 * args.batch_size, len(acts) // 2)))
-    work = cache_subdir("sae-train", _safe(model_name), f"L{layer}-{key}-{args.latents}-{args.k}-s{args.seed}")
+    work = cache_subdir("sae-train", safe_name(model_name), f"L{layer}-{key}-{args.latents}-{args.k}-s{args.seed}")
     t1 = time.time()
     divisor = activation_divisor(act_dir)
-    res = train_topk_sae(acts, cfg, work, resume=args.resume, progress=_say, input_divisor=divisor)
+    res = train_topk_sae(acts, cfg, work, resume=args.resume, progress=_PROGRESS, input_divisor=divisor)
     train_s = time.time() - t1
     write_train_log(work, res)
-    out = Path(args.out) if args.out else cache_subdir("sae") / f"{_safe(model_name)}-L{layer}"
+    out = Path(args.out) if args.out else cache_subdir("sae") / f"{safe_name(model_name)}-L{layer}"
     command = "esr-lab train-sae " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["train-sae"] else \
         f"esr-lab train-sae --model {model_name} --layer {layer} --latents {args.latents} --k {args.k} --tokens {args.tokens} --seed {args.seed}"
     meta = {
@@ -174,10 +186,8 @@ def cmd_train_sae(args) -> int:
     export_sae_lens(res.state, out, hook_name=hook_name, k=args.k, model_name=model_name, meta=meta)
     _say(f"saved SAE to {out}")
     if args.metrics_tokens:
-        from esr_core.models.sae import forget
-
         forget(str(out))
-        metrics = measure_sae(str(out), model_name=model_name, n_tokens=args.metrics_tokens, progress=_say)
+        metrics = measure_sae(str(out), model_name=model_name, n_tokens=args.metrics_tokens, progress=_PROGRESS)
         meta["median_resid_norm"] = metrics.pop("median_resid_norm")
         meta["metrics"] = metrics
         atomic_write_json(out / "esr_meta.json", meta)
@@ -188,9 +198,6 @@ def cmd_train_sae(args) -> int:
 
 
 def cmd_sae_metrics(args) -> int:
-    from esr_core.models.registry import DEFAULT_MODEL, get_entry
-    from esr_core.sae_training.metrics import measure_sae
-
     spec = args.sae
     if spec is None:
         entry = get_entry(args.model or DEFAULT_MODEL)

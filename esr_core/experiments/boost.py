@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from esr_core.io import atomic_write_json
 from esr_core.errors import BadInput
-from esr_core.experiments.metrics import beta_cdf
+from esr_core.experiments.stats import beta_cdf
+from esr_core.io import atomic_write_json
+from esr_core.paths import cache_subdir
 
 PSEUDO_COUNT = 5.0  # weight of one observation in the Beta belief (paper: 5)
 
@@ -54,7 +55,6 @@ def observation_confidence(score: float, target: float = 30.0,
 @dataclass
 class CalibrationStep:
     """One query of the bisection: where it looked, what it saw, what it concluded."""
-
     step: int
     boost: float
     score: float | None  # None when score_fn gave no usable score (step skipped)
@@ -66,7 +66,6 @@ class CalibrationStep:
 @dataclass
 class CalibrationResult:
     """Boost estimate (posterior median) with the history and a posterior summary."""
-
     boost: float
     target: float
     lo: float
@@ -196,7 +195,6 @@ def probabilistic_bisection(score_fn: Callable[..., float | None], lo: float, hi
 @dataclass(frozen=True)
 class CalibrationKey:
     """Everything that changes a calibrated threshold; never the latent alone."""
-
     model: str
     sae_key: str
     hook: str
@@ -220,8 +218,6 @@ class CalibrationCache:
 
     def __init__(self, path: str | Path | None = None):
         if path is None:
-            from esr_core.paths import cache_subdir
-
             path = cache_subdir("calibration")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)

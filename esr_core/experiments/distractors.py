@@ -2,7 +2,6 @@
 
 ESR_METHOD.md sec. 3 (arXiv 2602.06941). The paper asks an LLM to rate each label's
 concreteness 0-100 and keeps >= 65; offline we rate it ourselves (:func:`concreteness`):
-
     score = 100 * (0.60 * E + 0.25 * K + 0.15 * T)
 
 - E: embedding evidence. Cosine similarity (all-MiniLM-L6-v2) of the label to five
@@ -32,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from esr_core.errors import BadInput
+from esr_core.errors import BadInput, Cancelled
+from esr_core.models.embeddings import embed
 
 CONCRETE_ANCHORS = [
     "a concrete physical object you can touch",
@@ -72,8 +72,7 @@ def concreteness(labels: Sequence[str], kinds: Sequence[str] | None = None,
                  top_tokens: Sequence[Sequence[str]] | None = None,
                  embed_fn: Callable[[list[str]], np.ndarray] | None = None) -> list[dict[str, float]]:
     """Concreteness 0-100 per label with its parts (see the module docstring)."""
-    if embed_fn is None:
-        from esr_core.models.embeddings import embed as embed_fn
+    embed_fn = embed_fn or embed
     labels = [clean_label(x) for x in labels]
     n = len(labels)
     if n == 0:
@@ -104,8 +103,6 @@ def prompt_activation_stats(engine, prompts: Sequence[str], top_k: int = TOP_K_P
     in_top = np.zeros(d, dtype=bool)
     for p in prompts:
         if cancel is not None and cancel.is_set():
-            from esr_core.errors import Cancelled
-
             raise Cancelled("Distractor selection cancelled")
         res = engine.activations(messages=[{"role": "user", "content": p}], add_generation_prompt=True)
         z = res.z[1:].float().numpy() if hasattr(res.z, "numpy") else np.asarray(res.z)[1:]

@@ -37,29 +37,47 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
+from esr_core.errors import BadInput
+from esr_core.experiments.overlay_summary import (
+    FORMAT,
+    PAPER,
+    PARTIAL_FILE,
+    SOURCE_LABELS,
+    char_token,
+    clean,
+    episode_brief,
+    load_overlay,
+    locate_response,
+    overlay_path,
+    span_tokens,
+    steering_word,
+    summarise_source,
+)
+from esr_core.experiments.runner import check_same_sae, engine_for
+from esr_core.experiments.spec import Trial, prompt_for, trial_interventions
+from esr_core.experiments.store import SPEC_FILE, load_spec, load_trials
 from esr_core.io import append_jsonl, atomic_write_json, read_jsonl
-from esr_core.resistance.detectors import ema
-from esr_core.errors import BadInput, Cancelled, EsrError
+from esr_core.jobs import BackgroundJob, CancelLike, Progress, check_cancel, report
+from esr_core.judge.restart_phrases import find_restart_phrases
+from esr_core.latents.catalog.store import sae_weights_hash
+from esr_core.latents.groups import LatentGroup, group_for, load_group
+from esr_core.models.hooks import capture_batches
+from esr_core.paths import REPO_ROOT
+from esr_core.resistance.backtracking import BacktrackingParams
+from esr_core.resistance.detectors import encode
+from esr_core.resistance.episodes import build_episodes, load_inputs, render_pair, sentences
+from esr_core.resistance.signals import ema
+from esr_core.resistance.view import circuit_activity
+from esr_core.steering.interventions import Intervention
 
 log = logging.getLogger(__name__)
-
-OVERLAY_FILE = "overlay.json"
-PARTIAL_FILE = "overlay.partial.jsonl"
-FORMAT = "esr-correction-overlay-v1"
-SIGNALS = ("circuit", "backtracking", "distractor")
-SOURCES = ("trials", "synthetic")
-SOURCE_LABELS = {"trials": "multi-attempt trials of the run", "synthetic": "synthetic recoveries"}
-PAPER = {"off_topic": 4.4, "after_correction": 2.1, "n_episodes": 146}
-
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -90,127 +108,6 @@ class OverlayParams:
         return self
 
 
-# ----------------------------------------------------------------------------- pure maths
-
-
-def _clean(x, digits: int = 5):
-    """JSON-safe rounded float (None for NaN/inf)."""
-    if x is None:
-        return None
-    x = float(x)
-    if not math.isfinite(x):
-        return None
-    return float(f"{x:.{digits}g}")
-
-
-def aligned_stats(series: Sequence[Sequence[float]], events: Sequence[int | None], window: int | tuple[int, int]
-                  ) -> dict:
-    """Align each episode's series at its event token; per-offset mean, standard error and n.
-
-    Offsets run ``-before..after``; an episode contributes at an offset only where it has a
-    token (NaN padding otherwise), so ``n`` may differ between offsets. SE is the sample SD
-    over sqrt(n) (None where n < 2); the mean is None where n = 0.
-    """
-    from esr_core.viz.result_plots import align_at_events
-
-    before, after = (int(window), int(window)) if isinstance(window, (int, np.integer)) else map(int, window)
-    offsets, mat = align_at_events(list(series), list(events), before, after)
-    n = np.sum(np.isfinite(mat), axis=0)
-    mean = np.full(offsets.size, np.nan)
-    se = np.full(offsets.size, np.nan)
-    for j in range(offsets.size):
-        col = mat[:, j][np.isfinite(mat[:, j])]
-        if col.size:
-            mean[j] = col.mean()
-        if col.size > 1:
-            se[j] = col.std(ddof=1) / math.sqrt(col.size)
-    return {"offsets": offsets.astype(int).tolist(), "mean": [_clean(v) for v in mean],
-            "se": [_clean(v) for v in se], "n": n.astype(int).tolist()}
-
-
-def region_mean(series: Sequence[float], start: int, end: int) -> float | None:
-    """Mean of ``series[start:end]`` (None when the range is empty)."""
-    a = np.asarray(series, dtype=float)
-    s, e = max(int(start), 0), min(int(end), a.size)
-    return float(a[s:e].mean()) if e > s else None
-
-
-def mean_se(values: Sequence[float | None]) -> dict:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    return {"mean": _clean(v.mean()) if v.size else None,
-            "se": _clean(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None, "n": int(v.size)}
-
-
-def ratio(mean: float | None, baseline: float | None) -> float | None:
-    if mean is None or baseline is None or not baseline > 0:
-        return None
-    return _clean(mean / baseline, 4)
-
-
-def episode_regions(ep: dict, name: str, alpha: float) -> dict:
-    """Mean EMA activity of one episode per region: off-topic, correction phrase, after it."""
-    s = ep.get(name)
-    if s is None:
-        return {}
-    sm = ema(s, alpha)
-    off = region_mean(sm, *ep["off"]) if ep.get("off_topic") else None
-    return {"off_topic": off, "correction": region_mean(sm, ep["corr"], ep["corr_end"]),
-            "after_correction": region_mean(sm, ep["corr_end"], len(sm))}
-
-
-def summarise_source(episodes: list[dict], baseline: dict, window: int, alpha: float) -> dict:
-    """Aligned arrays and region ratios of one source's episodes (raw per-token sums inside)."""
-    signals, regions = {}, {}
-    for name in SIGNALS:
-        have = [e for e in episodes if e.get(name) is not None]
-        if not have:
-            continue
-        signals[name] = aligned_stats([ema(e[name], alpha) for e in have], [e["corr"] for e in have], window)
-        per = [episode_regions(e, name, alpha) for e in have]
-        block = {}
-        for reg in ("off_topic", "correction", "after_correction"):
-            st = mean_se([p.get(reg) for p in per])
-            base = baseline.get(name)
-            st["ratio"] = ratio(st["mean"], base)
-            st["ratio_se"] = _clean(st["se"] / base, 4) if st["se"] is not None and base and base > 0 else None
-            block[reg] = st
-        regions[name] = block
-    return {"signals": signals, "regions": regions}
-
-
-# ----------------------------------------------------------------------------- text -> tokens
-
-
-def locate_response(text: str, offsets: Sequence[tuple[int, int]], response: str) -> tuple[int, int, int]:
-    """(char where ``response`` starts in ``text``, its first token, end token exclusive)."""
-    base = text.rfind(response)  # the assistant turn comes last; only end-of-turn marks follow
-    if base < 0 or not response:
-        raise BadInput("The chat template changed the response text; char offsets cannot be mapped to tokens")
-    end = base + len(response)
-    n = len(offsets)
-    first = next((t for t, (s, e) in enumerate(offsets) if e > s and e > base and s >= base - 1), n)
-    last = next((t for t in range(first, n) if offsets[t][0] >= end), n)
-    return base, first, last
-
-
-def char_token(offsets: Sequence[tuple[int, int]], base: int, first: int, last: int, char: int) -> int:
-    """Index (relative to ``first``) of the response token holding response char ``char``."""
-    target = base + int(char)
-    for t in range(first, last):
-        s, e = offsets[t]
-        if e > s and e > target:
-            return t - first
-    return max(last - first - 1, 0)
-
-
-def span_tokens(offsets, base, first, last, a: int, b: int) -> tuple[int, int]:
-    """Token range [start, end) (relative to ``first``) covering response chars [a, b)."""
-    if b <= a:
-        t = char_token(offsets, base, first, last, a)
-        return t, t
-    return char_token(offsets, base, first, last, a), char_token(offsets, base, first, last, b - 1) + 1
-
-
 # ----------------------------------------------------------------------------- episodes (text)
 
 
@@ -220,9 +117,6 @@ def _hash(obj) -> str:
 
 def synthetic_specs(n: int, params: OverlayParams) -> list[dict]:
     """``n`` synthetic recoveries (text level), steering off; known drift and restart spans."""
-    from esr_core.resistance.backtracking import BacktrackingParams, build_episodes, sentences
-    from esr_core.resistance.detectors import load_inputs
-
     if n <= 0:
         return []
     prompts, answers = load_inputs(None, params.max_answer_chars)
@@ -257,10 +151,6 @@ def _num(x, default=None):
 
 def trial_specs(run_dir: str | Path, params: OverlayParams, spec=None) -> tuple[list[dict], list[dict]]:
     """Multi-attempt trials of a run as replay specs (with their interventions), plus skipped ones."""
-    from esr_core.experiments.runner import _interventions, _prompt_for, load_spec, load_trials
-    from esr_core.experiments.spec import Trial
-    from esr_core.judge.restart_phrases import find_restart_phrases
-
     spec = spec or load_spec(run_dir)
     df = load_trials(run_dir)
     if not len(df) or "n_attempts" not in df.columns:
@@ -288,8 +178,8 @@ def trial_specs(run_dir: str | Path, params: OverlayParams, spec=None) -> tuple[
                       rep=int(_num(r.get("rep"), 0)),
                       ablation_seed=None if _num(r.get("ablation_seed")) is None else int(r["ablation_seed"]))
             sent = _num(r.get("prompt_sent"))
-            prompt = str(sent) if sent else _prompt_for(spec, t, str(r["prompt"]))[0]
-            ivs = [iv.to_dict() for iv in _interventions(spec, t)]
+            prompt = str(sent) if sent else prompt_for(spec, t.condition, t.latent, str(r["prompt"]))[0]
+            ivs = [iv.to_dict() for iv in trial_interventions(spec, t)]
             scores = [float(a.get("score", 0.0)) for a in atts]
             out.append({"source": "trials", "key": key, "prompt": prompt, "response": response, "corr_char": corr,
                         "corr_end_char": corr_end, "off_chars": [int(a1.get("start_char", 0)), corr],
@@ -302,8 +192,6 @@ def trial_specs(run_dir: str | Path, params: OverlayParams, spec=None) -> tuple[
 
 
 def baseline_specs(params: OverlayParams) -> list[dict]:
-    from esr_core.resistance.detectors import load_inputs
-
     prompts, answers = load_inputs(params.n_baseline, params.max_answer_chars)
     return [{"source": "baseline", "key": p["id"], "prompt": p["prompt"], "response": a} for p, a in zip(prompts, answers)]
 
@@ -311,18 +199,15 @@ def baseline_specs(params: OverlayParams) -> list[dict]:
 # ----------------------------------------------------------------------------- groups
 
 
-def _group_summary(g: dict | None, source: str) -> dict | None:
+def _group_summary(g: LatentGroup | None, source: str) -> dict | None:
     if not g:
         return None
-    return {"name": g.get("name"), "members": [int(m) for m in g["members"]],
-            "weights": [float(w) for w in g.get("weights") or [1.0] * len(g["members"])], "file": source}
+    return {"name": g.name, "members": [int(m) for m in g.members], "weights": [float(w) for w in g.weights],
+            "file": source}
 
 
-def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[dict, dict | None, dict]:
+def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[LatentGroup, LatentGroup | None, dict]:
     """(circuit, backtracking or None, where each came from) for this engine's SAE."""
-    from esr_core.resistance.detectors import group_for, group_matches, load_group
-    from esr_core.paths import REPO_ROOT
-
     def rel(p) -> str:
         try:
             return str(Path(p).resolve().relative_to(REPO_ROOT))
@@ -341,9 +226,9 @@ def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[dict, dict
             p = p if p.is_absolute() else REPO_ROOT / p
             if p.suffix == ".json" and p.exists():
                 g = load_group(p)
-                if group_matches(g, engine):
+                if g.matches(engine):
                     circuit, src["circuit"] = g, rel(p)
-    if circuit is None or not circuit.get("members"):
+    if circuit is None or not circuit.members:
         raise BadInput("No resistance circuit for this SAE: find one first (esr-lab detectors find) or pass a group")
     if params.backtracking_path:
         bt = load_group(params.backtracking_path)
@@ -351,7 +236,7 @@ def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[dict, dict
     else:
         bt = group_for(engine, "backtracking")
         src["backtracking"] = "shipped or cached backtracking group for this SAE" if bt else None
-    if bt is not None and not bt.get("members"):
+    if bt is not None and not bt.members:
         bt = None
     return circuit, bt, src
 
@@ -361,8 +246,6 @@ def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[dict, dict
 
 def _read_z(z, groups: dict, distractor: int | None, first: int, last: int) -> dict:
     """Raw per-token group sums over the response tokens (z: full SAE code [T, d_sae])."""
-    from esr_core.resistance.view import circuit_activity
-
     out = {}
     for name, g in groups.items():
         out[name] = None if g is None else [round(float(v), 5) for v in
@@ -390,20 +273,17 @@ def _episode_record(item: dict, text: str, offsets, z, groups: dict) -> dict:
             if k in item:
                 rec[k] = item[k]
         ablated = {int(iv["latent"]) for iv in item.get("interventions", []) if iv.get("mode") == "ablate"}
-        rec["circuit_ablated"] = bool(ablated & set(groups["circuit"]["members"]))
+        rec["circuit_ablated"] = bool(ablated & set(groups["circuit"].members))
     return rec
 
 
 def _replay(engine, items: list[dict], groups: dict, params: OverlayParams, sink: Callable[[dict], None],
-            cancel: threading.Event | None, tick: Callable[[], None]) -> None:
+            cancel: CancelLike, tick: Callable[[], None]) -> None:
     """Forward every item; unsteered ones in right-padded batches stopping at the hook, steered
     ones one by one through the engine's request-scoped interventions."""
-    from esr_core.resistance.detectors import encode, render_pair, residual_batches
-    from esr_core.steering.interventions import Intervention
 
     def check():
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("Overlay cancelled; finished episodes are kept and a rerun resumes")
+        check_cancel(cancel, "Overlay (finished episodes are kept and a rerun resumes)")
 
     check()
     tok = engine.model.tokenizer
@@ -411,7 +291,7 @@ def _replay(engine, items: list[dict], groups: dict, params: OverlayParams, sink
     steered = [it for it in items if it.get("interventions")]
     if plain:
         rendered = [render_pair(tok, it["prompt"], it["response"], response_only=True) for it in plain]
-        for i, h in residual_batches(engine, [r[0] for r in rendered], params.batch_size):
+        for i, h in capture_batches(engine.model, engine.hook_name, [r[0] for r in rendered], params.batch_size):
             check()
             ids, offs, text, _ = rendered[i]
             sink(_episode_record(plain[i], text, offs, encode(engine, h), groups))
@@ -428,22 +308,6 @@ def _replay(engine, items: list[dict], groups: dict, params: OverlayParams, sink
 # ----------------------------------------------------------------------------- files
 
 
-def overlay_path(folder: str | Path) -> Path:
-    return Path(folder) / OVERLAY_FILE
-
-
-def load_overlay(folder: str | Path) -> dict | None:
-    """The saved overlay of a folder, or None when missing or unreadable."""
-    p = overlay_path(folder)
-    if not p.exists():
-        return None
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) and d.get("format") == FORMAT else None
-
-
 def _partial(folder: Path) -> dict[str, dict]:
     return {r["id"]: r for r in read_jsonl(folder / PARTIAL_FILE) if isinstance(r, dict) and "id" in r}
 
@@ -452,17 +316,13 @@ def _partial(folder: Path) -> dict[str, dict]:
 
 
 def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | None = None,
-                    progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-                    force: bool = False) -> dict:
+                    progress: Progress | None = None, cancel: CancelLike = None, force: bool = False) -> dict:
     """Compute (or reuse) the overlay of ``folder`` and save it as ``overlay.json``.
 
     ``folder`` is an experiment run (its multi-attempt trials are one source) or any folder
     (synthetic episodes only). A source whose inputs (episode texts, interventions, groups,
     SAE, window, EMA) are unchanged is reused from the saved file unless ``force``.
     """
-    from esr_core.latents.catalog import sae_weights_hash
-    from esr_core.experiments.runner import SPEC_FILE, _check_same_sae, _engine_for, load_spec
-
     params = (params or OverlayParams()).validate()
     t0 = time.time()
     folder = Path(folder)
@@ -471,15 +331,9 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
         raise BadInput(f"Nothing to compute in {folder}: "
                        + ("trials left out" if spec is not None else "it is not an experiment run")
                        + " and no synthetic episodes were asked for")
+    eng = engine_for(spec, engine)
     if spec is not None:
-        eng = _engine_for(spec, engine)
-        _check_same_sae(spec, eng)
-    elif engine is not None:
-        eng = engine
-    else:
-        from esr_core.steering.engine import get_engine
-
-        eng = get_engine()
+        check_same_sae(spec, eng)
     folder.mkdir(parents=True, exist_ok=True)
     circuit, bt, group_src = resolve_groups(eng, params, spec)
     groups = {"circuit": circuit, "backtracking": bt}
@@ -513,15 +367,13 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
 
     def tick():
         done["n"] += 1
-        if progress:
-            progress(done["n"], total, f"replayed {done['n']}/{total} chats")
+        report(progress, "overlay", done["n"], total, f"replayed {done['n']}/{total} chats")
 
     def sink(rec: dict):
         cache[rec["id"]] = rec
         append_jsonl(folder / PARTIAL_FILE, rec)
 
-    if progress:
-        progress(0, total, f"{len(todo_items) - total} chats already replayed; {total} to go")
+    report(progress, "overlay", 0, total, f"{len(todo_items) - total} chats already replayed; {total} to go")
     t_fwd = time.time()
     if todo:
         _replay(eng, todo, groups, params, sink, cancel, tick)
@@ -533,7 +385,7 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
                         "each answer weighted equally)"}
     for name in ("circuit", "backtracking"):
         per = [float(np.mean(ema(r[name], params.ema_alpha))) for r in base_recs if r.get(name) and r["n"] > 0]
-        baseline[name] = _clean(np.mean(per)) if per else None
+        baseline[name] = clean(np.mean(per)) if per else None
 
     sources = {}
     for s, items in wanted.items():
@@ -544,11 +396,11 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
         block = summarise_source(eps, baseline, params.window, params.ema_alpha)
         block.update({
             "label": SOURCE_LABELS[s], "inputs_sha1": shas[s], "n_episodes": len(eps),
-            "steering": _steering_word(eps),
+            "steering": steering_word(eps),
             "steering_note": ("replayed with each trial's own interventions (distractor boost and the condition's "
                               "ablations)" if s == "trials" else "replayed unsteered, as the paper's statistics"),
             "n_circuit_ablated": sum(bool(e.get("circuit_ablated")) for e in eps),
-            "episodes": [_episode_brief(e, params.ema_alpha) for e in eps],
+            "episodes": [episode_brief(e, params.ema_alpha) for e in eps],
             "computed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         if s == "trials":
@@ -582,96 +434,8 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
     return out
 
 
-def _steering_word(eps: list[dict]) -> str:
-    on = sum(bool(e.get("steering")) for e in eps)
-    if not eps:
-        return "n/a"
-    return "on" if on == len(eps) else ("off" if on == 0 else f"mixed ({on} on, {len(eps) - on} off)")
-
-
-def _episode_brief(e: dict, alpha: float) -> dict:
-    d = {"key": e["key"], "n_tokens": e["n"], "corr": e["corr"], "corr_end": e["corr_end"], "off": e["off"],
-         "off_topic": e["off_topic"], "steering": e["steering"]}
-    for k in ("condition", "scores", "restart", "circuit_ablated"):
-        if k in e:
-            d[k] = e[k]
-    for name in SIGNALS:
-        if e.get(name) is not None:
-            d[name] = {k: _clean(v, 4) for k, v in episode_regions(e, name, alpha).items()}
-    return d
-
-
-# ----------------------------------------------------------------------------- words
-
-
-def _fmt_ratio(x) -> str:
-    return "n/a" if x is None else f"{x:.1f}x"
-
-
-def describe(overlay: dict | None) -> str:
-    """One paragraph: per source the episode count and steering on/off, then the ratios."""
-    if not overlay:
-        return "No overlay computed yet."
-    parts = []
-    for s in SOURCES:
-        b = (overlay.get("sources") or {}).get(s)
-        if b is None:
-            continue
-        n = b.get("n_episodes", 0)
-        txt = f"{SOURCE_LABELS[s].capitalize()}: {n} episode{'s' if n != 1 else ''}, steering {b.get('steering')}"
-        r = (overlay.get("ratios") or {}).get(s, {}).get("circuit", {})
-        if n and not (overlay.get("baseline") or {}).get("circuit"):
-            txt += "; no circuit ratio (the circuit is silent on the on-topic answers, baseline 0)"
-        elif n:
-            txt += (f"; circuit {_fmt_ratio(r.get('off_topic'))} the on-topic baseline during off-topic text and "
-                    f"{_fmt_ratio(r.get('after_correction'))} after the correction")
-            rb = (overlay.get("ratios") or {}).get(s, {}).get("backtracking", {})
-            if rb.get("after_correction") is not None or rb.get("off_topic") is not None:
-                txt += (f" (backtracking {_fmt_ratio(rb.get('off_topic'))} / "
-                        f"{_fmt_ratio(rb.get('after_correction'))})")
-            if b.get("n_circuit_ablated"):
-                txt += f"; the circuit was ablated (reads 0) in {b['n_circuit_ablated']} of them"
-        parts.append(txt + ".")
-    base = overlay.get("baseline") or {}
-    parts.append(f"Baseline: {base.get('n_answers', 0)} unsteered on-topic answers. Paper "
-                 f"({PAPER['n_episodes']} episodes, steering off): {PAPER['off_topic']}x and "
-                 f"{PAPER['after_correction']}x.")
-    return " ".join(parts)
-
-
-# ----------------------------------------------------------------------------- background job (app)
-
-
-class OverlayJob:
-    """:func:`compute_overlay` in a worker thread: progress in memory, real cancel."""
-
-    def __init__(self, folder: str | Path, params: OverlayParams | None = None, engine=None):
-        self.folder, self.params, self.engine = Path(folder), params or OverlayParams(), engine
-        self.cancel = threading.Event()
-        self.progress = {"done": 0, "total": 0, "message": "starting"}
-        self.error: str | None = None
-        self.result: dict | None = None
-        self.thread = threading.Thread(target=self._work, name=f"esr-overlay-{self.folder.name}", daemon=True)
-
-    def start(self) -> "OverlayJob":
-        self.thread.start()
-        return self
-
-    def _on(self, done: int, total: int, msg: str) -> None:
-        self.progress = {"done": done, "total": total, "message": msg}
-
-    def _work(self) -> None:
-        try:
-            self.result = compute_overlay(self.folder, self.engine, self.params, progress=self._on,
-                                          cancel=self.cancel)
-        except Cancelled as exc:
-            self.error = str(exc)
-        except EsrError as exc:
-            self.error = str(exc)
-        except Exception as exc:  # keep the app alive; the message goes to the page
-            log.exception("overlay failed")
-            self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-    @property
-    def running(self) -> bool:
-        return self.thread.is_alive()
+def start_overlay_job(folder: str | Path, params: OverlayParams | None = None, engine=None) -> BackgroundJob:
+    """:func:`compute_overlay` in a worker thread (the app): progress, result or error, real cancel."""
+    folder = Path(folder)
+    return BackgroundJob(f"overlay-{folder.name}", lambda progress, cancel: compute_overlay(
+        folder, engine, params, progress=progress, cancel=cancel), folder=folder).start()

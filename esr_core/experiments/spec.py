@@ -9,7 +9,6 @@ Method: arXiv 2602.06941 (ESR_METHOD.md sec. 1-7).
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -17,19 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from esr_core.errors import BadInput
+from esr_core.experiments.conditions import (
+    BASE_CONDITIONS,
+    DEFAULT_META_VARIANT,
+    GROUP_PREFIX,
+    META_PREFIX,
+    META_PROMPTS,
+    check_condition_name,
+    condition_interventions,
+    meta_text,
+    meta_variant_of,
+)
+from esr_core.io import read_json
+from esr_core.steering.interventions import Intervention
 
-BASE_CONDITIONS = ("no_steering", "steering", "meta_prompt", "detector_ablation", "random_ablation")
 DEFAULT_CONDITIONS = BASE_CONDITIONS
-GROUP_PREFIX = "group_ablation:"
-META_PREFIX = "meta_prompt:"
-
-# Meta-prompt variants appended to the user prompt (sec. 7). "meta_prompt" alone is the paper's.
-META_PROMPTS: dict[str, str] = {
-    "get_back_on_track": "If you notice yourself going off-topic, stop and force yourself to get back on track.",
-    "dont_get_distracted": "Don't get distracted!",
-    "ignore_label": "Ignore anything about {label}; answer only the question.",
-}
-DEFAULT_META_VARIANT = "get_back_on_track"
 BOOST_MODES = ("calibrate", "fixed", "sweep")
 RELEVANCE_RULES = ("code", "paper")
 DEFAULT_DETECTOR_GROUP = "resistance_circuit"
@@ -115,12 +116,9 @@ class ExperimentSpec:
     @classmethod
     def load(cls, path: str | Path) -> "ExperimentSpec":
         p = Path(path)
-        try:
-            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise BadInput(f"No experiment spec at {p}") from None
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{p} is not valid JSON: {exc}") from None
+        if not p.exists():
+            raise BadInput(f"No experiment spec at {p}")
+        return cls.from_dict(read_json(p, f"Experiment spec {p}"))
 
     def validate(self) -> "ExperimentSpec":
         def pos_int(name, lo=1, hi=10**6):
@@ -165,6 +163,14 @@ class ExperimentSpec:
         return self
 
     # -------------------------------------------------------------- derived values
+    def boost_norm(self, latent: int, raw: float) -> float:
+        """A raw boost in norm units: multiples of the median residual norm along the unit direction."""
+        return float(raw) * self.dec_norms.get(str(latent), 1.0) / self.median_norm if self.median_norm else math.nan
+
+    def boost_raw(self, latent: int, norm: float) -> float:
+        """A norm-unit boost as the raw coefficient on the latent's decoder row."""
+        return float(norm) * float(self.median_norm or 0.0) / max(self.dec_norms.get(str(latent), 1.0), 1e-12)
+
     def calib_tokens(self) -> int:
         return int(self.calib_max_new_tokens or self.max_new_tokens)
 
@@ -183,24 +189,12 @@ class ExperimentSpec:
         return out
 
 
-def check_condition_name(c: str) -> str:
-    if c in BASE_CONDITIONS or c.startswith(META_PREFIX) and c[len(META_PREFIX):] in META_PROMPTS:
-        return c
-    if c.startswith(GROUP_PREFIX) and c[len(GROUP_PREFIX):].strip():
-        return c
-    raise BadInput(f"Unknown condition {c!r} (use {', '.join(BASE_CONDITIONS)} or group_ablation:<name>)")
-
-
-def meta_variant_of(condition: str, spec: ExperimentSpec) -> str | None:
-    if condition == "meta_prompt":
-        return spec.meta_variants[0] if spec.meta_variants else DEFAULT_META_VARIANT
-    if condition.startswith(META_PREFIX):
-        return condition[len(META_PREFIX):]
-    return None
-
-
-def meta_text(variant: str, label: str) -> str:
-    return META_PROMPTS[variant].format(label=label or "the unrelated subject")
+def prompt_for(spec: ExperimentSpec, condition: str, latent: int, base: str) -> tuple[str, str | None]:
+    """The prompt a trial sends (base prompt plus any meta-prompt) and the meta variant used."""
+    v = meta_variant_of(condition, spec.meta_variants)
+    if v is None:
+        return base, None
+    return f"{base} {meta_text(v, spec.latent_labels.get(str(latent), ''))}", v
 
 
 @dataclass(frozen=True)
@@ -264,3 +258,19 @@ def batches(trials: list[Trial], batch_size: int) -> list[list[Trial]]:
     if cur:
         out.append(cur)
     return out
+
+
+def ablation_set(spec: ExperimentSpec, t: Trial) -> list[int]:
+    """The latents a trial's condition ablates (resolved into the spec by the runner)."""
+    if t.condition == "detector_ablation" or t.condition.startswith(GROUP_PREFIX):
+        return [int(m) for m in spec.groups.get(t.condition, [])]
+    if t.condition == "random_ablation":
+        return [int(m) for m in spec.random_sets.get(str(t.ablation_seed), [])]
+    return []
+
+
+def trial_interventions(spec: ExperimentSpec, t: Trial) -> list[Intervention]:
+    """The interventions one trial runs with: its distractor boost (raw units, every position)
+    unless unsteered, plus its condition's ablation set."""
+    boost = Intervention(latent=t.latent, mode="add", strength=float(t.boost), units="raw", positions="all")
+    return condition_interventions(t.condition, [boost], ablation_set(spec, t))

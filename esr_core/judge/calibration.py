@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from esr_core.io import atomic_write_json, atomic_write_text
+from esr_core.judge.prompts import load_default_answer_records, load_prompts
+from esr_core.judge.scoring import JUDGE_CONSTANTS, JUDGE_ID, score_many
 from esr_core.paths import ASSETS_DIR
 
 JUDGE_ASSETS = ASSETS_DIR / "judge"
@@ -88,8 +91,6 @@ def build_sets(prompts: list[dict], answers: dict[str, str], distractors: list[d
 
 
 def score_items(items: list[dict]) -> list[float]:
-    from esr_core.judge.scoring import score_many
-
     return [s for s, _ in score_many([(it["prompt"], it["text"], it["distractor"]) for it in items])]
 
 
@@ -105,16 +106,12 @@ def summarise(items: list[dict], scores: list[float]) -> dict:
 
 def run_calibration(write: bool = True) -> dict:
     """Score all calibration sets with the current judge; optionally rewrite the assets."""
-    from esr_core.io import atomic_write_json, atomic_write_text
-    from esr_core.judge.scoring import JUDGE_ID, _CAL
-    from esr_core.judge.prompts import load_default_answer_records, load_prompts
-
     prompts = load_prompts()
     recs = load_default_answer_records()
     answers = {r["id"]: r["answer"] for r in recs}
     items = build_sets(prompts, answers, load_distractors())
     scores = score_items(items)
-    summary = {"judge": JUDGE_ID, "constants": _CAL, "answers_settings": recs[0].get("settings"),
+    summary = {"judge": JUDGE_ID, "constants": JUDGE_CONSTANTS, "answers_settings": recs[0].get("settings"),
                "derangement_seeds": list(DERANGEMENT_SEEDS), "sets": summarise(items, scores)}
     if write:
         lines = [json.dumps({k: it[k] for k in ("set", "prompt_id", "source", "distractor", "text")} | {"score": s},

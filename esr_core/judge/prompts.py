@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from esr_core.errors import EsrError
+from esr_core.errors import EsrError, SaeUnavailable
+from esr_core.io import atomic_write_text
+from esr_core.models.loading import load_model
 from esr_core.paths import ASSETS_DIR
+from esr_core.steering.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +91,10 @@ def load_default_answers(path: str | Path | None = None) -> dict[str, str]:
 
 def _generate_with_engine(prompts: list[str], model: str) -> tuple[list[str], str] | None:
     try:
-        from esr_core.steering.engine import get_engine  # type: ignore
-        from esr_core.steering.spec import GenerationSpec  # type: ignore
+        from esr_core.steering.engine import get_engine  # heavy: pulls torch
+        pass
     except ImportError:
         return None
-    from esr_core.errors import SaeUnavailable
 
     s = ANSWER_SETTINGS
     try:
@@ -111,9 +113,8 @@ def _generate_with_hf(prompts: list[str], model: str, progress: Callable[[int, i
                       batch_size: int = 10) -> tuple[list[str], str]:
     """Plain HF greedy ``generate`` in left-padded batches (pad = <|im_end|>, already in every
     chat prompt, so the repetition penalty sees the same token set as unbatched)."""
-    import torch
+    import torch  # heavy: torch
 
-    from esr_core.models.loading import load_model
 
     lm = load_model(model)
     tok, hf = lm.tokenizer, lm.hf_model
@@ -144,8 +145,6 @@ def generate_default_answers(model: str = "smollm2-135m-instruct", path: str | P
                              backend: str = "auto",
                              progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """(Re)generate the unsteered answers file; ``backend`` is auto | engine | hf."""
-    from esr_core.io import atomic_write_text
-
     prompts = load_prompts()
     texts_src = None
     if backend in ("auto", "engine"):

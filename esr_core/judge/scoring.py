@@ -18,7 +18,10 @@ from typing import Callable
 import numpy as np
 
 from esr_core.errors import BadInput
+from esr_core.judge.llm import LlmJudge
+from esr_core.judge.prompts import load_prompts
 from esr_core.judge.restart_phrases import find_restart_phrases
+from esr_core.models.embeddings import embed
 
 JUDGE_ID = "offline-v1"
 
@@ -99,9 +102,6 @@ def _reference_bank() -> tuple[list[str], np.ndarray]:
     global _BANK
     with _BANK_LOCK:
         if _BANK is None:
-            from esr_core.models.embeddings import embed
-            from esr_core.judge.prompts import load_prompts
-
             texts = [p["prompt"] for p in load_prompts()]
             _BANK = (texts, embed(texts))
         return _BANK
@@ -155,7 +155,7 @@ def _degeneracy_factor(d: dict) -> float:
 
 
 # calibration constants (docs/JUDGE.md, assets/judge/calibration_summary.json)
-_CAL = {
+JUDGE_CONSTANTS = {
     "w_sim": 8.0,          # cosine(prompt, attempt)
     "w_margin": 8.0,       # cosine to prompt minus best cosine to an unrelated how-to prompt
     "bias": -2.0,
@@ -170,7 +170,7 @@ _CAL = {
 
 def _features(prompt_v: np.ndarray, attempt_v: np.ndarray, chunk_v: np.ndarray, chunk_w: np.ndarray,
               bank_v: np.ndarray, distractor_v: np.ndarray | None) -> dict:
-    c = _CAL
+    c = JUDGE_CONSTANTS
     sim = float(attempt_v @ prompt_v)
     keep = (bank_v @ prompt_v) < c["bank_exclude"]
     others = bank_v[keep]
@@ -191,7 +191,7 @@ def _features(prompt_v: np.ndarray, attempt_v: np.ndarray, chunk_v: np.ndarray, 
 
 
 def _score_from(f: dict, deg: dict) -> float:
-    c = _CAL
+    c = JUDGE_CONSTANTS
     z = c["bias"] + c["w_sim"] * f["sim_prompt"] + c["w_margin"] * f["margin"]
     s = 100.0 / (1.0 + math.exp(-z))
     s *= c["focus_floor"] + (1.0 - c["focus_floor"]) * f["focus"]
@@ -209,8 +209,6 @@ _EMB_CACHE_MAX = 20000
 
 def _embed_cached(texts: list[str]) -> np.ndarray:
     """Embeddings with an in-process cache (prompts and distractors repeat across trials)."""
-    from esr_core.models.embeddings import embed
-
     with _EMB_LOCK:
         missing = list(dict.fromkeys(t for t in texts if t not in _EMB_CACHE))
     if missing:
@@ -248,11 +246,6 @@ def score_many(items: list[tuple[str, str, str | None]]) -> list[tuple[float, di
         feats["degeneracy_factor"] = round(_degeneracy_factor(deg), 4)
         out.append((s, feats))
     return out
-
-
-def score_attempts(prompt: str, attempts: list[str], distractor: str | None = None) -> list[float]:
-    """0-100 scores: answers ``prompt`` (high) while not being about ``distractor`` (low)."""
-    return [s for s, _ in score_many([(prompt, a, distractor) for a in attempts])]
 
 
 # ----------------------------------------------------------------------------- judge
@@ -294,7 +287,5 @@ def get_judge(name: str = "offline") -> Callable[..., dict]:
         fn.judge_id = JUDGE_ID  # type: ignore[attr-defined]
         return fn
     if name == "llm":
-        from esr_core.judge.llm import LlmJudge
-
         return LlmJudge.from_env()
     raise BadInput(f"Unknown judge '{name}' (use offline or llm)")

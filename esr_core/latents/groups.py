@@ -1,11 +1,16 @@
-"""Latent groups: named, coloured, weighted sets of latents used as a watch lane, a heatmap
-colouring and an ablation target. Built-in groups ship as JSON in ``assets/groups/``
-(``{name, colour, members, weights, description}``, extra keys kept), e.g. the resistance circuit.
+"""Latent groups: named, coloured, weighted sets of latents, the one type for every group.
+
+A group is a watch lane, a heatmap colouring and an ablation target. The resistance circuit
+and the backtracking latents are groups too, found by a search and saved with their evidence
+(per-member statistics, alert threshold, the SAE they belong to) in the extra fields. Groups
+ship as JSON in ``assets/groups/`` (``{name, colour, members, weights, description, ...}``,
+extra keys kept); groups found for other models or SAEs go to the user cache.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,13 +20,24 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from esr_core.errors import BadInput
+from esr_core.errors import BadInput, EsrError
+from esr_core.io import atomic_write_json, read_json, safe_name
+from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
+from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_subdir
 from esr_core.steering.interventions import Intervention
-from esr_core.paths import ASSETS_DIR
+from esr_core.viz import palette
+
+log = logging.getLogger(__name__)
 
 GROUPS_DIR = ASSETS_DIR / "groups"
+SHIPPED = {"circuit": GROUPS_DIR / "resistance_circuit.json", "backtracking": GROUPS_DIR / "backtracking.json"}
+GROUP_FORMAT = "esr-latent-group-v1"
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 MAX_MEMBERS = 4096
+
+
+class GroupUnavailable(EsrError):
+    """A latent group file is missing, corrupt, or belongs to another SAE."""
 
 
 @dataclass
@@ -29,7 +45,7 @@ class LatentGroup:
     name: str
     members: list[int]
     weights: list[float] = field(default_factory=list)
-    colour: str = "#009E73"
+    colour: str = palette.GROUP_DEFAULT
     description: str = ""
     builtin: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -59,7 +75,7 @@ class LatentGroup:
         if any(not math.isfinite(w) for w in self.weights):
             raise BadInput(f"Group '{self.name}': weights must be finite")
         if not _COLOUR.match(str(self.colour or "")):
-            self.colour = "#009E73"
+            self.colour = palette.GROUP_DEFAULT
 
     # -- use --------------------------------------------------------------------------
     def lane(self, acts: np.ndarray, watch: Sequence[int], how: str = "sum") -> np.ndarray:
@@ -114,6 +130,59 @@ class LatentGroup:
         if bad:
             raise BadInput(f"Group '{self.name}' names latents {bad[:5]} beyond this SAE's 0..{d_sae - 1}")
 
+    # -- evidence from a search (the circuit, backtracking) ------------------------------
+    @property
+    def kind(self) -> str:
+        return str(self.extra.get("kind", ""))
+
+    @property
+    def stats(self) -> dict[str, dict]:
+        """Per-member statistics of the search that found the group (``{str(latent): {...}}``)."""
+        s = self.extra.get("stats")
+        return s if isinstance(s, dict) else {}
+
+    @property
+    def member_descriptions(self) -> dict[str, str]:
+        d = self.extra.get("descriptions")
+        return d if isinstance(d, dict) else {}
+
+    @property
+    def threshold(self) -> dict | None:
+        """The stored alert threshold ``{"value", "how", ...}``, or None."""
+        t = self.extra.get("threshold")
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return {"value": float(t), "how": "sum"}
+        return t if isinstance(t, dict) and t.get("value") is not None else None
+
+    def threshold_value(self, how: str = "sum") -> float | None:
+        """The alert threshold for the group's ``how`` (sum or mean of members)."""
+        t = self.threshold
+        if t is None:
+            return None
+        v = float(t["value"])
+        if t.get("how", "sum") == how:
+            return v
+        n = max(len(self.members), 1)
+        return v / n if how == "mean" else v * n  # approximate conversion (unit weights)
+
+    def table(self) -> list[dict]:
+        """One row per member for tables (CLI and page): id, weight, description, statistics."""
+        rows = []
+        for i, w in zip(self.members, self.weights):
+            row = {"latent": int(i), "weight": float(w), "description": self.member_descriptions.get(str(i), "")}
+            row.update(self.stats.get(str(i), {}))
+            rows.append(row)
+        return rows
+
+    def matches(self, engine) -> bool:
+        """True when the group was found on this engine's model and SAE (same decoder weights)."""
+        sae = self.extra.get("sae") or {}
+        model = self.extra.get("model")
+        if model and model != engine.model.name:
+            return False
+        want = sae.get("weights_hash") if isinstance(sae, dict) else None
+        return True if not want else want == sae_weights_hash(engine.sae)
+
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.extra)
@@ -131,94 +200,8 @@ class LatentGroup:
             raise BadInput(f"Group '{d.get('name')}': members must be a list")
         extra = {k: v for k, v in d.items() if k not in ("name", "colour", "members", "weights", "description")}
         return cls(name=d["name"], members=d["members"], weights=d.get("weights") or [],
-                   colour=d.get("colour", "#009E73"), description=str(d.get("description", "")),
+                   colour=d.get("colour", palette.GROUP_DEFAULT), description=str(d.get("description", "")),
                    builtin=builtin, extra=extra)
-
-
-# -- several latents on one colour scale: each divided by its own scale --------------------
-def _positive(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
-
-
-def catalog_scales(catalog, members: Sequence[int]) -> list[float | None]:
-    """Each member's max activation in ``catalog`` (its ``max_act`` array), None where it has none.
-
-    None for every member when there is no catalog (e.g. a non-default SAE), and for a latent
-    outside the catalog or one never active in it (max 0)."""
-    mx = getattr(catalog, "max_act", None) if catalog is not None else None
-    if mx is None:
-        return [None] * len(members)
-    out: list[float | None] = []
-    for m in members:
-        m = int(m)
-        out.append(_positive(mx[m]) if 0 <= m < len(mx) else None)
-    return out
-
-
-def observed_scales(member_acts, mask: Sequence[bool] | None = None) -> np.ndarray:
-    """Per-member max |activation| over the rows where ``mask`` is true (all rows if None); NaN reads 0."""
-    a = np.asarray(member_acts, dtype=float)
-    if a.ndim == 1:
-        a = a[:, None]
-    a = np.where(np.isfinite(a), np.abs(a), 0.0)
-    if mask is not None:
-        keep = np.asarray(list(mask), dtype=bool)[: a.shape[0]]
-        keep = np.concatenate([keep, np.ones(a.shape[0] - len(keep), dtype=bool)])
-        a = a[keep]
-    return a.max(axis=0) if a.shape[0] else np.zeros(a.shape[1])
-
-
-def resolve_scales(scales: Sequence[float | None] | None, fallback: Sequence[float] | None,
-                   n: int) -> tuple[np.ndarray, list[str]]:
-    """One scale per member and where it came from: ``"catalog"`` (``scales``), ``"observed"``
-    (``fallback``: the max seen in the run) or ``"none"`` (never active anywhere: contributes 0)."""
-    own = list(scales) if scales is not None else [None] * n
-    fb = list(fallback) if fallback is not None else [None] * n
-    out, src = np.zeros(n), []
-    for k in range(n):
-        s = _positive(own[k]) if k < len(own) else None
-        if s is not None:
-            out[k] = s
-            src.append("catalog")
-            continue
-        f = _positive(fb[k]) if k < len(fb) else None
-        out[k] = f or 0.0
-        src.append("observed" if f is not None else "none")
-    return out, src
-
-
-def normalised_lane(member_acts, weights: Sequence[float], scales: Sequence[float | None] | None = None,
-                    fallback: Sequence[float] | None = None, how: str = "sum") -> np.ndarray:
-    """Weighted sum over members of ``activation / that member's own scale``, per token.
-
-    ``member_acts`` [T, n_members]; ``scales`` each member's own scale (catalog max or a high
-    quantile; None/NaN/<=0 = unknown); an unknown scale falls back to ``fallback`` (e.g. the max
-    observed in the runs shown), else to the max |activation| of that member in ``member_acts``.
-    So a latent at its own peak contributes its weight whatever its raw units: two latents with
-    scales 10 and 1 contribute equally at 10 and 1. NaN activations read 0; ``how="mean"``
-    divides by the sum of |weights|.
-    """
-    a = np.asarray(member_acts, dtype=float)
-    if a.ndim == 1:
-        a = a[:, None]
-    n = a.shape[1]
-    w = np.asarray(list(weights), dtype=float)
-    if w.shape != (n,):
-        raise BadInput(f"{n} member columns but {w.size} weights")
-    a = np.where(np.isfinite(a), a, 0.0)
-    seen = observed_scales(a)
-    given = list(fallback) if fallback is not None else []
-    fb = [(given[k] if k < len(given) and _positive(given[k]) else seen[k]) for k in range(n)]
-    s, _ = resolve_scales(scales, fb, n)
-    safe = np.where(s > 0, s, 1.0)
-    total = (a / safe * np.where(s > 0, 1.0, 0.0)) @ w if n else np.zeros(a.shape[0])
-    if how == "mean":
-        total = total / max(float(np.sum(np.abs(w))), 1e-12)
-    return total
 
 
 def parse_members(text: str) -> tuple[list[int], list[float]]:
@@ -241,6 +224,76 @@ def parse_members(text: str) -> tuple[list[int], list[float]]:
     return members, weights
 
 
+def sae_identity(engine) -> dict:
+    """Which SAE a group belongs to: content hash of the decoder plus where it came from."""
+    src = str(engine.sae.source)
+    try:
+        src = str(Path(src).resolve().relative_to(REPO_ROOT))
+    except (ValueError, OSError):
+        pass
+    return {"weights_hash": sae_weights_hash(engine.sae), "fingerprint": engine.sae.key, "source": src,
+            "hook": engine.hook_name, "d_sae": int(engine.sae.d_sae)}
+
+
+def member_descriptions(engine, members: Sequence[int]) -> dict[str, str]:
+    """Catalog descriptions of the members when a catalog already exists (never builds one here)."""
+    try:
+        cat = load_catalog_for_names(engine.model.name, engine.sae)
+        if cat is None:
+            return {}
+        return {str(i): str(cat.description(int(i)) or "") for i in members}
+    except EsrError as exc:  # the catalog is optional: a missing or stale one must not block a search
+        log.info("no catalog descriptions: %s", exc)
+        return {}
+
+
+def save_group(group: LatentGroup, path: str | Path) -> Path:
+    """Write a group atomically (a crash never leaves half a file)."""
+    d = group.to_dict()
+    d.setdefault("format", GROUP_FORMAT)
+    atomic_write_json(path, d)
+    return Path(path)
+
+
+def load_group(path: str | Path) -> LatentGroup:
+    """One group from a JSON file; a missing or corrupt file raises :class:`GroupUnavailable`."""
+    p = Path(path)
+    d = read_json(p, f"Latent group {p}", error=GroupUnavailable)
+    try:
+        return LatentGroup.from_dict(d, builtin=True)
+    except BadInput as exc:
+        raise GroupUnavailable(f"Latent group {p}: {exc}") from None
+
+
+def shipped_group(which: str = "circuit") -> LatentGroup | None:
+    """The shipped circuit or backtracking group, or None if not shipped yet."""
+    try:
+        return load_group(SHIPPED[which])
+    except (GroupUnavailable, KeyError):
+        return None
+
+
+def cached_group_path(model_name: str, sae_key: str, which: str = "circuit") -> Path:
+    """Where a group found for a non-default model/SAE is kept (user cache, never the repo)."""
+    name = "resistance_circuit" if which == "circuit" else "backtracking"
+    return cache_subdir("groups") / f"{safe_name(f'{model_name}_{sae_key}')}_{name}.json"
+
+
+def group_for(engine, which: str = "circuit") -> LatentGroup | None:
+    """The group for this engine: the shipped one if it matches the SAE, else a cached one, else None."""
+    g = shipped_group(which)
+    if g is not None and g.matches(engine):
+        return g
+    p = cached_group_path(engine.model.name, engine.sae.key, which)
+    if p.exists():
+        try:
+            g = load_group(p)
+            return g if g.matches(engine) else None
+        except GroupUnavailable:
+            return None
+    return None
+
+
 def groups_to_json(groups: Sequence[LatentGroup]) -> str:
     return json.dumps({"groups": [g.to_dict() for g in groups]}, indent=2)
 
@@ -249,7 +302,9 @@ def groups_from_json(text: str | bytes) -> list[LatentGroup]:
     """Accept ``{"groups": [...]}``, a list of groups, or a single group object."""
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise BadInput("Not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
         raise BadInput(f"Not valid JSON: {exc}") from None
     if isinstance(data, dict) and "groups" in data:
         data = data["groups"]
@@ -268,7 +323,7 @@ def load_builtin_groups(folder: Path | str = GROUPS_DIR) -> tuple[list[LatentGro
         return groups, errors
     for p in sorted(folder.glob("*.json")):
         try:
-            for g in groups_from_json(p.read_text()):
+            for g in groups_from_json(p.read_bytes()):
                 g.builtin = True
                 g.extra.setdefault("file", p.name)
                 groups.append(g)

@@ -15,8 +15,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esr_core.io import atomic_write_bytes
 from esr_core.errors import BadInput
+from esr_core.io import atomic_write_bytes
+from esr_core.latents.catalog.store import overlay_path
 
 
 @dataclass
@@ -97,7 +98,6 @@ def import_neuronpedia(path: str | Path, catalog) -> ImportReport:
 
     Merges with an earlier import (new lines win). Reload the catalog to see the result.
     """
-    from esr_core.latents.catalog import overlay_path
 
     new, rep = read_explanations(path, catalog.d_sae)
     if not new:
@@ -119,8 +119,6 @@ def import_neuronpedia(path: str | Path, catalog) -> ImportReport:
 
 def clear_import(catalog) -> bool:
     """Drop imported descriptions (back to the offline labels); True if there were some."""
-    from esr_core.latents.catalog import overlay_path
-
     op = overlay_path(catalog.path, catalog.meta)
     if op.exists():
         op.unlink()

@@ -11,6 +11,7 @@ costs one short embedding plus a matrix-vector product.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
@@ -19,6 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from esr_core.errors import BadInput
+from esr_core.io import atomic_write_bytes
+from esr_core.latents.catalog.build import catalog_for
+from esr_core.models.embeddings import embed, embedding_model
+from esr_core.models.hooks import capture
 from esr_core.paths import cache_subdir
 
 log = logging.getLogger(__name__)
@@ -37,7 +42,6 @@ def _words(text: str) -> list[str]:
 
 class _SearchIndex:
     """Per-catalog: description embeddings and inverted word indexes (built once)."""
-
     def __init__(self, catalog, cache_root: Path | None = None):
         self.catalog = catalog
         self.d = catalog.d_sae
@@ -51,7 +55,7 @@ class _SearchIndex:
         for i, d in enumerate(descs):
             for w in set(_words(d)):
                 self.desc_words.setdefault(w, []).append(i)
-        ids = catalog._a("top_tok_ids")
+        ids = catalog.array("top_tok_ids")
         for i in range(self.d):
             ws = set()
             for t in ids[i]:
@@ -84,10 +88,7 @@ class _SearchIndex:
                 except (OSError, ValueError):
                     got = None
             if got is None:
-                import io
 
-                from esr_core.io import atomic_write_bytes
-                from esr_core.models.embeddings import embed
 
                 descs = self.catalog.descriptions()
                 log.info("embedding %d latent descriptions (once per catalog)", len(need))
@@ -126,9 +127,8 @@ def embed_query(text: str) -> np.ndarray:
     with _QLOCK:
         if text in _QCACHE:
             return _QCACHE[text]
-        import torch
+        import torch  # heavy: torch
 
-        from esr_core.models.embeddings import embed, embedding_model
 
         m = embedding_model()
         try:
@@ -229,13 +229,11 @@ def _acts_for_text(engine_or_model_sae, text: str):
         z = r.z.float().cpu().numpy() if hasattr(r.z, "cpu") else np.asarray(r.z, np.float32)
         return list(r.tokens), z
     model, sae = engine_or_model_sae
-    import torch
-
-    from esr_core.latents.catalog import hook_residuals
+    import torch  # heavy: torch, only when a model runs
 
     tok = model.tokenizer
     ids = tok(text, add_special_tokens=True)["input_ids"]
-    h = hook_residuals(model, sae.hook_name, torch.tensor([ids]))
+    h = capture(model, sae.hook_name, torch.tensor([ids]))[sae.hook_name]
     with torch.no_grad():
         z = sae.encode(h)[0].float().cpu().numpy()
     return [tok.decode([t]) for t in ids], z
@@ -251,8 +249,6 @@ def latents_firing_on(engine_or_model_sae, text: str, top: int = 20, catalog=Non
         raise BadInput("The text is empty")
     top = _positive_top(top)
     if catalog is None:
-        from esr_core.latents.catalog import catalog_for
-
         if hasattr(engine_or_model_sae, "activations"):
             catalog = catalog_for(engine_or_model_sae.model, engine_or_model_sae.sae)
         else:

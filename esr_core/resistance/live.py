@@ -10,49 +10,21 @@ streamlit here.
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from esr_core.judge.restart_phrases import find_restart_phrases
-
-BADGE_STYLE = ("display:inline-block;border-radius:10px;padding:1px 8px;margin:2px 4px 2px 0;"
-               "font-size:0.78em;font-weight:600;color:#fff;background:{bg}")
-CIRCUIT_COLOUR = "#D55E00"
-RESTART_COLOUR = "#CC79A7"
-ATTEMPT_COLOURS = ("rgba(213,94,0,0.13)", "rgba(0,158,115,0.15)", "rgba(0,114,178,0.13)", "rgba(230,159,0,0.15)")
-
-
-def _group_fields(group) -> tuple[list[int], list[float], str]:
-    if isinstance(group, dict):
-        members = [int(m) for m in group.get("members", [])]
-        weights = [float(w) for w in group.get("weights", [1.0] * len(members))]
-        return members, weights, str(group.get("name", "group"))
-    members = [int(m) for m in group.members]
-    weights = [float(w) for w in (group.weights or [1.0] * len(members))]
-    return members, weights, str(group.name)
-
-
-def group_threshold(group, fallback: float = 0.0) -> float:
-    """The alert threshold stored with a shipped group (detector search), else ``fallback``."""
-    if isinstance(group, dict):
-        raw = group.get("threshold")
-    else:
-        raw = getattr(group, "threshold", None) or (getattr(group, "extra", None) or {}).get("threshold")
-    if isinstance(raw, dict):
-        raw = raw.get("value")
-    try:
-        return float(raw) if raw is not None else fallback
-    except (TypeError, ValueError):
-        return fallback
+from esr_core.judge.scoring import verdict
+from esr_core.latents.groups import LatentGroup
+from esr_core.viz import palette
+from esr_core.viz.badges import resistance_badges
 
 
 @dataclass
 class LiveResistance:
     """Per-run tracker fed with TokenEvents (their ``acts`` must include the circuit members)."""
-
     members: list[int]
     weights: list[float]
     threshold: float = 0.0
@@ -66,10 +38,10 @@ class LiveResistance:
     restarts: list[tuple[int, str]] = field(default_factory=list)  # (token index, phrase)
 
     @classmethod
-    def for_group(cls, group, threshold: float | None = None, ema_alpha: float = 0.5) -> "LiveResistance":
-        members, weights, name = _group_fields(group)
-        thr = group_threshold(group) if threshold is None else float(threshold)
-        return cls(members=members, weights=weights, threshold=thr, ema_alpha=ema_alpha, name=name)
+    def for_group(cls, group: LatentGroup, threshold: float | None = None, ema_alpha: float = 0.5) -> "LiveResistance":
+        thr = (group.threshold_value() or 0.0) if threshold is None else float(threshold)
+        return cls(members=list(group.members), weights=list(group.weights), threshold=thr, ema_alpha=ema_alpha,
+                   name=group.name)
 
     @classmethod
     def replay(cls, group, pieces: Sequence[str], acts, watch: Sequence[int],
@@ -114,23 +86,8 @@ class LiveResistance:
         return [t for t, _ in self.restarts]
 
     def badges_html(self) -> str:
-        """Small escaped badges: circuit crossed (and where), restart phrases seen.
-
-        Stable hooks for tests and styling: class ``esr-badge`` plus ``esr-circuit`` or
-        ``esr-restart``, ``data-kind`` ("circuit" / "restart") and ``data-token`` (token index);
-        a restart badge also carries its phrase in ``data-phrase`` (escaped)."""
-        out = []
-        if self.crossing is not None:
-            out.append(f'<span class="esr-badge esr-circuit" data-kind="circuit" data-token="{self.crossing}" '
-                       f'style="{BADGE_STYLE.format(bg=CIRCUIT_COLOUR)}">'
-                       f'{html.escape(self.name)} active from token {self.crossing}</span>')
-        for t, key in self.restarts:
-            phrase = key.split(":", 1)[1]
-            out.append(f'<span class="esr-badge esr-restart" data-kind="restart" data-token="{t}" '
-                       f'data-phrase="{html.escape(phrase[:80], quote=True)}" '
-                       f'style="{BADGE_STYLE.format(bg=RESTART_COLOUR)}">restart at token {t}: '
-                       f'“{html.escape(phrase[:40])}”</span>')
-        return "".join(out)
+        """Escaped badges: circuit crossed (and where), restart phrases seen (:mod:`esr_core.viz.badges`)."""
+        return resistance_badges(self.name, self.crossing, [(t, key.split(":", 1)[1]) for t, key in self.restarts])
 
 
 def _char_to_token(starts: Sequence[int], char: int) -> int:
@@ -147,8 +104,6 @@ def token_starts(pieces: Sequence[str]) -> list[int]:
 
 def judged_overlay(judgement: dict, pieces: Sequence[str]) -> dict:
     """Token regions for each judged attempt (with its score) and restart markers, plus the verdict."""
-    from esr_core.judge.scoring import verdict
-
     starts = token_starts(pieces)
     regions, markers = [], []
     attempts = judgement.get("attempts") or []
@@ -156,7 +111,7 @@ def judged_overlay(judgement: dict, pieces: Sequence[str]) -> dict:
         s = _char_to_token(starts, int(a.get("start_char", 0)))
         e = _char_to_token(starts, max(int(a.get("end_char", 0)) - 1, 0)) + 1
         regions.append((s, e, f"attempt {k + 1}: {float(a.get('score', 0)):.0f}/100",
-                        ATTEMPT_COLOURS[k % len(ATTEMPT_COLOURS)]))
+                        palette.ATTEMPT_FILLS[k % len(palette.ATTEMPT_FILLS)]))
     for ph in judgement.get("restart_phrases") or []:
         markers.append((_char_to_token(starts, int(ph.get("start_char", 0))), "restart"))
     v = verdict(judgement)

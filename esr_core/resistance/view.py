@@ -2,9 +2,9 @@
 
 ESR_METHOD.md sec. 6 (arXiv 2602.06941): follow the off-topic detectors (and backtracking
 latents) token by token over the regions prompt | off-topic | correction | on-topic, smooth
-with an EMA (alpha 0.5), and compare each region with the prompt baseline (the paper reports
-4.4x during off-topic content and 2.1x after the correction). Pure functions on arrays and
-dicts: the steering lab and the Resistance page both draw from them, the tests check them.
+with an EMA (alpha 0.5), and compare each region with a baseline (the paper reports 4.4x during
+off-topic content and 2.1x after the correction). Pure functions on arrays and groups: the
+steering lab and the Resistance page both draw from them, the tests check them.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-from esr_core.resistance.detectors import ema
 from esr_core.errors import BadInput
+from esr_core.judge.scoring import judge_response
+from esr_core.latents.groups import LatentGroup
+from esr_core.resistance.episodes import render_pair
+from esr_core.resistance.signals import ema
+from esr_core.viz import palette
 
 REGION_LABELS = ("prompt", "off-topic", "correction", "on-topic")
-REGION_COLOURS = {"prompt": "#BBBBBB", "off-topic": "#E69F00", "correction": "#CC79A7", "on-topic": "#009E73"}
 ON_TOPIC_SCORE = 50.0  # an attempt scoring at least this is on-topic (judge scale 0-100)
 
 
@@ -27,7 +30,7 @@ def _as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def member_matrix(z_or_acts, group: dict, columns: Sequence[int] | None = None) -> np.ndarray:
+def member_matrix(z_or_acts, group: LatentGroup, columns: Sequence[int] | None = None) -> np.ndarray:
     """The members' activations [T, n_members] from a full SAE code or from watched columns.
 
     ``z_or_acts`` is either the full code [T, d_sae] (``columns`` None: column = latent id) or
@@ -39,7 +42,7 @@ def member_matrix(z_or_acts, group: dict, columns: Sequence[int] | None = None) 
         a = a[:, None]
     if a.ndim != 2:
         raise BadInput(f"Expected a [tokens, latents] array, got shape {a.shape}")
-    members = [int(i) for i in group.get("members", [])]
+    members = [int(i) for i in group.members]
     out = np.zeros((a.shape[0], len(members)))
     if columns is None:
         for k, i in enumerate(members):
@@ -54,18 +57,18 @@ def member_matrix(z_or_acts, group: dict, columns: Sequence[int] | None = None) 
     return out
 
 
-def missing_members(group: dict, columns: Sequence[int]) -> list[int]:
+def missing_members(group: LatentGroup, columns: Sequence[int]) -> list[int]:
     cols = {int(c) for c in columns}
-    return [int(i) for i in group.get("members", []) if int(i) not in cols]
+    return [int(i) for i in group.members if int(i) not in cols]
 
 
-def circuit_activity(z_or_acts, group: dict, how: str = "sum", ema_alpha: float | None = 0.5,
+def circuit_activity(z_or_acts, group: LatentGroup, how: str = "sum", ema_alpha: float | None = 0.5,
                      columns: Sequence[int] | None = None) -> np.ndarray:
     """Weighted sum (or mean) of the group's members per token, EMA-smoothed (alpha None: raw)."""
     if how not in ("sum", "mean"):
         raise BadInput(f"how must be 'sum' or 'mean', got {how!r}")
     m = member_matrix(z_or_acts, group, columns)
-    w = np.asarray(group.get("weights") or [1.0] * m.shape[1], dtype=np.float64)
+    w = np.asarray(group.weights or [1.0] * m.shape[1], dtype=np.float64)
     if m.shape[1] == 0:
         raw = np.zeros(m.shape[0])
     else:
@@ -87,20 +90,6 @@ def threshold_crossings(series, threshold: float) -> list[int]:
     out = [0] if above[0] else []
     out += [int(t) for t in np.where(above[1:] & ~above[:-1])[0] + 1]
     return out
-
-
-def default_threshold(group: dict, how: str = "sum") -> float | None:
-    """The group's stored alert threshold (a high quantile of on-topic activity) for ``how``."""
-    t = group.get("threshold")
-    if isinstance(t, dict) and t.get("value") is not None:
-        v = float(t["value"])
-        if t.get("how", "sum") == how:
-            return v
-        n = max(len(group.get("members", [])), 1)
-        return v / n if how == "mean" else v * n  # approximate conversion (unit weights)
-    if isinstance(t, (int, float)):
-        return float(t)
-    return None
 
 
 def _token_char(offsets, t: int, base: int) -> tuple[int, int]:
@@ -253,7 +242,8 @@ def verdict(summary: dict, judgement: dict | None = None) -> str:
 # ----------------------------------------------------------------------------- replay (needs an engine)
 
 
-def replay_episode(engine, prompt: str, response: str, circuit: dict | None, backtracking: dict | None = None,
+def replay_episode(engine, prompt: str, response: str, circuit: LatentGroup | None,
+                   backtracking: LatentGroup | None = None,
                    steering: Sequence = (), distractor: str | None = None, judgement: dict | None = None,
                    how: str = "sum", ema_alpha: float | None = 0.5) -> dict:
     """Run a transcript (prompt + response, from any model) through this model and read the groups.
@@ -267,7 +257,6 @@ def replay_episode(engine, prompt: str, response: str, circuit: dict | None, bac
         raise BadInput("The transcript needs a prompt")
     if not isinstance(response, str) or not response.strip():
         raise BadInput("The transcript needs a response")
-    from esr_core.resistance.detectors import render_pair
 
     tok = engine.model.tokenizer
     ids, offs, text, first = render_pair(tok, prompt, response, response_only=True)
@@ -278,8 +267,6 @@ def replay_episode(engine, prompt: str, response: str, circuit: dict | None, bac
     base = acts.text.find(response.strip()[:40]) if response.strip() else -1
     base = base if base >= 0 else (acts.offsets[first][0] if first < len(acts.offsets) else 0)
     if judgement is None:
-        from esr_core.judge.scoring import judge_response
-
         judgement = judge_response(prompt, response.strip(), distractor)
     # the judge's offsets are into response.strip(); shift if the template kept leading space
     regions = regions_from_judgement(judgement, acts.offsets, first, response_start_char=base)
@@ -290,19 +277,19 @@ def replay_episode(engine, prompt: str, response: str, circuit: dict | None, bac
            "steering": [iv.to_dict() if hasattr(iv, "to_dict") else dict(iv) for iv in steering],
            "steering_on": bool(steering), "how": how, "ema_alpha": ema_alpha, "series": {}, "summary": {}}
     for key, g in (("circuit", circuit), ("backtracking", backtracking)):
-        if not g or not g.get("members"):
+        if not g or not g.members:
             continue
         s = circuit_activity(z, g, how=how, ema_alpha=ema_alpha)
         out["series"][key] = s
         out["members"] = out.get("members", {})
         out["members"][key] = member_matrix(z, g)
         summ = episode_summary(s, regions)
-        fallback = (g.get("threshold") or {}).get("on_topic_mean")
-        if not summ["baseline_mean"] and fallback and (g.get("threshold") or {}).get("how", "sum") == how:
+        fallback = (g.threshold or {}).get("on_topic_mean")
+        if not summ["baseline_mean"] and fallback and (g.threshold or {}).get("how", "sum") == how:
             summ = episode_summary(s, regions, baseline="on-topic answers (search)", baseline_value=float(fallback))
         out["summary"][key] = summ
-    if circuit and circuit.get("members"):
-        thr = default_threshold(circuit, how)
+    if circuit and circuit.members:
+        thr = circuit.threshold_value(how)
         out["threshold"] = thr
         out["crossings"] = threshold_crossings(out["series"]["circuit"], thr) if thr is not None else []
         out["verdict"] = verdict(out["summary"]["circuit"], judgement)
@@ -315,6 +302,4 @@ def replay_episode(engine, prompt: str, response: str, circuit: dict | None, bac
 
 def region_rgba(label: str, alpha: float = 0.18) -> str:
     """The region's shading colour as a CSS rgba() string."""
-    h = REGION_COLOURS.get(label, "#888888").lstrip("#")
-    r, g, b = (int(h[k:k + 2], 16) for k in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
+    return palette.rgba(palette.REGIONS.get(label, "#888888"), alpha)

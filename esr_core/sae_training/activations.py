@@ -3,110 +3,47 @@
 Why a cache: SAE training makes several passes over the same activations, and the
 model forward dominates the cost on CPU (~1,100 tok/s through layer 15 on two cores),
 so each token goes through the model once and training reads a memmap.
-Why stop early: layers after the last one wanted are never computed (a forward hook on
-that decoder layer raises :class:`_StopForward` with its output), which halves the cost
-for a mid-depth layer.
+Why stop early: layers after the last one wanted are never computed
+(:func:`esr_core.models.hooks.capture`), which halves the cost for a mid-depth layer.
 
-Only plain Hugging Face modules are used (``model.model.layers[L]``), so the same code
-runs on a machine with only torch + transformers. The output of decoder layer ``L`` is
-TransformerLens' ``blocks.{L}.hook_resid_post``. Position 0 of every window (the
+Only plain Hugging Face modules are used (residual hooks resolve to ``model.model.layers[L]``),
+so the same code runs on a machine with only torch + transformers. Position 0 of every window (the
 attention sink: residual norm ~24,000 vs a median ~157 on SmolLM2) is never stored.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from esr_core.io import atomic_write_json
-from esr_core.errors import BadInput, Cancelled
+from esr_core.errors import BadInput
+from esr_core.io import atomic_write_json, read_json_or
+from esr_core.jobs import Progress, check_cancel, report
+from esr_core.models.hooks import capture, check_layer, resid_hook
+from esr_core.sae_training.corpus import interleave_by_source, load_documents, render_document
 
 log = logging.getLogger(__name__)
 
 WINDOW = 128
 
 
-class _StopForward(Exception):
-    pass
-
-
-def decoder_layers(hf_model):
-    """The list of decoder blocks of an HF causal LM (Llama, Gemma3, Qwen, ...)."""
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
-        obj = hf_model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-        except AttributeError:
-            continue
-    raise BadInput(f"Cannot find the decoder layers of {type(hf_model).__name__}")
-
-
-def check_layer(hf_model, layer: int) -> int:
-    n = int(hf_model.config.num_hidden_layers) if hasattr(hf_model.config, "num_hidden_layers") else len(decoder_layers(hf_model))
-    try:
-        layer = int(layer)
-    except (TypeError, ValueError):
-        raise BadInput(f"Layer must be an integer, got {layer!r}") from None
-    if not 0 <= layer < n:
-        raise BadInput(f"Layer {layer} does not exist: this model has layers 0..{n - 1}")
-    return layer
-
-
-def residuals(hf_model, input_ids, layers: Sequence[int], attention_mask=None) -> dict[int, "torch.Tensor"]:
-    """Residual stream after each block in ``layers`` ({layer: (B, T, d)}), stopping early."""
-    import torch
-
-    layers = sorted({check_layer(hf_model, l) for l in layers})
-    blocks = decoder_layers(hf_model)
-    got: dict[int, torch.Tensor] = {}
-    last = layers[-1]
-
-    def make_hook(l):
-        def hook(_mod, _inp, out):
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            got[l] = h.detach()
-            if l == last:
-                raise _StopForward
-
-        return hook
-
-    handles = [blocks[l].register_forward_hook(make_hook(l)) for l in layers]
-    try:
-        with torch.no_grad():
-            base = getattr(hf_model, "model", hf_model)
-            try:
-                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [l for l in layers if l not in got]
-    if missing:
-        raise RuntimeError(f"layers {missing} produced no output")
-    return got
-
-
 def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_dir: str | Path,
                       batch_size: int = 32, device: str = "cpu",
-                      progress: Callable[[str], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> dict[int, Path]:
+                      progress: Progress | None = None, cancel=None) -> dict[int, Path]:
     """Run ``windows`` (n, T) through the model; store positions 1..T-1 per layer as float16.
 
     Files: ``out_dir/L{layer}.f16`` (shape (n*(T-1), d_model)), ``out_dir/progress.json``
     (windows done). Re-running resumes after the last completed batch.
     """
-    import torch
+    import torch  # heavy: torch, only when a model runs
 
+    layers = sorted({check_layer(hf_model, l) for l in layers})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, T = windows.shape
@@ -115,11 +52,11 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
     paths = {l: out_dir / f"L{l}.f16" for l in layers}
     prog_path = out_dir / "progress.json"
     done, divisor = 0, None
-    if prog_path.exists():
+    prog = read_json_or(prog_path, {})
+    if isinstance(prog, dict):
         try:
-            prog = json.loads(prog_path.read_text())
             done, divisor = int(prog.get("windows_done", 0)), prog.get("divisor")
-        except (ValueError, json.JSONDecodeError):
+        except (TypeError, ValueError):
             done = 0
     mms = {}
     for l, p in paths.items():
@@ -129,11 +66,12 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
         mms[l] = np.memmap(p, dtype=np.float16, mode=mode, shape=(rows, d))
     t0, start = time.time(), done
     while done < n:
-        if cancel is not None and cancel():
-            raise Cancelled(f"activation collection stopped at {done}/{n} windows (resumable)")
+        check_cancel(cancel, f"Activation collection at {done}/{n} windows (resumable)")
         b = windows[done : done + batch_size]
         ids = torch.as_tensor(b, dtype=torch.long, device=device)
-        got = residuals(hf_model, ids, layers)
+        hooks = {l: resid_hook(l) for l in layers}
+        acts = capture(hf_model, list(hooks.values()), ids)
+        got = {l: acts[name] for l, name in hooks.items()}
         if divisor is None:  # Gemma's residual exceeds float16's range: store x / 2^n instead
             peak = max(float(got[l][:, 1:, :].abs().max()) for l in layers)
             divisor = float(2 ** math.ceil(math.log2(peak * 8 / 65504))) if peak * 8 > 65504 else 1.0
@@ -147,11 +85,9 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
             for mm in mms.values():
                 mm.flush()
             atomic_write_json(prog_path, {"windows_done": done, "windows": n, "divisor": divisor})
-            if progress:
-                el = time.time() - t0
-                rate = (done - start) * T / max(el, 1e-9)
-                eta = (n - done) * T / max(rate, 1e-9)
-                progress(f"activations: {done}/{n} windows, {rate:,.0f} tok/s, ETA {eta / 60:.1f} min")
+            el = time.time() - t0
+            rate = (done - start) * T / max(el, 1e-9)
+            report(progress, "activations", done, n, f"{rate:,.0f} tok/s, ETA {(n - done) * T / max(rate, 1e-9) / 60:.1f} min")
     for mm in mms.values():
         mm.flush()
     atomic_write_json(prog_path, {"windows_done": done, "windows": n, "divisor": divisor or 1.0})
@@ -160,10 +96,8 @@ def collect_to_memmap(hf_model, windows: np.ndarray, layers: Sequence[int], out_
 
 def activation_divisor(out_dir: str | Path) -> float:
     """The constant the cached activations were divided by (1.0 unless float16 would overflow)."""
-    p = Path(out_dir) / "progress.json"
-    if not p.exists():
-        return 1.0
-    return float(json.loads(p.read_text()).get("divisor") or 1.0)
+    prog = read_json_or(Path(out_dir) / "progress.json", {})
+    return float((prog.get("divisor") if isinstance(prog, dict) else None) or 1.0)
 
 
 def open_activations(path: str | Path, d_model: int) -> np.ndarray:
@@ -184,8 +118,6 @@ def training_windows(tokenizer, n_tokens: int, model_name: str | None = None, wi
     A prefix of the interleaved document list is taken, so every source contributes in
     proportion to its capped size until it runs out.
     """
-    from esr_core.sae_training.corpus import interleave_by_source, load_documents, render_document
-
     docs = interleave_by_source(load_documents(split, model_name=model_name))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     need = (n_tokens // (window - 1) + 1) * window

@@ -16,16 +16,18 @@ can be measured offline without fetching anything.
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Callable
 
 from esr_core.errors import BadInput, SaeUnavailable
+from esr_core.jobs import Progress, check_cancel, report
+from esr_core.models.hooks import check_layer, on_output, recording
+from esr_core.models.loading import load_model
+from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.models.sae import SaeHandle, load_sae
+from esr_core.sae_training.corpus import heldout_documents, heldout_texts, token_windows
 
 
 def _model_name_for(handle) -> str:
-    from esr_core.models.registry import DEFAULT_MODEL
-
     name = handle.meta.get("model")
     if not name:
         md = getattr(handle.sae.cfg, "metadata", None)
@@ -34,48 +36,41 @@ def _model_name_for(handle) -> str:
 
 
 def measure_sae(sae, model_name: str | None = None, n_tokens: int = 30_000, batch_size: int = 16,
-                window: int = 128, heldout: str = "auto", progress: Callable[[str], None] | None = None,
-                cancel: Callable[[], bool] | None = None) -> dict:
-    """Measure ``sae`` (an SAE folder/spec or a loaded ``SaeHandle``) on ~``n_tokens`` held-out tokens."""
-    import torch
+                window: int = 128, heldout: str = "auto", progress: Progress | None = None, cancel=None,
+                model=None) -> dict:
+    """Measure ``sae`` (an SAE folder/spec or a loaded ``SaeHandle``) on ~``n_tokens`` held-out tokens.
 
-    from esr_core.sae_training.activations import check_layer, decoder_layers
-    from esr_core.sae_training.corpus import heldout_documents, heldout_texts, token_windows
-    from esr_core.errors import Cancelled
-    from esr_core.models.loading import load_model
-    from esr_core.models.sae import SaeHandle, load_sae
+    ``model`` (a loaded model) measures it on another model than the one it was trained on,
+    e.g. the base model's SAE on a fine-tuned copy.
+    """
+    import torch  # heavy: torch, only when a model runs
 
     if n_tokens < window:
         raise BadInput(f"--tokens must be at least {window}")
     handle = sae if isinstance(sae, SaeHandle) else load_sae(sae)
     if handle.layer is None or not handle.hook_name.endswith("hook_resid_post"):
         raise SaeUnavailable(f"sae-metrics supports residual-stream SAEs (blocks.L.hook_resid_post), not {handle.hook_name}")
-    model_name = model_name or _model_name_for(handle)
-    lm = load_model(model_name)
-    layer = check_layer(lm.hf_model, handle.layer)
+    lm = model if model is not None else load_model(model_name or _model_name_for(handle))
+    model_name = lm.name
+    check_layer(lm.hf_model, handle.layer)
     if handle.d_in != lm.d_model:
         raise SaeUnavailable(f"SAE width {handle.d_in} does not match {model_name}'s d_model {lm.d_model}")
     _, heldout_source = heldout_documents(model_name, heldout)
     texts = heldout_texts(n_tokens + n_tokens // 4, tokenizer=lm.tokenizer, model_name=model_name, source=heldout)
     windows = token_windows(texts, lm.tokenizer, window=window, max_tokens=n_tokens)
-    block = decoder_layers(lm.hf_model)[layer]
     sae_mod = handle.sae
-    mode = {"op": None}
-    captured = {}
+    hook_name = handle.hook_name
+    splice = {"op": None}
 
-    def hook(_m, _i, out):
-        h = out[0] if isinstance(out, (tuple, list)) else out
-        if mode["op"] is None:
-            captured["h"] = h.detach()
+    def replace(h):
+        """Replace positions >= 1 by the SAE reconstruction or by zeros (position 0 untouched)."""
+        if splice["op"] is None:
             return None
         new = h.clone()
-        if mode["op"] == "zero":
-            new[:, 1:, :] = 0
-        else:
-            new[:, 1:, :] = captured["h_hat"].to(h.dtype)
-        return (new, *out[1:]) if isinstance(out, (tuple, list)) else new
+        new[:, 1:, :] = 0 if splice["op"] == "zero" else splice["h_hat"].to(h.dtype)
+        return new
 
-    handle_hook = block.register_forward_hook(hook)
+    handle_hook = on_output(lm, hook_name, replace)
     n_lat = handle.d_sae
     fired = torch.zeros(n_lat, dtype=torch.bool)
     sums = {"err": 0.0, "sq": 0.0, "l0": 0.0, "n": 0, "clean": 0.0, "sae": 0.0, "zero": 0.0, "n_pred": 0}
@@ -85,8 +80,7 @@ def measure_sae(sae, model_name: str | None = None, n_tokens: int = 30_000, batc
     try:
         with torch.no_grad():
             for b in range(0, len(windows), batch_size):
-                if cancel is not None and cancel():
-                    raise Cancelled("sae-metrics cancelled")
+                check_cancel(cancel, "sae-metrics")
                 ids = torch.as_tensor(windows[b : b + batch_size])
                 targets = ids[:, 2:]
 
@@ -94,15 +88,15 @@ def measure_sae(sae, model_name: str | None = None, n_tokens: int = 30_000, batc
                     lp = torch.log_softmax(logits[:, 1:-1].float(), dim=-1)
                     return -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum().item()
 
-                mode["op"] = None
-                clean = loss_of(lm.hf_model(input_ids=ids, use_cache=False).logits)
-                h = captured["h"][:, 1:, :].float()
+                splice["op"] = None
+                with recording(lm, [hook_name]) as got:
+                    clean = loss_of(lm.hf_model(input_ids=ids, use_cache=False).logits)
+                h = got[hook_name][:, 1:, :].float()
                 z = sae_mod.encode(h)
                 h_hat = sae_mod.decode(z)
-                captured["h_hat"] = h_hat
-                mode["op"] = "sae"
+                splice.update(op="sae", h_hat=h_hat)
                 spliced = loss_of(lm.hf_model(input_ids=ids, use_cache=False).logits)
-                mode["op"] = "zero"
+                splice["op"] = "zero"
                 zero = loss_of(lm.hf_model(input_ids=ids, use_cache=False).logits)
                 flat, flat_hat, zf = h.reshape(-1, h.shape[-1]), h_hat.reshape(-1, h.shape[-1]), z.reshape(-1, n_lat)
                 sums["err"] += (flat - flat_hat).pow(2).sum().item()
@@ -116,9 +110,8 @@ def measure_sae(sae, model_name: str | None = None, n_tokens: int = 30_000, batc
                 sums["sae"] += spliced
                 sums["zero"] += zero
                 sums["n_pred"] += targets.numel()
-                if progress:
-                    done = min(b + batch_size, len(windows))
-                    progress(f"sae-metrics: {done}/{len(windows)} windows ({time.time() - t0:.0f}s)")
+                report(progress, "sae-metrics", min(b + batch_size, len(windows)), len(windows),
+                       f"{time.time() - t0:.0f}s")
     finally:
         handle_hook.remove()
     n = sums["n"]
@@ -140,5 +133,3 @@ def measure_sae(sae, model_name: str | None = None, n_tokens: int = 30_000, batc
     }
 
 
-def finite_or_none(x: float):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

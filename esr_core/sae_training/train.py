@@ -23,19 +23,19 @@ an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from esr_core.io import atomic_write_json
 from esr_core.errors import BadInput, Cancelled
+from esr_core.io import atomic_write_json
+from esr_core.jobs import Progress, is_cancelled, report
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class TrainResult:
 
 
 def _set_seed(seed: int):
-    import torch
+    import torch  # heavy: torch
 
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -82,7 +82,7 @@ def _set_seed(seed: int):
 
 def _rows(acts, rows, device: str):
     """float32 batch on ``device`` from a numpy array/memmap or a torch tensor (any device)."""
-    import torch
+    import torch  # heavy: torch
 
     if isinstance(acts, torch.Tensor):
         idx = torch.as_tensor(rows, device=acts.device)
@@ -91,7 +91,7 @@ def _rows(acts, rows, device: str):
 
 
 def _head(acts, n: int) -> np.ndarray:
-    import torch
+    import torch  # heavy: torch
 
     x = acts[: min(n, len(acts))]
     if isinstance(x, torch.Tensor):
@@ -107,7 +107,7 @@ def estimate_scale(acts, n: int = 20_000) -> float:
 
 
 def _init_params(cfg: TrainConfig, mean: np.ndarray):
-    import torch
+    import torch  # heavy: torch
 
     g = torch.Generator().manual_seed(cfg.seed)
     W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
@@ -152,7 +152,7 @@ def _batch_indices(n_rows: int, step: int, cfg: TrainConfig) -> np.ndarray:
 
 def sae_forward(p: dict, x, k: int):
     """(x_hat, pre, top_idx, top_val) for a batch; decode touches only the k active rows."""
-    import torch
+    import torch  # heavy: torch
 
     pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     val, idx = torch.topk(pre, k, dim=-1, sorted=False)
@@ -162,7 +162,7 @@ def sae_forward(p: dict, x, k: int):
 
 
 def _save_checkpoint(path: Path, params, opt, step, tokens, since_fired, cfg, scale, history):
-    import torch
+    import torch  # heavy: torch
 
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"params": {k: v.detach().cpu() for k, v in params.items()}, "opt": opt.state_dict(),
@@ -172,7 +172,7 @@ def _save_checkpoint(path: Path, params, opt, step, tokens, since_fired, cfg, sc
 
 
 def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
-                   progress: Callable[[str], None] | None = None, cancel: Callable[[], bool] | None = None,
+                   progress: Progress | None = None, cancel=None,
                    max_steps: int | None = None, input_divisor: float = 1.0) -> TrainResult:
     """Train on ``acts`` ((rows, d_in) array or memmap); checkpoints in ``out_dir``.
 
@@ -181,7 +181,7 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
     ``input_divisor``: the cache holds x / input_divisor (float16 range); the returned
     state is for raw x.
     """
-    import torch
+    import torch  # heavy: torch
 
     if acts.ndim != 2 or acts.shape[1] != cfg.d_in:
         raise BadInput(f"activations have shape {acts.shape}, expected (rows, {cfg.d_in})")
@@ -212,8 +212,7 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
         step, tokens, scale = ck["step"], ck["tokens"], ck["scale"]
         since_fired = ck["since_fired"].to(dev)
         history = ck.get("history", [])
-        if progress:
-            progress(f"resumed at step {step}/{total_steps}")
+        report(progress, "sae", step, total_steps, "resumed")
     else:
         sample = _head(acts, 50_000) * scale
         params = _init_params(cfg, sample.mean(axis=0))
@@ -224,7 +223,7 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
     fvu_ema = float("nan")
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     while step < stop_at:
-        if cancel is not None and cancel():
+        if is_cancelled(cancel):
             _save_checkpoint(ck_path, params, opt, step, tokens, since_fired, cfg, scale, history)
             raise Cancelled(f"SAE training stopped at step {step} (checkpointed; use --resume)")
         rows = _batch_indices(n_rows, step, cfg)
@@ -269,9 +268,8 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
             eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
             rec = {"step": step, "tokens": tokens, "fvu": round(fvu_ema, 4), "dead": n_dead}
             history.append(rec)
-            if progress:
-                progress(f"sae: step {step}/{total_steps}  FVU {fvu_ema:.3f}  dead {n_dead}  "
-                         f"{rate:,.0f} tok/s  ETA {eta / 60:.1f} min")
+            report(progress, "sae", step, total_steps, f"FVU {fvu_ema:.3f}  dead {n_dead}  "
+                   f"{rate:,.0f} tok/s  ETA {eta / 60:.1f} min")
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             _save_checkpoint(ck_path, params, opt, step, tokens, since_fired, cfg, scale, history)
     dead_frac = float((since_fired > cfg.dead_after_tokens).float().mean())
@@ -286,17 +284,6 @@ def unscale_state(p: dict, scale: float) -> dict:
             "W_dec": p["W_dec"].clone(), "b_dec": p["b_dec"] / scale}
 
 
-def load_checkpoint_state(out_dir: str | Path) -> tuple[dict, dict]:
-    """(raw-unit state, checkpoint info) from a training folder's last checkpoint."""
-    import torch
-
-    ck_path = Path(out_dir) / CHECKPOINT
-    if not ck_path.exists():
-        raise BadInput(f"No training checkpoint in {out_dir}")
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-    return unscale_state(ck["params"], ck["scale"]), ck
-
-
 def export_sae_lens(state: dict, out_dir: str | Path, hook_name: str, k: int, model_name: str,
                     meta: dict | None = None, weights_dtype: str = "float16") -> Path:
     """Write an SAE-Lens folder (``TopKSAE.save_model``) plus ``esr_meta.json``.
@@ -304,10 +291,10 @@ def export_sae_lens(state: dict, out_dir: str | Path, hook_name: str, k: int, mo
     Weights are stored as ``weights_dtype`` (float16 halves the file); the cfg says
     float32, so SAE-Lens loads them into float32 parameters.
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
+    import torch  # heavy: torch
+    from sae_lens import TopKSAE, TopKSAEConfig  # heavy: SAE-Lens
+    from sae_lens.saes.sae import SAEMetadata  # heavy: SAE-Lens
+    from safetensors.torch import load_file, save_file  # heavy: safetensors
 
     out_dir = Path(out_dir)
     d_in, d_sae = state["W_enc"].shape
@@ -321,8 +308,6 @@ def export_sae_lens(state: dict, out_dir: str | Path, hook_name: str, k: int, mo
             getattr(sae, name).copy_(state[name].to(torch.float32))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     sae.save_model(str(tmp))
@@ -334,8 +319,6 @@ def export_sae_lens(state: dict, out_dir: str | Path, hook_name: str, k: int, mo
     if meta is not None:
         atomic_write_json(tmp / "esr_meta.json", meta)
     if out_dir.exists():
-        import shutil
-
         old = out_dir.with_name(out_dir.name + ".old")
         if old.exists():
             shutil.rmtree(old)

@@ -11,15 +11,15 @@ import time
 import torch
 
 from esr_core.steering.engine import Engine
-from esr_core.steering.spec import GenerationSpec, TokenEvent
 from esr_core.steering.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec, TokenEvent
 
 BENCH_PROMPT = "Explain how to plan a vegetable garden for a small backyard, step by step."
 
 
 def _plain_model(engine: Engine):
     """A second, un-instrumented copy of the same weights (no TransformerLens hook points)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     m = AutoModelForCausalLM.from_pretrained(engine.model.source_path, dtype=torch.float32)
     return m.eval()

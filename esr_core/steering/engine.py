@@ -13,7 +13,6 @@ activation *at that token's position*, prompt-token readouts included.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,13 +21,30 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from esr_core.errors import BadInput, EsrError, ModelUnavailable
-from esr_core.steering.spec import (MAX_PROMPT_TOKENS, GenerationSpec, PromptReadout, RunDone, RunResult, TokenEvent,
-                         collect)
-from esr_core.steering.interventions import Intervention, raw_strength, validate
+from esr_core.errors import BadInput, EsrError
+from esr_core.io import atomic_write_json, read_json_or
+from esr_core.models.hooks import capture, on_output
 from esr_core.models.loading import LoadedModel, load_model
-from esr_core.models.registry import DEFAULT_MODEL, get_entry
+from esr_core.models.registry import DEFAULT_MODEL, default_sae_spec
 from esr_core.models.sae import SaeHandle, load_sae, norm_cache_path
+from esr_core.steering.interventions import (
+    Intervention,
+    add_direction,
+    edit_code,
+    position_mask,
+    raw_strength,
+    validate,
+)
+from esr_core.steering.sampling import sample_next
+from esr_core.steering.spec import (
+    MAX_PROMPT_TOKENS,
+    GenerationSpec,
+    PromptReadout,
+    RunDone,
+    RunResult,
+    TokenEvent,
+    collect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +81,6 @@ class _Row:
 
 class _Ctx:
     """Per-request state the hook reads: which rows steer what, at which positions."""
-
     def __init__(self, engine: "Engine", rows: list[_Row], pad_left: list[int]):
         self.engine = engine
         self.rows = rows
@@ -78,7 +93,6 @@ class _Ctx:
 
 class Engine:
     """A model and an SAE with steering and per-token SAE readout. Thread-safe."""
-
     def __init__(self, model: LoadedModel, sae: SaeHandle):
         if sae.d_in != model.d_model:
             raise EsrError(f"SAE input width {sae.d_in} does not match {model.name}'s d_model {model.d_model}")
@@ -90,8 +104,7 @@ class Engine:
         self._W_dec = W
         self._dec_norm = W.norm(dim=1)
         self._median_norm = sae.median_resid_norm
-        hp = model.hook_point(self.hook_name)
-        self._handle = hp.register_forward_hook(self._hook)
+        self._handle = on_output(model, self.hook_name, self._hook)
         self._eos_ids = self._eos_token_ids()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -108,6 +121,15 @@ class Engine:
         return ids
 
     @property
+    def W_dec(self) -> torch.Tensor:
+        """The SAE decoder [d_sae, d_model] in float32 on the model's device (read-only)."""
+        return self._W_dec
+
+    def decoder_norms(self) -> np.ndarray:
+        """Norm of each latent's decoder row (the unit of ``raw`` vs ``norm`` strengths)."""
+        return self._dec_norm.detach().cpu().numpy()
+
+    @property
     def median_norm(self) -> float:
         """Median residual norm at the hook (position 0 excluded): the unit of ``norm`` strengths."""
         if self._median_norm is None:
@@ -116,72 +138,45 @@ class Engine:
 
     def _measure_median_norm(self) -> float:
         path = norm_cache_path(self.model.name, self.hook_name + "_" + self.sae.key)
-        if path.exists():
-            try:
-                return float(json.loads(path.read_text())["median_resid_norm"])
-            except (ValueError, KeyError):
-                pass
+        cached = read_json_or(path, {})
+        if isinstance(cached, dict) and isinstance(cached.get("median_resid_norm"), (int, float)):
+            return float(cached["median_resid_norm"])
         norms = []
         for text in REFERENCE_TEXT:
             ids = self.model.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
             h = self.residual(ids)[1:]
             norms.append(h.norm(dim=-1))
         med = float(torch.cat(norms).median())
-        from esr_core.io import atomic_write_json
 
         atomic_write_json(path, {"median_resid_norm": med, "hook": self.hook_name})
         return med
 
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Unsteered residual at the hook for one sequence, [T, d_model]."""
-        captured = {}
-
-        def grab(_m, _i, out):
-            captured["h"] = (out[0] if isinstance(out, tuple) else out).detach()
-
-        handle = self.model.hook_point(self.hook_name).register_forward_hook(grab)
-        try:
-            with torch.inference_mode():
-                self.model.hf_model(input_ids=input_ids)
-        finally:
-            handle.remove()
-        return captured["h"][0].float()
+        return capture(self.model, self.hook_name, input_ids)[self.hook_name][0].float()
 
     # ------------------------------------------------------------------ the hook
-    def _hook(self, _module, _inputs, output):
+    def _hook(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Apply the calling request's interventions to the residual ``h`` [B, T, d] and read its code."""
         ctx: _Ctx | None = getattr(_TLS, "ctx", None)
         if ctx is None or ctx.engine is not self:
-            return output
-        h = output[0] if isinstance(output, tuple) else output
+            return None
         h = h.clone()
         pos = ctx.pos  # [B, T]
         for b, row in enumerate(ctx.rows):
-            P = ctx.prompt_len[b]
             for iv, coef in row.ivs:
-                if iv.mode != "add":
-                    continue
-                m = _position_mask(pos[b], P, iv.positions)
-                if m.any():
-                    h[b] += m[:, None].to(h.dtype) * (coef * self._W_dec[iv.latent])
+                if iv.mode == "add":
+                    add_direction(h[b], position_mask(pos[b], ctx.prompt_len[b], iv.positions), coef,
+                                  self._W_dec[iv.latent])
         z = None
         if ctx.need_z or any(iv.mode != "add" for r in ctx.rows for iv, _ in r.ivs):
             z = self.sae.encode(h).float()
             for b, row in enumerate(ctx.rows):
-                P = ctx.prompt_len[b]
                 for iv, coef in row.ivs:
-                    if iv.mode == "add":
-                        continue
-                    m = _position_mask(pos[b], P, iv.positions)
-                    if not m.any():
-                        continue
-                    zi = z[b, :, iv.latent]
-                    target = zi * coef if iv.mode == "scale" else torch.full_like(zi, coef)
-                    delta = torch.where(m, target - zi, torch.zeros_like(zi))
-                    h[b] += delta[:, None].to(h.dtype) * self._W_dec[iv.latent]
-                    z[b, :, iv.latent] = torch.where(m, target, zi)
+                    if iv.mode != "add":
+                        edit_code(h[b], z[b], position_mask(pos[b], ctx.prompt_len[b], iv.positions), iv.mode,
+                                  coef, iv.latent, self._W_dec[iv.latent])
         ctx.last_z = z
-        if isinstance(output, tuple):
-            return (h,) + tuple(output[1:])
         return h
 
     def _forward(self, ctx: _Ctx, **kw):
@@ -279,7 +274,7 @@ class Engine:
         def emit(i, ev):
             return (owner[i], ev) if tag else ev
 
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy: transformers
 
         cache = DynamicCache()
         kw = dict(input_ids=input_ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
@@ -312,7 +307,7 @@ class Engine:
                 if done[b]:
                     chosen.append(pad_id)
                     continue
-                chosen.append(_sample(logits[b], history[b], r.spec, gens[b]))
+                chosen.append(sample_next(logits[b], history[b], r.spec, gens[b]))
             # feed the chosen tokens: their readout is at their own position
             ctx.pos = torch.where(torch.tensor(done), torch.full((B,), -1), next_pos).view(B, 1).to(dev)
             attn = torch.cat([attn, torch.tensor([[0 if d else 1] for d in done], dtype=torch.long)], dim=1)
@@ -418,47 +413,9 @@ class Engine:
         self._handle.remove()
 
 
-def _position_mask(pos_row: torch.Tensor, prompt_len: int, which: str) -> torch.Tensor:
-    valid = pos_row >= 0
-    if which == "all":
-        return valid
-    if which == "prompt":
-        return valid & (pos_row < prompt_len)
-    return valid & (pos_row >= prompt_len)
-
-
-def _sample(logits: torch.Tensor, history: list[int], spec: GenerationSpec, gen: torch.Generator) -> int:
-    """Repetition penalty (as HF applies it), temperature, top-p; temperature 0 is greedy."""
-    x = logits.clone()
-    if spec.repetition_penalty != 1.0 and history:
-        idx = torch.tensor(sorted(set(history)), dtype=torch.long, device=x.device)
-        s = x[idx]
-        x[idx] = torch.where(s < 0, s * spec.repetition_penalty, s / spec.repetition_penalty)
-    if spec.temperature <= 0:
-        return int(torch.argmax(x))
-    x = x / spec.temperature
-    probs = torch.softmax(x, dim=-1)
-    if spec.top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sp, dim=-1)
-        drop = (cum - sp) > spec.top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, si, sp)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-
 # ---------------------------------------------------------------------- shared engines
 _ENGINES: dict[tuple[str, str], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
-
-
-def default_sae_spec(model_name: str) -> str:
-    entry = get_entry(model_name)
-    if entry is None or not entry.default_sae:
-        raise ModelUnavailable(f"No default SAE is known for '{model_name}'; choose one (folder or release:sae_id)")
-    path = entry.default_sae_path
-    return str(path) if path is not None else entry.default_sae
 
 
 def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None) -> Engine:

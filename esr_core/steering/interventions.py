@@ -102,3 +102,40 @@ def parse_cli_pair(text: str, what: str) -> tuple[int, float]:
     except ValueError:
         raise BadInput(f"{what}: value must be a number, got '{b}'") from None
     return latent, value
+
+
+# ----------------------------------------------------------------------------- the maths the engine's hook calls
+# Tensor methods only (no torch import): ``h`` [T, d] one row's residual, ``z`` [T, d_sae] its
+# SAE code, ``mask`` [T] bool the positions the intervention acts on, ``direction`` W_dec[i].
+
+
+def position_mask(pos_row, prompt_len: int, which: str):
+    """Which columns of one row an intervention acts on (``pos_row``: position, -1 for padding)."""
+    valid = pos_row >= 0
+    if which == "all":
+        return valid
+    if which == "prompt":
+        return valid & (pos_row < prompt_len)
+    return valid & (pos_row >= prompt_len)
+
+
+def add_direction(h, mask, coef: float, direction) -> None:
+    """``add``: h += coef * W_dec[i] at the masked positions (in place)."""
+    if bool(mask.any()):
+        h += mask[:, None].to(h.dtype) * (coef * direction).to(h.dtype)
+
+
+def edit_code(h, z, mask, mode: str, coef: float, latent: int, direction) -> None:
+    """``clamp``/``scale``/``ablate`` through the error-preserving path (in place).
+
+    h += (target - z_i) * W_dec[i], where target is ``coef`` (clamp; 0 for ablate) or
+    ``coef * z_i`` (scale); the code ``z`` is edited the same way, so the readout reports the
+    clamped value.
+    """
+    if not bool(mask.any()):
+        return
+    zi = z[:, latent]
+    target = zi * coef if mode == "scale" else zi.new_full(zi.shape, float(coef))
+    delta = (target - zi).where(mask, zi.new_zeros(zi.shape))
+    h += delta[:, None].to(h.dtype) * direction.to(h.dtype)
+    z[:, latent] = target.where(mask, zi)

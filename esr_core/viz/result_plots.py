@@ -18,9 +18,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from esr_core.io import atomic_write_bytes, atomic_write_text
 from esr_core.errors import EsrError
-from esr_core.experiments.metrics import summarise, trial_table_flags
+from esr_core.io import atomic_write_bytes, atomic_write_text
 
 # Okabe-Ito, without black (kept for text and the y = x line)
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"]
@@ -86,18 +85,18 @@ def _condition_series(df: pd.DataFrame, condition_col: str) -> pd.Series:
 # ---------------------------------------------------------------------------
 # figures
 
-def score_delta_figure(trials: pd.DataFrame, condition_col: str = "condition",
-                       drop_degraded: bool = False, bin_size: float = 10.0) -> go.Figure:
+def score_delta_figure(flagged: pd.DataFrame, summary: pd.DataFrame, condition_col: str = "condition",
+                       bin_size: float = 10.0) -> go.Figure:
     """Left: histogram of last - first score over multi-attempt trials, per condition.
-    Right: multi-attempt and ESR rates per condition with Wilson 95 % intervals."""
+    Right: multi-attempt and ESR rates per condition with Wilson 95 % intervals.
+
+    ``flagged``: the trial table with its per-trial flags (``trial_table_flags``); ``summary``:
+    one row per condition (``summarise``)."""
     title = "Score change after a restart, and how often it happens"
-    if trials is None or trials.empty:
+    if flagged is None or flagged.empty or summary is None or summary.empty:
         return empty_figure(title)
-    work = trials.copy()
-    work[condition_col] = _condition_series(work, condition_col)
-    flagged = trial_table_flags(work, drop_degraded=drop_degraded)
-    flagged["_cond"] = flagged[condition_col]
-    summary = summarise(work, by=(condition_col,), drop_degraded=drop_degraded)
+    flagged = flagged.copy()
+    flagged["_cond"] = _condition_series(flagged, condition_col)
     colours = condition_colours(summary[condition_col])
     fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], subplot_titles=(
         "Δ score, multi-attempt trials", "Rates, Wilson 95 %"))
@@ -204,27 +203,21 @@ def rates_vs_boost_figure(summary: pd.DataFrame, x: str = "boost_sd",
     return fig
 
 
-def condition_comparison_figure(summary: pd.DataFrame, baseline: str | None = "steering",
+def condition_comparison_figure(pooled: pd.DataFrame, baseline: str | None = "steering",
                                 condition_col: str = "condition",
                                 metrics: Sequence[str] = ("multi_attempt", "esr", "improvement")
                                 ) -> go.Figure:
-    """One panel per rate; one bar per condition with Wilson intervals; baseline as a dashed line."""
-    title = "Conditions compared"
-    if summary is None or summary.empty:
-        return empty_figure(title)
-    if condition_col not in summary.columns:
-        return empty_figure(title, f"The summary has no '{condition_col}' column.")
-    # pool any extra grouping (e.g. per boost) into one row per condition
-    from esr_core.experiments.metrics import pooled_rate
+    """One panel per rate; one bar per condition with Wilson intervals; baseline as a dashed line.
 
-    rows = []
-    for c, part in summary.groupby(condition_col, sort=True):
-        row = {condition_col: str(c)}
-        for m in metrics:
-            p = pooled_rate(part, m)
-            row.update({f"{m}_{s}": p[s] for s in ("k", "n", "rate", "lo", "hi")})
-        rows.append(row)
-    pooled = pd.DataFrame(rows)
+    ``pooled``: one row per condition with ``{metric}_k/_n/_rate/_lo/_hi`` (``pool_by``)."""
+    title = "Conditions compared"
+    if pooled is None or pooled.empty:
+        return empty_figure(title)
+    if condition_col not in pooled.columns:
+        return empty_figure(title, f"The summary has no '{condition_col}' column.")
+    if pooled[condition_col].duplicated().any():
+        return empty_figure(title, "One row per condition is needed: pool the summary first.")
+    pooled = pooled.assign(**{condition_col: pooled[condition_col].astype(str)}).sort_values(condition_col)
     conds = pooled[condition_col].tolist()
     colours = condition_colours(conds)
     fig = make_subplots(rows=1, cols=len(metrics),
@@ -249,13 +242,13 @@ def condition_comparison_figure(summary: pd.DataFrame, baseline: str | None = "s
     return fig
 
 
-def first_last_scatter(trials: pd.DataFrame, condition_col: str = "condition",
-                       multi_only: bool = True, drop_degraded: bool = False) -> go.Figure:
-    """First vs last attempt score per trial; points above y = x improved after restarting."""
+def first_last_scatter(flagged: pd.DataFrame, condition_col: str = "condition",
+                       multi_only: bool = True) -> go.Figure:
+    """First vs last attempt score per trial (``flagged``: the flagged trial table); points
+    above y = x improved after restarting."""
     title = "First vs last attempt score"
-    if trials is None or trials.empty:
+    if flagged is None or flagged.empty:
         return empty_figure(title)
-    flagged = trial_table_flags(trials, drop_degraded=drop_degraded)
     pts = flagged[flagged["valid"] & (flagged["multi_attempt"] if multi_only else True)].copy()
     if pts.empty:
         fig = empty_figure(title, "No multi-attempt trials: every answer had one attempt.")
@@ -283,75 +276,6 @@ def first_last_scatter(trials: pd.DataFrame, condition_col: str = "condition",
                       yaxis={"title": "last attempt score", "range": [-2, 102], "visible": True,
                              "scaleanchor": "x"},
                       legend_title_text="Condition")
-    return fig
-
-
-def align_at_events(arrays: Sequence[Sequence[float]], event_index: Sequence[int],
-                    before: int = 20, after: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Stack per-token arrays aligned so each episode's event sits at offset 0.
-
-    Returns (offsets, matrix) with offsets = -before..after and matrix of shape
-    (episodes, before + after + 1), NaN where an episode has no token at that offset.
-    """
-    if len(arrays) != len(event_index):
-        raise EsrError(f"{len(arrays)} activity arrays but {len(event_index)} correction indices")
-    offsets = np.arange(-before, after + 1)
-    mat = np.full((len(arrays), offsets.size), np.nan)
-    for i, (arr, ev) in enumerate(zip(arrays, event_index)):
-        a = np.asarray(arr, dtype=float).ravel()
-        if ev is None or not (0 <= int(ev) < a.size):
-            continue  # no correction point in this episode: leave it out
-        pos = int(ev) + offsets
-        ok = (pos >= 0) & (pos < a.size)
-        mat[i, ok] = a[pos[ok]]
-    return offsets, mat
-
-
-def aligned_activity_figure(series: Mapping[str, Sequence[Sequence[float]]],
-                            correction_index: Sequence[int], window: int | tuple[int, int] = 20,
-                            title: str = "Activity aligned at the correction point") -> go.Figure:
-    """Mean per-token activity of each series (e.g. detector circuit, backtracking latents)
-    around each episode's correction token, with a ±1 s.e. band and the per-offset number of
-    episodes on a secondary axis (and in the hover)."""
-    before, after = (window, window) if isinstance(window, int) else window
-    if not series or not correction_index or all(len(v) == 0 for v in series.values()):
-        return empty_figure(title, "No recovery episodes to align.")
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    n_at = None
-    palette = [OKABE_ITO[0], OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[3]]
-    for si, (name, arrays) in enumerate(series.items()):
-        offsets, mat = align_at_events(arrays, correction_index, before, after)
-        n = np.sum(np.isfinite(mat), axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, np.nansum(mat, axis=0) / np.maximum(n, 1), np.nan)
-            sq = np.nansum((mat - mean) ** 2, axis=0)
-            sem = np.where(n > 1, np.sqrt(sq / np.maximum(n - 1, 1)) / np.sqrt(np.maximum(n, 1)),
-                           np.nan)
-        colour = palette[si % len(palette)]
-        band_lo, band_hi = mean - sem, mean + sem
-        fig.add_trace(go.Scatter(x=np.concatenate([offsets, offsets[::-1]]),
-                                 y=np.concatenate([band_hi, band_lo[::-1]]), fill="toself",
-                                 fillcolor=colour, opacity=0.2, line={"width": 0},
-                                 name=f"{name} ±1 s.e.", legendgroup=name, showlegend=False,
-                                 hoverinfo="skip"), secondary_y=False)
-        fig.add_trace(go.Scatter(x=offsets, y=mean, mode="lines+markers", name=name,
-                                 legendgroup=name, line={"color": colour},
-                                 customdata=n,
-                                 hovertemplate=f"{name}<br>offset %{{x}}<br>mean %{{y:.3g}}"
-                                               f"<br>episodes: %{{customdata}}<extra></extra>"),
-                      secondary_y=False)
-        n_at = n if n_at is None else np.maximum(n_at, n)
-    fig.add_trace(go.Bar(x=offsets, y=n_at, name="episodes (n)", marker_color="#BBBBBB",
-                         opacity=0.25, hovertemplate="offset %{x}<br>episodes: %{y}<extra></extra>"),
-                  secondary_y=True)
-    fig.add_vline(x=0, line_dash="dash", line_color="#000000",
-                  annotation_text="correction", annotation_position="top")
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="Series",
-                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
-    fig.update_xaxes(title_text="tokens relative to the correction token")
-    fig.update_yaxes(title_text="mean activation", secondary_y=False)
-    fig.update_yaxes(title_text="episodes contributing", secondary_y=True, showgrid=False,
-                     range=[0, max(1, int(n_at.max())) * 1.05], tickformat="d")
     return fig
 
 
@@ -466,7 +390,7 @@ def correction_overlay_figure(overlay: Mapping | None, source: str = "synthetic"
 
 def kaleido_available() -> bool:
     try:
-        import kaleido  # noqa: F401
+        import kaleido  # noqa: F401  # heavy: kaleido (PNG export)
     except ImportError:
         return False
     return True

@@ -9,7 +9,7 @@ threshold crossings): the extension points the resistance replay uses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,8 +53,8 @@ def _clean(values) -> np.ndarray:
 def timeline_figure(series: Sequence[Series], *, regions: Sequence[Any] = (), markers: Sequence[Any] = (),
                     selected: int | None = None, title: str | None = None, height_per_lane: int = 230):
     """Build the figure. ``regions`` items: Region or (start, end, label, colour); ``markers``: Marker or (i, label)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # heavy: plotly
+    from plotly.subplots import make_subplots  # heavy: plotly
 
     lanes: list[str] = []
     for s in series:

@@ -1,0 +1,147 @@
+"""What a browser session works with: the models and SAEs on offer, what is loaded, its catalog.
+
+Plain Python (no streamlit): the sidebar lists :func:`model_options`, the app loads an
+engine and shows :func:`sae_info`; the catalog and the shipped groups and examples are found
+here for the loaded (model, SAE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from esr_core.errors import EsrError
+from esr_core.jobs import Progress
+from esr_core.latents.catalog.build import catalog_for
+from esr_core.latents.catalog.store import load_catalog_for_names
+from esr_core.latents.groups import LatentGroup, load_builtin_groups
+from esr_core.latents.search import embed_query, warm_search
+from esr_core.models.embeddings import embedding_model
+from esr_core.models.registry import DEFAULT_MODEL, get_entry, list_models
+from esr_core.paths import ASSETS_DIR
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_FILE = ASSETS_DIR / "examples.json"
+ENV_DEFAULT_SAE = "ESR_LAB_DEFAULT_SAE"
+
+
+def model_options() -> list[tuple[str, str]]:
+    """(name, label) of the registry's models, the embedded default first."""
+    return [(e.name, e.label) for e in list_models()]
+
+
+def default_sae_for(model: str) -> str | None:
+    """The SAE to preselect: ``$ESR_LAB_DEFAULT_SAE`` for the default model, else the registry's."""
+    env = os.environ.get(ENV_DEFAULT_SAE)
+    if env and model == DEFAULT_MODEL:
+        return env
+    e = get_entry(model)
+    if e is None or not e.default_sae:
+        return None
+    p = e.default_sae_path
+    return str(p) if p is not None else e.default_sae
+
+
+def default_sae_missing(model: str) -> str | None:
+    """A one-line reason when the model's default SAE folder is not there (None if fine)."""
+    spec = default_sae_for(model)
+    if spec is None:
+        return f"No default SAE is known for '{model}': choose an SAE folder or a SAE-Lens release"
+    if ":" not in spec or Path(spec).exists():
+        p = Path(spec)
+        if not (p / "cfg.json").exists():
+            return (f"The default SAE for {model} is not in {p} yet (it is trained by `esr-lab sae train`); "
+                    "choose another SAE in the sidebar")
+    return None
+
+
+def local_sae_folders(root: Path = ASSETS_DIR / "sae") -> list[str]:
+    """SAE-Lens folders shipped under assets/sae (one level deep, or one more)."""
+    out = []
+    if root.is_dir():
+        for p in sorted(root.rglob("cfg.json")):
+            if (p.parent / "sae_weights.safetensors").exists():
+                out.append(str(p.parent))
+    return out
+
+
+def sae_info(engine) -> dict[str, Any]:
+    """What the sidebar shows about the loaded SAE: hook, size, L0 and other recorded metrics."""
+    s = engine.sae
+    meta = dict(s.meta or {})
+    info = {"source": s.source, "hook": s.hook_name, "d_sae": s.d_sae, "d_in": s.d_in,
+            "architecture": s.architecture, "layer": s.layer}
+    try:
+        info["median_resid_norm"] = round(float(engine.median_norm), 2) if s.median_resid_norm is not None else None
+    except Exception:
+        info["median_resid_norm"] = None
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    for k in ("l0", "explained_variance", "dead_fraction", "ce_loss_recovered"):
+        v = metrics.get(k, meta.get(k))
+        if v is not None:
+            info[k] = v
+    for k in ("training_tokens", "release", "sae_id"):
+        if k in meta:
+            info[k] = meta[k]
+    return info
+
+
+# ------------------------------------------------------------------ catalog
+def load_catalog(engine):
+    """The shipped or cached catalog for this (model, SAE), or None (then ids still work)."""
+    try:
+        cat = load_catalog_for_names(engine.model.name, engine.sae)
+    except EsrError:
+        return None
+    if cat is not None:
+        warm_search_in_background(cat)
+    return cat
+
+
+def warm_search_in_background(catalog) -> threading.Thread:
+    """Load the search vectors and the query embedder (about 10 s on CPU) while the user reads the
+    page, so the first search answers at once; a failure only means the first search warms up."""
+
+    def work():
+        try:
+            warm_search(catalog)
+            embedding_model()
+            embed_query("warm up")  # first forward of the query embedder
+        except Exception:  # noqa: BLE001 - best effort; the real search reports its own errors
+            log.debug("search warm-up failed", exc_info=True)
+
+    t = threading.Thread(target=work, name="esr-search-warmup", daemon=True)
+    t.start()
+    return t
+
+
+def build_catalog(engine, progress: Progress | None = None, n_tokens: int = 30_000):
+    """Build (and cache) the catalog of the loaded SAE now, with progress."""
+    return catalog_for(engine.model, engine.sae, progress=progress, n_tokens=n_tokens)
+
+
+def load_examples(path: Path | None = None) -> list[dict]:
+    try:
+        data = json.loads(Path(path or EXAMPLES_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return data.get("examples", []) if isinstance(data, dict) else list(data)
+
+
+def builtin_groups(d_sae: int | None = None) -> tuple[list[LatentGroup], list[str]]:
+    """Groups shipped in assets/groups (e.g. the resistance circuit), filtered to this SAE's size."""
+    groups, errors = load_builtin_groups()
+    if d_sae is not None:
+        keep = []
+        for g in groups:
+            if max(g.members) < d_sae:
+                keep.append(g)
+            else:
+                errors.append(f"{g.name}: latents beyond this SAE's 0..{d_sae - 1} (made for another SAE?)")
+        groups = keep
+    return groups, errors
