@@ -49,6 +49,7 @@ from esr_core.steering.spec import (
 log = logging.getLogger(__name__)
 
 _TLS = threading.local()
+MAX_HELD_TOKENS = 3  # a UTF-8 character has at most 4 bytes: at most 3 byte tokens wait for the last one
 
 # Reference text for the median residual norm of SAEs that do not record one (our own prose).
 REFERENCE_TEXT = [
@@ -300,7 +301,7 @@ class Engine:
                 for b, r in enumerate(rows):
                     if not done[b]:
                         done[b] = True
-                        yield emit(b, RunDone(run=r.run, text=emitted[b], token_ids=new_ids[b], stop_reason="cancelled"))
+                        yield emit(b, self._done(r.run, new_ids[b], emitted[b], "cancelled"))
                 return
             chosen = []
             for b, r in enumerate(rows):
@@ -342,21 +343,35 @@ class Engine:
                     stop = "max_new_tokens"
                 if stop:
                     done[b] = True
-                    final = self._final_text(new_ids[b], stop == "eos")
-                    if final != emitted[b]:
-                        # held-back bytes (incomplete UTF-8 at the end) are flushed in the final text
-                        emitted[b] = final
-                    yield emit(b, RunDone(run=r.run, text=emitted[b], token_ids=new_ids[b], stop_reason=stop))
+                    yield emit(b, self._done(r.run, new_ids[b], emitted[b], stop))
             next_pos = next_pos + 1
             step += 1
             if all(done):
                 return
 
     def _piece(self, ids: list[int], emitted: str) -> str:
-        text = self.model.tokenizer.decode(ids, skip_special_tokens=False)
-        if text.endswith("\ufffd") or not text.startswith(emitted):
-            return ""  # incomplete multi-byte character: wait for the next token
+        """The new text of the last token, holding back at most an incomplete UTF-8 character.
+
+        Byte-level tokens can end inside a multi-byte character; the decoder then ends in
+        U+FFFD until the next token completes it. A character has at most 4 bytes, so only the
+        last 3 tokens can still be waiting: older U+FFFD are final (bytes that never form a
+        character) and are streamed, so the pieces always join to the final text.
+        """
+        tok = self.model.tokenizer
+        for held in range(0, min(MAX_HELD_TOKENS, len(ids)) + 1):
+            text = tok.decode(ids[: len(ids) - held], skip_special_tokens=False)
+            if not text.endswith("\ufffd") or held == min(MAX_HELD_TOKENS, len(ids)):
+                break
+        if not text.startswith(emitted):
+            return ""  # the decoder revised earlier text: wait until it settles (the final text flushes it)
         return text[len(emitted):]
+
+    def _done(self, run: str, ids: list[int], emitted: str, stop: str) -> RunDone:
+        """The end of a run: its final text and the held-back tail the pieces still lack."""
+        final = self._final_text(ids, stop == "eos")
+        tail = final[len(emitted):] if final.startswith(emitted) else ""
+        return RunDone(run=run, text=emitted + tail if final.startswith(emitted) else final, token_ids=ids,
+                       stop_reason=stop, tail=tail)
 
     def _final_text(self, ids: list[int], ended_with_eos: bool) -> str:
         body = ids[:-1] if ended_with_eos else ids

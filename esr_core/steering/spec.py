@@ -124,13 +124,17 @@ class TokenEvent:
 
 @dataclass
 class RunDone:
+    """The end of a run. ``tail`` is text held back from the last token events (an incomplete
+    UTF-8 character at the end): the streamed pieces plus ``tail`` are exactly ``text``."""
+
     run: str
     text: str
     token_ids: list[int]
     stop_reason: str  # "eos" | "max_new_tokens" | "cancelled"
+    tail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"run": self.run, "done": True, "text": self.text, "n_tokens": len(self.token_ids),
+        return {"run": self.run, "done": True, "text": self.text, "tail": self.tail, "n_tokens": len(self.token_ids),
                 "stop_reason": self.stop_reason}
 
 
@@ -203,8 +207,11 @@ def collect(events, spec: GenerationSpec) -> dict[str, RunResult]:
             r.top.append(ev.top)
             acts[ev.run].append([ev.acts.get(i, 0.0) for i in spec.watch])
         elif isinstance(ev, RunDone):
-            out[ev.run].text = ev.text
-            out[ev.run].stop_reason = ev.stop_reason
+            r = out[ev.run]
+            if ev.tail and r.pieces:
+                r.pieces[-1] += ev.tail  # the held-back end belongs to the last token
+            r.text = ev.text
+            r.stop_reason = ev.stop_reason
     for r in spec.runs:
         out[r].acts = np.asarray(acts[r], dtype=np.float32).reshape(len(acts[r]), len(spec.watch))
     return out
