@@ -18,6 +18,9 @@ from esr_core.experiments.spec import ExperimentSpec
 from esr_core.experiments.store import REFERENCE_DIR, SPEC_FILE, default_run_dir, list_runs, load_spec
 from esr_core.io import read_json
 from esr_core.judge.scoring import get_judge
+from esr_core.models.loading import check_model
+from esr_core.models.registry import default_sae_spec
+from esr_core.models.sae import load_sae
 from esr_core.viz.result_plots import correction_overlay_figure, export_figure
 
 
@@ -145,6 +148,8 @@ def cmd_run(args) -> int:
         doc = read_json(src, f"The run spec {src}")
         got = import_run_calibrations(doc)
         print(f"imported {len(got)} calibrations from {src}", file=sys.stderr)
+    check_model(spec.model)  # unknown or unavailable models and SAEs fail before anything heavy loads
+    load_sae(spec.sae or default_sae_spec(spec.model))
     print(f"run directory: {run_dir}", file=sys.stderr)
     final = run_experiment(spec, run_dir, resume=args.resume, judge=not args.no_judge, progress=StderrProgress(every=2.0, newline=True),
                            stop_after=args.limit)

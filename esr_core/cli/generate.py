@@ -7,8 +7,12 @@ import shutil
 import sys
 import textwrap
 
+from esr_core.cli.common import sae_spec
 from esr_core.errors import BadInput
+from esr_core.io import read_text_arg
+from esr_core.models.loading import check_model
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.models.sae import load_sae
 from esr_core.steering.interventions import Intervention, parse_cli_pair
 from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
 
@@ -32,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--top-k", type=int, default=5, help="top active latents reported per token")
     p.add_argument("--raw", action="store_true", help="raw completion: no chat template")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="a prompt over the model's limit keeps its end instead of failing")
     p.add_argument("--only", choices=["steered", "default"], help="run only one of the two")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sae", default=None, help="SAE folder or release:sae_id (default: the model's)")
@@ -63,18 +69,21 @@ def spec_from_args(args) -> GenerationSpec:
         for i in _ids(s, "--ablate"):
             ivs.append(Intervention(i, "ablate", 0.0, "raw", args.positions))
     runs = (args.only,) if args.only else ("steered", "default")
-    return GenerationSpec(prompt=args.prompt, interventions=ivs, watch=_ids(args.watch, "--watch"),
-                          top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, chat=not args.raw, runs=runs)
+    return GenerationSpec(prompt=read_text_arg(args.prompt, "--prompt"), interventions=ivs,
+                          watch=_ids(args.watch, "--watch"), top_k=args.top_k, temperature=args.temperature,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, chat=not args.raw, runs=runs,
+                          truncate="keep_end" if args.truncate_prompt else "error")
 
 
 def run(args) -> int:
     from esr_core.steering.engine import get_engine  # heavy: pulls torch
 
-    spec = spec_from_args(args)
-    spec.validate()
-    eng = get_engine(args.model, args.sae)
+    spec = spec_from_args(args).validate()
+    sae = sae_spec(args)  # an unknown model fails here, before anything loads
+    check_model(args.model)
+    spec.validate(load_sae(sae).d_sae)  # bad latent ids fail before the model loads
+    eng = get_engine(args.model, sae)
     if args.json:
         for ev in eng.stream(spec):
             if isinstance(ev, (TokenEvent, RunDone)):

@@ -5,29 +5,16 @@ from __future__ import annotations
 import json
 import sys
 
-from esr_core.errors import BadInput
+from esr_core.io import read_text_arg
 from esr_core.judge.calibration import run_calibration
 from esr_core.judge.prompts import ANSWERS_PATH, generate_default_answers, load_prompts
 from esr_core.judge.scoring import get_judge, verdict
 
 
-def _read_arg(value: str) -> str:
-    """``@file`` reads a file, ``-`` reads stdin, anything else is the text itself."""
-    if value == "-":
-        return sys.stdin.read()
-    if value.startswith("@"):
-        try:
-            with open(value[1:], encoding="utf-8") as f:
-                return f.read()
-        except OSError as exc:
-            raise BadInput(f"Cannot read {value[1:]}: {exc.strerror}") from None
-    return value
-
-
 def cmd_judge(args) -> int:
-    prompt = _read_arg(args.prompt)
-    response = _read_arg(args.response)
-    distractor = _read_arg(args.distractor) if args.distractor else None
+    prompt = read_text_arg(args.prompt, "--prompt")
+    response = read_text_arg(args.response, "--response")
+    distractor = read_text_arg(args.distractor, "--distractor") if args.distractor else None
     judge = get_judge(args.judge)
     j = judge(prompt, response, distractor)
     v = verdict(j)

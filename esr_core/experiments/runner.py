@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from esr_core.experiments.store import (
     default_run_dir,
     load_spec,
     load_trials,
+    run_lock,
 )
 from esr_core.io import append_jsonl, atomic_write_json, read_jsonl, seal_log
 from esr_core.jobs import BackgroundJob, CancelLike, Progress, is_cancelled
@@ -245,22 +247,36 @@ def prepare_run(spec: ExperimentSpec, run_dir: str | Path, resume: bool = False)
         if not resume:
             raise BadInput(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         return ExperimentSpec.load(saved), run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    spec.validate()
     if not spec.name:
         spec.name = run_dir.name
     return spec, run_dir
 
 
-def run_experiment(spec: ExperimentSpec, run_dir: str | Path, *, engine=None, judge_fn=None,
-                   resume: bool = False, judge: bool = True, progress: Progress | None = None,
-                   cancel: CancelLike = None, stop_after: int | None = None,
-                   finalize_at_end: bool = True) -> dict:
+def run_experiment(spec: ExperimentSpec, run_dir: str | Path, **kw) -> dict:
     """Run (or resume) an experiment in ``run_dir``; returns the final progress record.
 
     ``judge=False`` only generates (judging is left for a later resume). ``stop_after``
     stops after that many newly generated trials (whole batches; used by tests and the CLI's
     ``--limit``). Raises :class:`Cancelled` when cancelled; everything finished is on disk.
+    One writer at a time: a folder another session is running raises :class:`RunLocked`. A
+    new run that fails before its spec is saved leaves no folder behind.
     """
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        with run_lock(run_dir):
+            return _run(spec, run_dir, **kw)
+    except BaseException:
+        if created and run_dir.is_dir() and not (run_dir / SPEC_FILE).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run(spec: ExperimentSpec, run_dir: Path, *, engine=None, judge_fn=None,
+                   resume: bool = False, judge: bool = True, progress: Progress | None = None,
+                   cancel: CancelLike = None, stop_after: int | None = None,
+                   finalize_at_end: bool = True) -> dict:
     spec, run_dir = prepare_run(spec, run_dir, resume)
     prog = RunProgress(run_dir, progress)
     judge_fn = judge_fn or (_judge(spec) if judge else None)

@@ -9,7 +9,10 @@ Method: arXiv 2602.06941 (ESR_METHOD.md sec. 1-7).
 
 from __future__ import annotations
 
+import json
 import math
+import types
+import typing
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from esr_core.experiments.conditions import (
     meta_variant_of,
 )
 from esr_core.io import read_json
+from esr_core.judge.prompts import load_prompts
 from esr_core.steering.interventions import Intervention
 
 DEFAULT_CONDITIONS = BASE_CONDITIONS
@@ -107,6 +111,8 @@ class ExperimentSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise BadInput(f"Unknown experiment setting(s): {', '.join(unknown)}")
+        for name, value in d.items():
+            check_type(name, value, _HINTS[name])
         try:
             spec = cls(**d)
         except TypeError as exc:
@@ -160,6 +166,11 @@ class ExperimentSpec:
                 raise BadInput(f"Unknown meta-prompt variant {v!r} (have: {', '.join(META_PROMPTS)})")
         if not self.random_ablation_seeds:
             raise BadInput("random_ablation_seeds must not be empty")
+        if self.prompt_ids:
+            known = {p["id"] for p in load_prompts()}
+            missing = [p for p in self.prompt_ids if p not in known]
+            if missing:
+                raise BadInput(f"Unknown prompt id(s): {', '.join(missing[:5])}")
         return self
 
     # -------------------------------------------------------------- derived values
@@ -187,6 +198,50 @@ class ExperimentSpec:
             else:
                 out.append(c)
         return out
+
+
+_HINTS = typing.get_type_hints(ExperimentSpec)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], 'values') if args else 'values'}"
+    if origin is dict:
+        return "an object"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, tp.__name__)
+
+
+def _matches(value, tp) -> bool:
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_matches(v, args[1]) for v in value.values()))
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_type(name: str, value, tp) -> None:
+    """One clear line when a setting has the wrong JSON type ("temperature": "hot")."""
+    if not _matches(value, tp):
+        raise BadInput(f"Experiment setting '{name}' must be {_type_name(tp)}, got {json.dumps(value)[:60]}")
 
 
 def prompt_for(spec: ExperimentSpec, condition: str, latent: int, base: str) -> tuple[str, str | None]:

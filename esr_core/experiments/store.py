@@ -9,8 +9,12 @@ Parquet table and the summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +33,7 @@ TRIALS_FILE = "trials.jsonl"
 PARQUET_FILE = "trials.parquet"
 SUMMARY_FILE = "summary.json"
 PROGRESS_FILE = "progress.json"
+LOCK_FILE = "running.lock"
 REFERENCE_DIR = ASSETS_DIR / "experiments" / "reference"
 
 TRIAL_COLUMNS = ["key", "prompt_id", "prompt", "latent", "latent_label", "boost", "boost_norm", "boost_sd",
@@ -75,6 +80,7 @@ def list_runs(root: str | Path | None = None, include_reference: bool = True) ->
         else:
             info["error"] = "unreadable spec.json"
         prog = read_progress(d)
+        info["locked"] = lock_holder(d) is not None
         info["stage"] = prog.get("stage", "")
         info["done"] = prog.get("done")
         info["total"] = prog.get("total")
@@ -122,6 +128,68 @@ class RunProgress:
             except OSError:
                 pass
         return step
+
+
+# ------------------------------------------------------------------------------ one writer per run folder
+
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+class RunLocked(BadInput):
+    """Another session (or process) is running this experiment folder."""
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def lock_holder(run_dir: str | Path) -> dict | None:
+    """Who is running ``run_dir`` now ({pid, host, since}), or None (a stale lock counts as none)."""
+    p = Path(run_dir) / LOCK_FILE
+    info = read_json_or(p)
+    if not isinstance(info, dict):
+        return None
+    if info.get("host") != socket.gethostname():
+        return info  # another machine: trust it
+    if int(info.get("pid", -1)) == os.getpid():
+        with _HELD_LOCK:
+            return info if str(p.resolve()) in _HELD else None
+    return info if _alive(info.get("pid")) else None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold ``running.lock`` in ``run_dir`` while a run writes to it; a second writer gets
+    :class:`RunLocked` with one clear line (a lock left by a dead process is taken over)."""
+    p = Path(run_dir) / LOCK_FILE
+    p.parent.mkdir(parents=True, exist_ok=True)
+    key = str(p.resolve())
+    for attempt in range(2):
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock_holder(run_dir)
+            if holder is not None or attempt:
+                since = time.strftime("%H:%M", time.localtime(holder.get("since", 0))) if holder else "?"
+                raise RunLocked(f"The run in {Path(run_dir).name} is already running (another session, since "
+                                f"{since}); open it to follow its progress") from None
+            p.unlink(missing_ok=True)  # stale: its writer is gone
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
+    with _HELD_LOCK:
+        _HELD.add(key)
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            _HELD.discard(key)
+        p.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ tables

@@ -131,6 +131,43 @@ def _dequantised_dir(entry: ModelEntry) -> Path:
     return out
 
 
+def check_model(name_or_path: str) -> None:
+    """Fail fast, before anything heavy loads, with why a model cannot be used here.
+
+    A registry name needs its offline package; a local folder must be a Hugging Face model
+    folder; a hub id works offline only when it is already in the Hugging Face cache.
+    """
+    name = str(name_or_path or "").strip()
+    if not name:
+        raise ModelUnavailable("No model given")
+    entry = get_entry(name)
+    if entry is not None:
+        if entry.source == "gguf-package":
+            _package_dir(entry.package)
+        return
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelUnavailable(f"{p} is not a Hugging Face model folder (no config.json)")
+        return
+    if name.count("/") != 1 or p.suffix or " " in name:
+        raise ModelUnavailable(f"Unknown model '{name}': not in the registry, not a local model folder, "
+                               "and not a Hugging Face id (owner/name)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache  # heavy: transformers' hub client
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelUnavailable(f"Model '{name}' is not available offline (not in the Hugging Face cache); "
+                                   "set ESR_LAB_ONLINE=1 where the hub can be reached")
+
+
+def forget_model(name: str) -> None:
+    """Drop a loaded model from the process cache (its engine was evicted)."""
+    with _LOCK:
+        for k in [k for k in _LOADED if k.split("@")[0] == name or _LOADED[k].name == name]:
+            del _LOADED[k]
+
+
 def resolve_model_path(name_or_path: str) -> tuple[str, ModelEntry | None]:
     """Map a registry name, local directory or HF id to something ``from_pretrained`` accepts."""
     entry = get_entry(name_or_path)

@@ -9,13 +9,13 @@ reference text and cached in the user cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from esr_core.errors import BadInput, SaeUnavailable
+from esr_core.io import read_json
 from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_subdir, offline_env
 
 META_FILE = "esr_meta.json"
@@ -98,10 +98,11 @@ def load_sae_folder(folder: str | Path, device: str = "cpu") -> SaeHandle:
     cfg_path, w_path = folder / "cfg.json", folder / "sae_weights.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         raise SaeUnavailable(f"{folder} is not an SAE-Lens folder (needs cfg.json and sae_weights.safetensors)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SaeUnavailable(f"{cfg_path} is corrupt: {exc}") from None
+    cfg = read_json(cfg_path, f"The SAE config {cfg_path}", error=SaeUnavailable)
+    meta = read_json(folder / META_FILE, f"The SAE metadata {folder / META_FILE}", error=SaeUnavailable) \
+        if (folder / META_FILE).exists() else {}
+    if not isinstance(cfg, dict) or not isinstance(meta, dict):
+        raise SaeUnavailable(f"{folder}: cfg.json and esr_meta.json must hold JSON objects")
     from sae_lens import SAE  # heavy: SAE-Lens
 
     try:
@@ -109,12 +110,6 @@ def load_sae_folder(folder: str | Path, device: str = "cpu") -> SaeHandle:
     except Exception as exc:
         raise SaeUnavailable(f"Could not load SAE from {folder}: {str(exc).splitlines()[0][:200]}") from None
     sae.eval()
-    meta = {}
-    if (folder / META_FILE).exists():
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise SaeUnavailable(f"{folder / META_FILE} is corrupt: {exc}") from None
     meta.setdefault("fingerprint", _fingerprint(folder))
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or meta.get("hook_name")
     if not hook:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,9 +25,10 @@ import torch
 from esr_core.errors import BadInput, EsrError
 from esr_core.io import atomic_write_json, read_json_or
 from esr_core.models.hooks import capture, on_output
-from esr_core.models.loading import LoadedModel, load_model
+from esr_core.models.loading import LoadedModel, check_model, forget_model, load_model
 from esr_core.models.registry import DEFAULT_MODEL, default_sae_spec
 from esr_core.models.sae import SaeHandle, load_sae, norm_cache_path
+from esr_core.models.sae import forget as forget_sae
 from esr_core.steering.interventions import (
     Intervention,
     add_direction,
@@ -106,6 +108,9 @@ class Engine:
         self._dec_norm = W.norm(dim=1)
         self._median_norm = sae.median_resid_norm
         self._handle = on_output(model, self.hook_name, self._hook)
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self.closed = False
         self._eos_ids = self._eos_token_ids()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -181,6 +186,8 @@ class Engine:
         return h
 
     def _forward(self, ctx: _Ctx, **kw):
+        if self.closed:
+            raise EsrError(f"{self.model.name} was unloaded to free memory; choose it again in the sidebar")
         _TLS.ctx = ctx
         try:
             with torch.inference_mode():
@@ -201,10 +208,29 @@ class Engine:
     def _prompt_ids(self, rendered: str, chat: bool) -> list[int]:
         tok = self.model.tokenizer
         templated = chat and self.model.has_chat_template
-        ids = tok(rendered, add_special_tokens=not templated).input_ids
-        if len(ids) > MAX_PROMPT_TOKENS:
-            raise BadInput(f"The prompt is {len(ids):,} tokens; the limit is {MAX_PROMPT_TOKENS:,}")
-        return list(ids)
+        return list(tok(rendered, add_special_tokens=not templated).input_ids)
+
+    def prompt_tokens(self, spec: GenerationSpec) -> tuple[str, list[int]]:
+        """The rendered prompt and its token ids; a prompt over the limit raises, or with
+        ``truncate="keep_end"`` loses its beginning (the task usually sits at the end)."""
+        rendered = self.render_prompt(spec.prompt, spec.chat, spec.system_prompt)
+        ids = self._prompt_ids(rendered, spec.chat)
+        if len(ids) <= MAX_PROMPT_TOKENS:
+            return rendered, ids
+        if spec.truncate != "keep_end":
+            raise BadInput(f"The prompt is {len(ids):,} tokens; the limit is {MAX_PROMPT_TOKENS:,} "
+                           "(truncate it to keep its end)")
+        tok = self.model.tokenizer
+        user = tok(spec.prompt, add_special_tokens=False).input_ids
+        overhead = len(ids) - len(user)
+        keep = max(1, MAX_PROMPT_TOKENS - overhead - 2)
+        while True:
+            text = tok.decode(user[-keep:], skip_special_tokens=True).lstrip("\ufffd")
+            rendered = self.render_prompt(text, spec.chat, spec.system_prompt)
+            ids = self._prompt_ids(rendered, spec.chat)
+            if len(ids) <= MAX_PROMPT_TOKENS or keep <= 1:
+                return rendered, ids
+            keep -= len(ids) - MAX_PROMPT_TOKENS
 
     def compile_interventions(self, ivs: list[Intervention]) -> list[tuple[Intervention, float]]:
         out = []
@@ -246,8 +272,7 @@ class Engine:
                 raise BadInput("generate needs a GenerationSpec")
             spec.validate()
             spec.watch = self._check_watch(list(spec.watch))
-            rendered = self.render_prompt(spec.prompt, spec.chat, spec.system_prompt)
-            ids = self._prompt_ids(rendered, spec.chat)
+            rendered, ids = self.prompt_tokens(spec)
             for run in spec.runs:
                 rows.append(_Row(run=run, spec=spec, prompt_ids=ids, rendered=rendered,
                                  ivs=self.compile_interventions(spec.interventions_for(run))))
@@ -255,6 +280,14 @@ class Engine:
         return rows, owner
 
     def stream_batch(self, specs: list[GenerationSpec], cancel: threading.Event | None = None, tag: bool = False):
+        """Stream every run of every spec as one left-padded batch (events tagged by spec if ``tag``)."""
+        self._enter()
+        try:
+            yield from self._stream_batch(specs, cancel, tag)
+        finally:
+            self._leave()
+
+    def _stream_batch(self, specs: list[GenerationSpec], cancel, tag: bool):
         rows, owner = self._rows(specs)
         B = len(rows)
         tok = self.model.tokenizer
@@ -419,29 +452,74 @@ class Engine:
                    ivs=self.compile_interventions(list(interventions)))
         ctx = _Ctx(self, [row], [0])
         ctx.pos = torch.arange(len(ids)).view(1, -1).to(self.device)
-        self._forward(ctx, input_ids=torch.tensor([ids], device=self.device))
+        self._enter()
+        try:
+            self._forward(ctx, input_ids=torch.tensor([ids], device=self.device))
+        finally:
+            self._leave()
         z = ctx.last_z[0].cpu()
         offsets = [tuple(map(int, o)) for o in enc.get("offset_mapping", [(0, 0)] * len(ids))]
         return ActsResult(token_ids=ids, tokens=[tok.decode([t]) for t in ids], offsets=offsets, z=z, text=text)
 
+    @property
+    def busy(self) -> bool:
+        """True while a request is generating or reading activations."""
+        return self._busy > 0
+
+    def _enter(self) -> None:
+        if self.closed:
+            raise EsrError(f"{self.model.name} was unloaded to free memory; choose it again in the sidebar")
+        with self._busy_lock:
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+
     def close(self) -> None:
+        """Remove the steering hook (the engine can no longer steer; a new one must be made)."""
+        self.closed = True
         self._handle.remove()
 
 
 # ---------------------------------------------------------------------- shared engines
-_ENGINES: dict[tuple[str, str], Engine] = {}
+MAX_ENGINES = 2  # model + SAE pairs kept loaded; the least recently used idle one is released
+_ENGINES: "OrderedDict[tuple[str, str], Engine]" = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None) -> Engine:
-    """The process-wide engine for (model, SAE); created once, safe to share between threads."""
+    """The process-wide engine for (model, SAE); created once, safe to share between threads.
+
+    At most :data:`MAX_ENGINES` stay loaded: asking for another releases the least recently
+    used one that is not generating (its hook is removed and its model forgotten), so a
+    visitor trying models cannot grow memory without bound. The SAE loads first: a missing or
+    corrupt SAE fails before the (slower) model load.
+    """
     sae_spec = sae or default_sae_spec(model)
     key = (model, str(sae_spec))
     with _ENGINES_LOCK:
-        eng = _ENGINES.get(key)
+        eng = _ENGINES.pop(key, None)
         if eng is None:
-            lm = load_model(model)
             handle = load_sae(sae_spec)
-            eng = Engine(lm, handle)
-            _ENGINES[key] = eng
+            check_model(model)
+            eng = Engine(load_model(model), handle)
+        _ENGINES[key] = eng
+        for old_key in [k for k in _ENGINES if k != key]:
+            if len(_ENGINES) <= MAX_ENGINES:
+                break
+            old = _ENGINES[old_key]
+            if old.busy:
+                continue
+            del _ENGINES[old_key]
+            old.close()
+            if all(e.model.name != old.model.name for e in _ENGINES.values()):
+                forget_model(old.model.name)
+            forget_sae(old_key[1])
         return eng
+
+
+def loaded_engines() -> list[tuple[str, str]]:
+    """The (model, SAE) pairs loaded now, least recently used first."""
+    with _ENGINES_LOCK:
+        return list(_ENGINES)

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from esr_core.errors import BadInput
+from esr_core.io import check_text
 from esr_core.steering.interventions import Intervention
+from esr_core.steering.interventions import validate as validate_intervention
 
 RUN_NAMES = ("steered", "default")
 MAX_NEW_TOKENS = 2048
@@ -40,6 +42,8 @@ class GenerationSpec:
     stop_at_eos: bool = True
     # interventions applied to the default run too (e.g. an ablation that is part of the condition)
     default_interventions: list[Intervention] = field(default_factory=list)
+    # a prompt over the model's limit: "error" (the default) or "keep_end" (drop its start)
+    truncate: str = "error"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -66,11 +70,19 @@ class GenerationSpec:
     def interventions_for(self, run: str) -> list[Intervention]:
         return list(self.interventions) if run == "steered" else list(self.default_interventions)
 
-    def validate(self) -> "GenerationSpec":
+    def validate(self, d_sae: int | None = None) -> "GenerationSpec":
+        """Check everything that can be checked without the model; with ``d_sae`` also every
+        latent id (interventions, watch list), so a bad request fails before any model loads."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise BadInput("The prompt is empty: type a question or task first")
+        check_text(self.prompt, "The prompt")
+        if self.truncate not in ("error", "keep_end"):
+            raise BadInput(f"truncate must be 'error' or 'keep_end', got {self.truncate!r}")
         if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise BadInput(f"The prompt is {len(self.prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+            if self.truncate != "keep_end":
+                raise BadInput(f"The prompt is {len(self.prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
+                               "(truncate it to keep its end)")
+            self.prompt = self.prompt[-MAX_PROMPT_CHARS:]
         if not self.runs or any(r not in RUN_NAMES for r in self.runs):
             raise BadInput(f"runs must be a non-empty subset of {RUN_NAMES}")
         for name, v in (("temperature", self.temperature), ("top_p", self.top_p),
@@ -91,6 +103,12 @@ class GenerationSpec:
             self.seed = int(self.seed)
         except (TypeError, ValueError):
             raise BadInput(f"seed must be an integer, got {self.seed!r}") from None
+        if d_sae is not None:
+            for iv in list(self.interventions) + list(self.default_interventions):
+                validate_intervention(iv, d_sae)
+            bad = [i for i in self.watch if not 0 <= int(i) < d_sae]
+            if bad:
+                raise BadInput(f"Watched latent {bad[0]} is out of range: this SAE has latents 0..{d_sae - 1}")
         return self
 
 
