@@ -8,9 +8,13 @@ from esr_core.app.forms import make_intervention, parse_watch
 from esr_core.app.lab_views import BACKTRACK_NAME, CIRCUIT_NAME
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup, groups_from_json, groups_to_json, parse_members
-from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention
+from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
 from esr_core.viz import palette
+from esr_core.viz.lab_html import iv_chip
 from pages import _ui
+
+UNIT_HELP = {"norm": "norm: multiples of the median residual norm at the hook, along the unit direction",
+             "raw": "raw: the latent's own activation value (the paper's units for add)"}
 
 
 def interventions_editor(d_sae: int) -> None:
@@ -19,25 +23,53 @@ def interventions_editor(d_sae: int) -> None:
     for k, d in enumerate(list(ss.ivs)):
         c1, c2 = st.columns([5, 1])
         iv = Intervention.from_dict(d)
-        c1.markdown(f"`{iv.label()}` · {_ui.describe(iv.latent)}")
+        c1.html(iv_chip(iv.label(), _ui.describe(iv.latent)))
         if c2.button("✕", key=f"rm_iv_{k}", help="remove"):
             ss.ivs = [x for j, x in enumerate(ss.ivs) if j != k]
             st.rerun()
+    if ss.pop("_clear_iv_latent", False):  # added: the field starts empty again (set before the widget)
+        ss["iv_latent"] = ""
     a1, a2, a3 = st.columns([1, 1, 1])
-    iv_latent = a1.text_input("Latent id", key="iv_latent", placeholder="e.g. 123")
-    iv_mode = a2.selectbox("Mode", MODES, key="iv_mode")
-    iv_strength = a3.text_input("Strength", value="0.8", key="iv_strength",
-                                help="add/clamp: in units (norm = multiples of the median residual norm); "
-                                     "scale: a factor; ablate: ignored")
+    a1.text_input("Latent id", key="iv_latent", placeholder="e.g. 123")
+    mode = a2.selectbox("Mode", MODES, key="iv_mode")
+    a3.text_input("Strength", value="0.8", key="iv_strength",
+                  help="add and clamp: a value in the chosen units; scale: a factor; ablate: ignored")
     b1, b2, b3 = st.columns([1, 1, 1])
-    iv_units = b1.selectbox("Units", UNITS, index=1, key="iv_units")
-    iv_pos = b2.selectbox("Positions", POSITIONS, index=2, key="iv_pos")
-    if b3.button("Add intervention", key="add_iv"):
+    if mode in ("add", "clamp"):  # the units follow the mode: a clamp value is an activation
+        b1.selectbox("Units", UNITS, index=UNITS.index(default_units(mode)), key=f"iv_units_{mode}",
+                     help=" · ".join(UNIT_HELP.values()))
+    b2.selectbox("Positions", POSITIONS, index=2, key="iv_pos")
+    if b3.button("Add intervention", key="add_iv", width="stretch"):
         try:
-            _ui.add_intervention(make_intervention(iv_latent, iv_mode, iv_strength, iv_units, iv_pos, d_sae))
+            _ui.add_intervention(pending_intervention(d_sae))
+            ss["_clear_iv_latent"] = True
             st.rerun()
         except BadInput as exc:
             st.error(str(exc))
+
+
+def pending_intervention(d_sae: int) -> Intervention:
+    """The intervention the form describes now (validated)."""
+    ss = st.session_state
+    mode = ss.get("iv_mode", "add")
+    units = ss.get(f"iv_units_{mode}", default_units(mode))
+    return make_intervention(ss.get("iv_latent", ""), mode, ss.get("iv_strength", "0.8"), units,
+                             ss.get("iv_pos", "all"), d_sae)
+
+
+def add_typed_intervention(d_sae: int) -> bool:
+    """On Generate, before the form is drawn: a latent typed but not added yet is added (and said so)."""
+    if not str(st.session_state.get("iv_latent", "")).strip():
+        return True
+    try:
+        iv = pending_intervention(d_sae)
+    except BadInput as exc:
+        st.error(f"The intervention typed in the form: {exc}")
+        return False
+    _ui.add_intervention(iv)
+    st.session_state["iv_latent"] = ""  # called before the form is drawn: the field starts empty
+    st.toast(f"Added the typed intervention {iv.label()}")
+    return True
 
 
 def watch_and_groups(d_sae: int) -> None:
@@ -99,9 +131,11 @@ def group_editor(d_sae: int) -> None:
             st.error(f"Could not import groups: {exc}")
 
 
-def sampling() -> tuple[int, float, int]:
+def sampling() -> tuple[int, float, int, bool]:
     s1, s2, s3 = st.columns(3)
     seed = _ui.persist("seed", s1.number_input, "Seed", min_value=0, max_value=2**31 - 1, step=1)
     temperature = _ui.persist("temperature", s2.number_input, "Temperature", min_value=0.0, max_value=2.0, step=0.1)
     max_new = _ui.persist("max_new_tokens", s3.number_input, "Max new tokens", min_value=1, max_value=512, step=8)
-    return int(seed), float(temperature), int(max_new)
+    keep_end = _ui.persist("truncate", st.checkbox, "Keep the end of a prompt that is too long",
+                           help="A prompt over the model's limit loses its beginning instead of failing.")
+    return int(seed), float(temperature), int(max_new), bool(keep_end)

@@ -11,7 +11,7 @@ from esr_core.app.run_record import history_to_json, records_from_json
 from esr_core.errors import BadInput
 from esr_core.judge.scoring import RATE_DEFINITIONS
 from esr_core.viz import palette
-from esr_core.viz.lab_html import resistance_line, selected_token, verdict_line
+from esr_core.viz.lab_html import resistance_line, run_view, selected_token, verdict_line
 from esr_core.viz.timeline import selected_point, timeline_figure
 from esr_core.viz.token_heatmap import legend_html, render_heatmap, scale_max
 from pages import _ui
@@ -143,6 +143,9 @@ def downloads(rec) -> None:
 
 def show_record(rec, eng) -> None:
     ss = st.session_state
+    steered = rec.results.get("steered") or next(iter(rec.results.values()))
+    st.html(run_view(rec.id, rec.spec.prompt, rec.model, len(steered.token_ids), rec.status,
+                     bool(rec.spec.interventions)))
     if rec.status == "stopped":
         st.warning("This run was stopped before the end: partial answers.")
     # the selected token, settled before anything draws it (the timeline's identity depends on it)

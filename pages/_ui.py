@@ -9,8 +9,10 @@ from typing import Any
 
 import streamlit as st
 
-from esr_core.app import url_state
+from esr_core.app import run_store, url_state
 from esr_core.app.latent_view import description
+from esr_core.app.session import check_model_choice, check_sae_choice
+from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup
 from esr_core.steering.interventions import Intervention
 
@@ -65,7 +67,7 @@ PAGES = {"home": "pages/home.py", "latents": "pages/latents.py", "steering": "pa
 DEFAULTS: dict[str, Any] = {
     "prompt": "How do I boil an egg?", "ivs": [], "watch": [], "user_groups": [], "sel_groups": [],
     "seed": 0, "temperature": 0.0, "max_new_tokens": 48, "history": [], "live": None, "latent": None,
-    "query": "", "view_run": None, "sel_token": None, "watch_text": "", "abl_groups": [],
+    "query": "", "view_run": None, "sel_token": None, "watch_text": "", "abl_groups": [], "truncate": False,
 }
 
 
@@ -99,10 +101,21 @@ def init_state() -> None:
             ss.latent = vs.latent
         if vs.query:
             ss.query = vs.query
-        if vs.model:
-            ss.model_choice = vs.model
-        if vs.sae:
-            ss.sae_choice = vs.sae
+        for run_id in list(vs.recent) + ([vs.run] if vs.run else []):  # runs the link names, from the server
+            rec = run_store.load(run_id)
+            if rec is not None and rec.id not in {r.id for r in ss.history}:
+                ss.history = ss.history + [rec]
+        if vs.run and any(r.id == vs.run for r in ss.history):
+            ss.view_run = vs.run
+        elif vs.run:
+            ss["_url_errors"] = list(ss["_url_errors"]) + ["The run this link names is no longer kept on the server"]
+        for name, value, check in (("model_choice", vs.model, check_model_choice),
+                                   ("sae_choice", vs.sae, check_sae_choice)):
+            if value:
+                try:
+                    ss[name] = check(value)
+                except BadInput as exc:  # a shared URL may not make the server open any local file
+                    ss["_url_errors"] = list(ss["_url_errors"]) + [f"Ignored from the URL: {exc}"]
 
 
 def view_state() -> url_state.ViewState:
@@ -111,7 +124,8 @@ def view_state() -> url_state.ViewState:
         prompt=ss.prompt, interventions=interventions(), watch=list(ss.watch),
         groups=[g for g in ss.user_groups if g.name in ss.sel_groups], seed=ss.seed,
         temperature=ss.temperature, max_new_tokens=ss.max_new_tokens, latent=ss.latent, query=ss.query or None,
-        model=ss.get("model_in_url"), sae=ss.get("sae_in_url"))
+        model=ss.get("model_in_url"), sae=ss.get("sae_in_url"), run=ss.get("view_run"),
+        recent=[r.id for r in ss.history if r.id != ss.get("view_run") and r.status != "running"])
 
 
 def sync_url() -> None:
@@ -137,11 +151,47 @@ def set_persisted(key: str, value) -> None:
     st.session_state.pop("w_" + key, None)
 
 
+def apply_pending_example(eng) -> None:
+    """A Home example asked for (maybe on another model): applied once its model is loaded."""
+    ss = st.session_state
+    ex = ss.get("pending_example")
+    if not ex or ex.get("model", eng.model.name) != eng.model.name:
+        return
+    ss.pending_example = None
+    set_persisted("prompt", ex["prompt"])
+    ss.ivs = [{"latent": int(ex["latent"]), "mode": ex.get("mode", "add"), "strength": float(ex["strength"]),
+               "units": ex.get("units", "norm"), "positions": ex.get("positions", "all")}]
+    watch = [int(x) for x in ex.get("watch", [ex["latent"]])]
+    set_persisted("watch_text", ",".join(map(str, watch)))
+    ss.watch = watch
+    set_persisted("max_new_tokens", int(ex.get("max_new_tokens", 48)))
+    set_persisted("seed", int(ex.get("seed", 0)))
+    set_persisted("temperature", float(ex.get("temperature", 0.0)))
+    ss.autostart = True
+
+
+def keep_run(rec) -> None:
+    """A finished (or stopped) run: into the history, kept on the server, and shown."""
+    ss = st.session_state
+    ss.history = [r for r in ss.history if r.id != rec.id] + [rec]
+    ss.view_run = rec.id
+    ss["_show_run"] = rec.id  # the run picker follows it on the next draw
+    try:
+        run_store.save(rec)
+    except (OSError, BadInput) as exc:  # the run stays in this session even if the disk is full
+        st.caption(f"The run could not be kept on the server: {exc}")
+
+
 def engine():
-    """The shared engine, or stop the page with the reason it is not there."""
-    eng = st.session_state.get("engine")
+    """The shared engine, or stop the page with the reason it is not there (still loading, or failed)."""
+    ss = st.session_state
+    eng = ss.get("engine")
     if eng is None:
-        st.error(st.session_state.get("engine_error") or "No model is loaded; choose one in the sidebar.")
+        if ss.get("engine_loading"):
+            st.info(f"Loading {ss.engine_loading[0]}: the sidebar shows the progress; this page fills in when "
+                    "it is ready.")
+        else:
+            st.error(ss.get("engine_error") or "No model is loaded; choose one in the sidebar.")
         st.stop()
     return eng
 

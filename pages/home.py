@@ -1,11 +1,13 @@
-"""Home: what ESR is, the paper's key numbers, and a one-click example."""
+"""Home: what ESR is, the paper's key numbers, and one-click examples for the loaded model."""
 
 import streamlit as st
 
 from esr_core.app.session import load_examples
+from esr_core.models.registry import DEFAULT_MODEL, get_entry
 from pages import _ui
 
 _ui.require_frame()
+ss = st.session_state
 
 st.title("ESR Lab")
 st.markdown(
@@ -17,36 +19,53 @@ st.markdown(
     "Telling the model to stay on track raises its multi-attempt rate **4.3x**, and **26 detector latents** that "
     "fire on off-topic text form a circuit whose ablation reduces recovery.")
 
-c1, c2, c3, c4 = st.columns(4)
-c1.metric("ESR, Llama-3.3-70B", "3.8 %", "multi-attempt 7.4 %", delta_color="off")
-c2.metric("ESR, 8B and smaller", "< 1 %", "scale-dependent", delta_color="off")
-c3.metric("No steering", "0 %", "13,118 trials", delta_color="off")
-c4.metric("Meta-prompt", "4.3x", "multi-attempt, 70B", delta_color="off")
+for col, (label, value, note) in zip(st.columns(4), (
+        ("ESR, Llama-3.3-70B", "3.8 %", "multi-attempt 7.4 %, n = 4,877"),
+        ("ESR, 8B and smaller", "< 1 %", "scale-dependent"),
+        ("No steering", "0 %", "multi-attempt, 13,118 trials"),
+        ("Meta-prompt", "4.3x", "multi-attempt, 70B"))):
+    col.metric(label, value)
+    col.caption(note)
+
+
+def open_example(ex: dict) -> None:
+    ss.pending_example = dict(ex)
+    if ex.get("model", DEFAULT_MODEL) != ss.get("model_choice", DEFAULT_MODEL):
+        ss.model_choice = ex.get("model", DEFAULT_MODEL)  # the sidebar follows: the model loads, then it runs
+        ss.pop("w_model", None)
+    st.switch_page("pages/steering.py")
+
 
 st.subheader("Try it")
-examples = load_examples()
-if not examples:
-    st.info("No examples are shipped (assets/examples.json is missing).")
-for i, ex in enumerate(examples):
+loaded = (ss.get("engine").model.name if ss.get("engine") is not None
+          else (ss.get("engine_loading") or (ss.get("model_choice", DEFAULT_MODEL),))[0])
+mine, others = load_examples(model=loaded), [e for e in load_examples() if e.get("model", DEFAULT_MODEL) != loaded]
+if not mine:
+    st.info(f"No example is shipped for {loaded}." + (" The examples below were found on another model: opening "
+                                                      "one switches the sidebar to it." if others else ""))
+for i, ex in enumerate(mine + others):
+    model = ex.get("model", DEFAULT_MODEL)
     with st.container(border=True):
         st.markdown(f"**{ex.get('title', 'Example')}**  \n{ex.get('blurb', '')}")
         st.caption(f"Prompt: {ex.get('prompt', '')} · steering: add latent #{ex.get('latent')} at "
-                   f"{ex.get('strength')} x median residual norm ({ex.get('positions', 'all')} positions)")
-        if st.button("Open in the steering lab", key=f"example_{i}", type="primary" if i == 0 else "secondary"):
-            ss = st.session_state
-            _ui.set_persisted("prompt", ex["prompt"])
-            ss.ivs = [{"latent": int(ex["latent"]), "mode": ex.get("mode", "add"),
-                       "strength": float(ex["strength"]), "units": ex.get("units", "norm"),
-                       "positions": ex.get("positions", "all")}]
-            _ui.set_persisted("watch_text", ",".join(str(x) for x in ex.get("watch", [ex["latent"]])))
-            ss.watch = [int(x) for x in ex.get("watch", [ex["latent"]])]
-            _ui.set_persisted("max_new_tokens", int(ex.get("max_new_tokens", 48)))
-            _ui.set_persisted("seed", int(ex.get("seed", 0)))
-            ss.autostart = True
-            st.switch_page("pages/steering.py")
+                   f"{ex.get('strength')} x median residual norm ({ex.get('positions', 'all')} positions) · "
+                   f"model {model}")
+        if model == loaded:
+            if st.button("Open in the steering lab", key=f"example_{i}", type="primary" if i == 0 else "secondary"):
+                open_example(ex)
+        else:
+            entry = get_entry(model)
+            if st.button(f"Switch to {entry.label if entry else model} and open", key=f"example_{i}"):
+                open_example(ex)
 
 st.subheader("Where to go")
-st.page_link("pages/latents.py", label="Latents: search descriptions, see which latents fire on your text", icon=":material/search:")
-st.page_link("pages/steering.py", label="Steering lab: steer, stream both answers, heatmaps and timelines", icon=":material/science:")
+for page, label, icon in (
+        ("pages/latents.py", "Latents: search descriptions, see which latents fire on your text", ":material/search:"),
+        ("pages/steering.py", "Steering lab: steer, stream both answers, heatmaps and timelines", ":material/science:"),
+        ("pages/resistance.py", "Resistance: the off-topic detectors, one click per condition, replay a transcript",
+         ":material/shield:"),
+        ("pages/experiments.py", "Experiments: ESR rates with intervals, boost sweeps, detector ablation, plots",
+         ":material/monitoring:")):
+    st.page_link(page, label=label, icon=icon)
 st.caption("Numbers: McKenzie et al. 2026, arXiv 2602.06941. A 135M model is expected to show ESR near 0 %: "
            "that is the scale-dependent result, not a bug.")

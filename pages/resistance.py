@@ -54,10 +54,11 @@ st.subheader("Latent groups")
 shipped = shipped_group("circuit")
 if circuit is None:
     if shipped is not None:
-        st.warning("The shipped resistance circuit was found on another model/SAE; it does not apply to this one. "
-                   "Find one for this SAE with `esr-lab detectors find --sae ...`.")
+        st.warning("No resistance circuit for this model and SAE: the shipped one was found on another model/SAE "
+                   "and does not apply here. Find one for this SAE with `esr-lab detectors find --model ... --sae ...`.")
     else:
-        st.info("No resistance circuit yet: run `esr-lab detectors find` (it ships for the default model and SAE).")
+        st.info("No resistance circuit for this model and SAE yet: run `esr-lab detectors find` (it ships for the "
+                "default model and SAE).")
 tabs = st.tabs(["Resistance circuit", "Backtracking"])
 for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtracking")):
     with tab:
@@ -86,9 +87,10 @@ st.caption("Same prompt, seed and sampling for every condition; only the edit di
            "corrects itself (the paper finds ESR only at 70B scale): expect restarts mainly with the meta-prompt.")
 c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
 cprompt = c1.text_input("Prompt", value=EXAMPLE_PROMPT, key="res_prompt")
-ex = load_examples()
+ex = load_examples(model=eng.model.name)
 dlat = c2.number_input("Distractor latent", min_value=0, max_value=d_sae - 1,
-                       value=int(ex[0]["latent"]) if ex else 0, key="res_dlat")
+                       value=min(int(ex[0]["latent"]), d_sae - 1) if ex else 0,
+                       key=f"res_dlat_{ss.get('workspace_key')}")  # per SAE: ranges differ
 dstr = c3.number_input("Strength (× median norm)", value=float(ex[0]["strength"]) if ex else 8.0, step=1.0,
                        key="res_dstr")
 ntok = c4.number_input("New tokens", min_value=4, max_value=256, value=48, key="res_ntok")

@@ -7,12 +7,13 @@ engine's generator, so the computation really stops and the partial run is kept.
 
 import streamlit as st
 
+from esr_core.app import workspace
 from esr_core.app.forms import build_spec
 from esr_core.app.lab_views import circuit_of
 from esr_core.app.live_run import LiveRun
 from esr_core.errors import EsrError
 from esr_core.resistance.live import LiveResistance
-from esr_core.viz.lab_html import live_card
+from esr_core.viz.lab_html import HIDE_STREAMLIT_STOP, live_card
 from pages import _lab_form, _lab_results, _ui
 
 _ui.require_frame()
@@ -22,6 +23,11 @@ st.title("Steering lab")
 _ui.show_url_errors()
 eng = _ui.engine()
 d_sae = eng.sae.d_sae
+st.html(HIDE_STREAMLIT_STOP)  # one Stop button: the lab's own (it keeps what was streamed)
+_ui.apply_pending_example(eng)
+# Generate was clicked (its state is known before the form is drawn): a latent typed in the form
+# but not added yet is added first, so the chip shows it and the run uses it
+typed_ok = _lab_form.add_typed_intervention(d_sae) if ss.get("generate") else True
 
 left, right = st.columns([2, 3], gap="large")
 
@@ -35,7 +41,7 @@ with left:
             st.caption(f"Cannot render the template: {exc}")
     _lab_form.interventions_editor(d_sae)
     _lab_form.watch_and_groups(d_sae)
-    seed, temperature, max_new = _lab_form.sampling()
+    seed, temperature, max_new, keep_end = _lab_form.sampling()
     c_gen, c_stop = st.columns(2)
     gen = c_gen.button("Generate", type="primary", key="generate", width="stretch")
     stop_slot = c_stop.empty()
@@ -43,11 +49,31 @@ with left:
 
 
 def stream(spec) -> None:
-    """Stream both answers into cards, with the circuit and restart badges; keep the record."""
+    """Stream both answers into cards, with the circuit and restart badges; keep the record.
+
+    Whatever ends the stream (its end, the lab's Stop, any other click, Streamlit stopping the
+    script), the tokens already streamed stay in ``ss.live``; the next run files them as a
+    stopped run (see :func:`file_interrupted_run`). Nothing here may touch session state once
+    the stream is interrupted: Streamlit re-raises its stop on every access.
+    """
     groups = [g for g in map(_ui.group_by_name, ss.sel_groups) if g]
     abl = [g for g in map(_ui.group_by_name, ss.abl_groups) if g]
     live = LiveRun(spec=spec, model=eng.model.name, sae=eng.sae.source, groups=groups + abl)
     ss.live = live
+    _stream_into_cards(spec, live, groups)
+
+
+def file_interrupted_run() -> None:
+    """A stream the previous script run did not finish (Stop, another click, a stopped script)."""
+    live = ss.get("live")
+    if live is not None and live.status == "running":
+        _ui.keep_run(live.record("stopped"))
+        ss.live = None
+        st.info(f"Stopped: kept {live.n_tokens.get('steered', 0)} steered and {live.n_tokens.get('default', 0)} "
+                "default tokens.")
+
+
+def _stream_into_cards(spec, live, groups) -> None:
     stop_slot.button("Stop", key="stop", width="stretch")
     with stream_area.container():
         cols = dict(zip(spec.runs, st.columns(len(spec.runs))))
@@ -67,49 +93,53 @@ def stream(spec) -> None:
                 slots[run].html(live_card(run, live.texts.get(run, ""), live.n_tokens[run], status,
                                           trackers[run].badges_html()))
     except EsrError as exc:
+        live.status = "failed"
         ss.live = None
         st.error(str(exc))
         return
     rec = live.record("done")
     live.status = "done"
-    ss.history = ss.history + [rec]
-    ss.view_run, ss.live, ss.sel_token = rec.id, None, None
+    _ui.keep_run(rec)
+    ss.live, ss.sel_token = None, None
     stream_area.empty()
     stop_slot.empty()
 
 
 # ------------------------------------------------------------------ generation and results
 with right:
-    live = ss.get("live")
-    if live is not None and live.status == "running":
-        # the previous script run was interrupted (Stop, or another click): keep what was produced
-        rec = live.record("stopped")
-        ss.history = ss.history + [rec]
-        ss.view_run, ss.live = rec.id, None
-        st.info(f"Stopped: kept {live.n_tokens.get('steered', 0)} steered and {live.n_tokens.get('default', 0)} "
-                "default tokens.")
+    file_interrupted_run()
     stream_area = st.empty()
-    if gen:
+    if gen and typed_ok:
         groups = [g for g in map(_ui.group_by_name, ss.sel_groups) if g]
         abl = [g for g in map(_ui.group_by_name, ss.abl_groups) if g]
         try:
             spec = build_spec(prompt, _ui.interventions(), ss.watch, groups, d_sae, seed=seed,
-                              temperature=temperature, max_new_tokens=max_new, ablate_groups=abl)
+                              temperature=temperature, max_new_tokens=max_new, ablate_groups=abl,
+                              truncate="keep_end" if keep_end else "error")
+            eng.prompt_tokens(spec)  # a prompt over the limit fails here, before any card is drawn
         except EsrError as exc:
             st.error(str(exc))
         else:
             stream(spec)
 
-    recs = {r.id: r for r in ss.history}
-    if ss.view_run not in recs and ss.history:
-        ss.view_run = ss.history[-1].id
+    mine, others = workspace.runs_for(ss.history, eng.model.name, eng.sae.source)
+    if others:
+        st.caption(f"{others} run{'s' if others > 1 else ''} made with another model or SAE: switch back to see "
+                   f"{'them' if others > 1 else 'it'}.")
+    recs = {r.id: r for r in mine}
+    if ss.view_run not in recs and mine:
+        ss.view_run = mine[-1].id
     rec = recs.get(ss.view_run)
     if rec is None:
-        st.info("Add an intervention (search the Latents page or type an id), then Generate: the steered and the "
+        st.info("Press Generate: the steered and the default answers stream side by side, then heatmaps and a "
+                "timeline appear here." if ss.ivs else
+                "Add an intervention (search the Latents page or type an id), then Generate: the steered and the "
                 "default answers stream side by side, then heatmaps and a timeline appear here.")
     else:
-        ids = [r.id for r in reversed(ss.history)]
-        chosen = st.selectbox("Run", ids, index=ids.index(rec.id), format_func=lambda i: recs[i].label, key="pick_run")
+        ids = [r.id for r in reversed(mine)]
+        if ss.pop("_show_run", None) in ids or ss.get("pick_run") not in ids:
+            ss.pick_run = rec.id  # the newest run is the one shown (set before the widget is drawn)
+        chosen = st.selectbox("Run", ids, format_func=lambda i: recs[i].label, key="pick_run")
         if chosen != rec.id:
             ss.view_run = chosen
             rec = recs[chosen]

@@ -125,5 +125,5 @@ def wait_app_idle(page, timeout: float = 180_000) -> None:
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') || "
-        "!document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.match(/Running|Stop/)",
+        "!document.querySelector('[data-testid=\"stStatusWidget\"]').textContent.match(/Running|Stop/)",
         timeout=timeout)

@@ -66,11 +66,21 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{rep.when}", rep)
 
 
-def open_app_page(page: str, timeout: float = 600):
+def warm_app_engine(model: str | None = None) -> None:
+    """Finish the app's background load of ``model`` in this process, so an AppTest run (which
+    cannot wait for the sidebar's polling fragment) finds the model ready."""
+    from esr_core.app import engine_loader
+    from esr_core.models.registry import DEFAULT_MODEL
+
+    engine_loader.request(model or DEFAULT_MODEL).join()
+
+
+def open_app_page(page: str, timeout: float = 600, model: str | None = None):
     """AppTest of app.py switched to ``page`` (e.g. "pages/experiments.py"): pages run inside the
     app frame (sidebar, engine, URL state), as in the browser."""
     from streamlit.testing.v1 import AppTest
 
+    warm_app_engine(model)
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=timeout).run()
     at.switch_page(page)
     return at.run()

@@ -24,6 +24,7 @@ if not (DEFAULT_SAE / "cfg.json").exists() and not os.environ.get("ESR_LAB_DEFAU
                 allow_module_level=True)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from conftest import warm_app_engine  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 # a latent far from a boiling-egg prompt and a strength that changes the answer
@@ -39,6 +40,7 @@ def exceptions(at) -> list[str]:
 
 
 def fresh(page: str | None = None) -> AppTest:
+    warm_app_engine()
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not exceptions(at), exceptions(at)
     if page:
@@ -190,6 +192,7 @@ def test_empty_prompt_and_invalid_json_show_errors_and_keep_the_page():
 
 
 def test_url_state_restores_prompt_interventions_and_groups():
+    warm_app_engine()
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.query_params.update({"p": "Tell me about tea", "iv": "12:add:5:norm:all", "w": "3,4", "seed": "7",
                             "g": "mine~009E73~3_4*0.5"})

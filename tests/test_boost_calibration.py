@@ -6,10 +6,15 @@ import math
 import numpy as np
 import pytest
 
-from esr_core.experiments.boost import (CalibrationCache, CalibrationResult, boost_sweep_levels,
-                                        levels_in_sd_units, observation_confidence,
-                                        probabilistic_bisection)
 from esr_core.errors import BadInput
+from esr_core.experiments.boost import (
+    CalibrationCache,
+    CalibrationResult,
+    boost_sweep_levels,
+    levels_in_sd_units,
+    observation_confidence,
+    probabilistic_bisection,
+)
 
 ROOT = 7.0 + 0.8 * math.log(100 / 30 - 1)  # s(b) = 30 at b ~ 7.678
 
@@ -108,8 +113,8 @@ def test_sweep_levels():
 
 
 def test_import_run_calibrations_keys_by_run_and_refuses_bad_specs(tmp_path):
-    from esr_core.experiments.boost import CalibrationCache, import_run_calibrations
     from esr_core.errors import BadInput
+    from esr_core.experiments.boost import CalibrationCache, import_run_calibrations
 
     cache = CalibrationCache(tmp_path)
     doc = {"model": "m", "sae_key": "s", "hook": "blocks.1.hook_resid_post", "calib_target": 30.0,

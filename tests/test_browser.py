@@ -16,9 +16,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import expect
-
 from browser_util import ARTEFACTS, Browser, StreamlitServer, chromium_available, shot, wait_app_idle
+from playwright.sync_api import expect
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SAE = REPO / "assets" / "sae" / "smollm2-135m-instruct"

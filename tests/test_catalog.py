@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from esr_core.latents.catalog.store import SHIPPED_DIR, Catalog, CatalogUnavailable, sae_weights_hash, shipped_catalog_dir
-from esr_core.latents.catalog.build import build_catalog
-from esr_core.models.hooks import capture
 from esr_core.errors import BadInput
+from esr_core.latents.catalog.build import build_catalog
+from esr_core.latents.catalog.store import (
+    SHIPPED_DIR,
+    Catalog,
+    CatalogUnavailable,
+    sae_weights_hash,
+    shipped_catalog_dir,
+)
 from esr_core.latents.neuronpedia import clear_import, import_neuronpedia, read_explanations, write_explanations
+from esr_core.models.hooks import capture
 
 SAMPLE = SHIPPED_DIR / "sample_texts.jsonl"
 HOOK = "blocks.3.hook_resid_post"  # an early layer keeps the test forward cheap

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from esr_core.errors import BadInput, Cancelled
 from esr_core.experiments import overlay as co
 from esr_core.experiments import overlay_summary as cs
-from esr_core.errors import BadInput, Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "assets" / "experiments" / "reference"

@@ -7,13 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from esr_core.models.hooks import hook_module
 from esr_core.errors import BadInput
 from esr_core.latents.groups import GroupUnavailable, LatentGroup, load_group, save_group, shipped_group
+from esr_core.models.hooks import hook_module
+from esr_core.models.registry import DEFAULT_MODEL, get_entry
 from esr_core.resistance import detectors as det
 from esr_core.resistance.episodes import derangement
 from esr_core.resistance.signals import rank_auc, youden_threshold
-from esr_core.models.registry import DEFAULT_MODEL, get_entry
 
 SAE_DIR = get_entry(DEFAULT_MODEL).default_sae_path
 pytestmark = pytest.mark.skipif(not (SAE_DIR / "sae_weights.safetensors").exists(),
@@ -113,8 +113,8 @@ def test_group_round_trip(tmp_path, small_group, engine):
 
 def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine):
     from esr_core.experiments.conditions import build_conditions
-    from esr_core.steering.spec import GenerationSpec
     from esr_core.steering.interventions import Intervention
+    from esr_core.steering.spec import GenerationSpec
 
     members = small_group[0].members
     off_text = " ".join(a for _, _, a in FIXTURE[1:5])  # other prompts' answers: off-topic for prompt 0
@@ -148,8 +148,8 @@ def test_ablating_the_group_zeroes_members_in_a_steered_run(small_group, engine)
 
 def test_condition_specs_replay_identical_seed(engine):
     from esr_core.experiments.conditions import build_conditions
-    from esr_core.steering.spec import GenerationSpec
     from esr_core.steering.interventions import Intervention
+    from esr_core.steering.spec import GenerationSpec
 
     base = GenerationSpec(prompt=FIXTURE[1][0], max_new_tokens=4, seed=11, temperature=0.6, watch=[1], top_k=0)
     c = build_conditions(base, Intervention(latent=7, strength=2.0), None, engine.sae.d_sae,

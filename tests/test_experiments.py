@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from esr_core.experiments import runner as xr
 from esr_core.errors import BadInput, Cancelled
+from esr_core.experiments import runner as xr
 from esr_core.experiments import store
 from esr_core.experiments.spec import ExperimentSpec, batches, plan_trials, prompt_for, trial_interventions
 from esr_core.io import read_jsonl
@@ -273,9 +273,9 @@ def test_resume_after_cancel_gives_exactly_the_uninterrupted_trials(engine, tiny
 
 @needs_sae
 def test_selected_distractors_are_silent_on_the_prompts(engine):
-    from esr_core.latents.catalog.store import load_catalog_for_names
     from esr_core.experiments.distractors import select_distractors
     from esr_core.judge.prompts import load_prompts
+    from esr_core.latents.catalog.store import load_catalog_for_names
 
     cat = load_catalog_for_names(engine.model.name, engine.sae)
     if cat is None:

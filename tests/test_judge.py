@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from esr_core.errors import BadInput
-from esr_core.judge.scoring import JUDGE_ID, RATE_DEFINITIONS, get_judge, judge_response, segment, verdict
 from esr_core.judge.restart_phrases import find_restart_phrases, mask_literal_spans
+from esr_core.judge.scoring import JUDGE_ID, RATE_DEFINITIONS, get_judge, judge_response, segment, verdict
 
 # (response, substrings at which a new attempt must start); an empty list = one attempt
 SEGMENTATION_CASES = [

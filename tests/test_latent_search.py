@@ -7,10 +7,10 @@ import re
 
 import numpy as np
 import pytest
+from test_catalog import _shipped, built_catalog
 
 from esr_core.errors import BadInput
 from esr_core.latents.search import latents_firing_on, search_latents
-from test_catalog import _shipped, built_catalog
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def test_shipped_catalog_search():
 
 def test_background_warm_up_readies_search_vectors_and_the_query_embedder(monkeypatch):
     from esr_core.app import session as svc
-    from esr_core.models import embeddings
     from esr_core.latents.search import search_index
+    from esr_core.models import embeddings
 
     _, cat, _ = _shipped()
     monkeypatch.setattr(embeddings, "_MODEL", None)

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from esr_core.judge.scoring import get_judge, verdict
 from esr_core.judge.llm import JudgeReplyError, JudgeUnavailable, LlmJudge, locate_attempts, parse_attempts
+from esr_core.judge.scoring import get_judge, verdict
 
 KEY = "sk-test-SECRET-4f9a1c"
 PROMPT = "Explain how to fix a flat bicycle tyre."

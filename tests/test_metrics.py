@@ -6,11 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esr_core.experiments import stats as ex_stats
 from esr_core.errors import BadInput
-from esr_core.experiments.metrics import (SUMMARY_COLUMNS, compare_to_baseline, degraded_output,
-                              relative_change, summarise, trial_flags, wilson_interval)
-
+from esr_core.experiments import stats as ex_stats
+from esr_core.experiments.metrics import (
+    SUMMARY_COLUMNS,
+    compare_to_baseline,
+    degraded_output,
+    relative_change,
+    summarise,
+    trial_flags,
+    wilson_interval,
+)
 
 # --- degraded flag -----------------------------------------------------------
 

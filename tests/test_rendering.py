@@ -8,16 +8,23 @@ import math
 import numpy as np
 import pytest
 
-from esr_core.errors import BadInput
-from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
-from esr_core.steering.interventions import Intervention
-from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups, groups_from_json, groups_to_json, load_builtin_groups, parse_members
-from esr_core.latents.group_scales import catalog_scales, normalised_lane, observed_scales
+from esr_core.app import forms, latent_view, live_run, session, url_state
 from esr_core.app.run_record import RunRecord, history_to_json, records_from_json
+from esr_core.errors import BadInput
+from esr_core.latents.group_scales import catalog_scales, normalised_lane, observed_scales
+from esr_core.latents.groups import (
+    LatentGroup,
+    decode_groups,
+    encode_groups,
+    groups_from_json,
+    groups_to_json,
+    load_builtin_groups,
+    parse_members,
+)
+from esr_core.steering.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
 from esr_core.viz.timeline import Series, selected_point, summarise, timeline_figure
 from esr_core.viz.token_heatmap import opacity, render_heatmap, scale_max
-from esr_core.app import forms, latent_view, live_run, session
-from esr_core.app import url_state
 
 
 # ---------------------------------------------------------------- heatmap

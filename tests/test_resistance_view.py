@@ -7,10 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from esr_core.resistance import view as rv
 from esr_core.errors import BadInput
 from esr_core.experiments.conditions import DEFAULT_META_VARIANT, META_PROMPTS, build_conditions, random_latents
 from esr_core.latents.groups import LatentGroup
+from esr_core.resistance import view as rv
 from esr_core.resistance.detectors import DetectorParams, select_latents
 from esr_core.resistance.episodes import derangement
 from esr_core.resistance.signals import class_stats, ema, rank_auc

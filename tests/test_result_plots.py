@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esr_core.viz import result_plots as rp
 from esr_core.errors import EsrError
 from esr_core.experiments.metrics import pool_by, summarise, trial_table_flags
 from esr_core.experiments.overlay_summary import align_at_events
 from esr_core.experiments.paper import PAPER_NUMBERS, comparison_table, paper_table
+from esr_core.viz import result_plots as rp
 
 
 def _att(*scores):

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from esr_core import cli
+from esr_core.errors import BadInput, SaeUnavailable
+from esr_core.paths import ASSETS_DIR
 from esr_core.sae_training.corpus import (
     CorpusUnavailable,
     heldout_texts,
@@ -23,8 +25,6 @@ from esr_core.sae_training.corpus import (
     split_of,
     token_windows,
 )
-from esr_core.errors import BadInput, SaeUnavailable
-from esr_core.paths import ASSETS_DIR
 
 SAE_DIR = ASSETS_DIR / "sae" / "smollm2-135m-instruct"
 # held-out tokens for the metrics test (three full-model passes each; ~1 min on an idle 2-core CPU;

@@ -54,8 +54,8 @@ def test_shipped_catalog_matches_the_shipped_sae():
 
 
 def test_engine_steers_gemma_and_reads_its_latents(engine):
-    from esr_core.steering.spec import GenerationSpec
     from esr_core.steering.interventions import Intervention
+    from esr_core.steering.spec import GenerationSpec
 
     assert engine.hook_name == "blocks.8.hook_resid_post" and not engine.model.entry.instruct
     from esr_core.latents.catalog.build import catalog_for

@@ -30,7 +30,7 @@ class RunRecord:
     rendered_prompt: str = ""
     groups: list[LatentGroup] = field(default_factory=list)
     created: float = field(default_factory=time.time)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     status: str = "done"  # "done" | "stopped" | "running"
     note: str = ""
 

@@ -7,14 +7,14 @@ here for the loaded (model, SAE).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-from esr_core.errors import EsrError
+from esr_core.errors import BadInput, EsrError
+from esr_core.io import read_json_or
 from esr_core.jobs import Progress
 from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names
@@ -22,7 +22,7 @@ from esr_core.latents.groups import LatentGroup, load_builtin_groups
 from esr_core.latents.search import embed_query, warm_search
 from esr_core.models.embeddings import embedding_model
 from esr_core.models.registry import DEFAULT_MODEL, get_entry, list_models
-from esr_core.paths import ASSETS_DIR
+from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +125,67 @@ def build_catalog(engine, progress: Progress | None = None, n_tokens: int = 30_0
     return catalog_for(engine.model, engine.sae, progress=progress, n_tokens=n_tokens)
 
 
-def load_examples(path: Path | None = None) -> list[dict]:
-    try:
-        data = json.loads(Path(path or EXAMPLES_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
-    return data.get("examples", []) if isinstance(data, dict) else list(data)
+def load_examples(path: Path | None = None, model: str | None = None) -> list[dict]:
+    """The shipped "try it" examples (each names the model it was found on); ``model`` keeps that
+    model's only. A missing or corrupt file gives none."""
+    data = read_json_or(Path(path or EXAMPLES_FILE), {})
+    exs = data.get("examples", []) if isinstance(data, dict) else data if isinstance(data, list) else []
+    exs = [e for e in exs if isinstance(e, dict)]
+    if model is not None:
+        exs = [e for e in exs if e.get("model", DEFAULT_MODEL) == model]
+    return exs
 
 
-def builtin_groups(d_sae: int | None = None) -> tuple[list[LatentGroup], list[str]]:
-    """Groups shipped in assets/groups (e.g. the resistance circuit), filtered to this SAE's size."""
+def builtin_groups(engine) -> tuple[list[LatentGroup], list[str]]:
+    """Groups shipped in assets/groups that belong to this engine's SAE (the resistance circuit
+    and backtracking name the SAE they were found on); a note for each one left out."""
     groups, errors = load_builtin_groups()
-    if d_sae is not None:
-        keep = []
-        for g in groups:
-            if max(g.members) < d_sae:
-                keep.append(g)
-            else:
-                errors.append(f"{g.name}: latents beyond this SAE's 0..{d_sae - 1} (made for another SAE?)")
-        groups = keep
-    return groups, errors
+    keep = []
+    for g in groups:
+        if not g.matches(engine):
+            errors.append(f"{g.name}: found on another model or SAE, not shown here")
+        elif max(g.members) >= engine.sae.d_sae:
+            errors.append(f"{g.name}: latents beyond this SAE's 0..{engine.sae.d_sae - 1}")
+        else:
+            keep.append(g)
+    return keep, errors
+
+
+# ------------------------------------------------------------------ what a visitor may ask to load
+def _inside_allowed(path: str) -> bool:
+    p = Path(path).expanduser()
+    p = (p if p.is_absolute() else REPO_ROOT / p).resolve()
+    return any(p.is_relative_to(Path(root).resolve()) for root in (ASSETS_DIR, cache_dir()))
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).suffix != ""
+
+
+def check_model_choice(name: str) -> str:
+    """A model a visitor may load: a registry name, a Hugging Face id, or a model folder inside
+    the shipped assets or the user cache (never any other local path)."""
+    name = str(name or "").strip()
+    if get_entry(name) is not None:
+        return name
+    if looks_like_path(name):
+        if not _inside_allowed(name):
+            raise BadInput(f"'{name}' is outside the shipped assets and the user cache; copy the model there first")
+        return name
+    if name.count("/") == 1 and all(part and part.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                                    for part in name.split("/")):
+        return name
+    raise BadInput(f"'{name}' is neither a known model nor a Hugging Face id (owner/name)")
+
+
+def check_sae_choice(spec: str | None) -> str | None:
+    """An SAE a visitor may load: None (the model's default), a SAE-Lens ``release:sae_id`` or a
+    folder inside the shipped assets or the user cache."""
+    if spec is None or not str(spec).strip():
+        return None
+    spec = str(spec).strip()
+    if ":" in spec and not looks_like_path(spec.split(":", 1)[0]):
+        return spec
+    if not _inside_allowed(spec):
+        raise BadInput(f"SAE folder '{spec}' is outside the shipped assets and the user cache")
+    return spec

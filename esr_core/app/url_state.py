@@ -2,7 +2,8 @@
 
 Interventions: ``iv=123:add:4:norm:all,7:ablate:0:raw:generated``; watch: ``w=1,2,3``;
 groups: ``g=`` (see latent_groups.encode_groups); prompt ``p``, seed ``seed``, temperature
-``t``, max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``.
+``t``, max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``,
+the run shown ``run`` and the session's other recent runs ``h`` (ids of the server's run store).
 Decoding never raises: bad pieces are dropped and reported in ``errors`` so a mangled link
 still opens.
 """
@@ -10,14 +11,17 @@ still opens.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups
-from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention
+from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
 
 MAX_PROMPT_IN_URL = 4000
+MAX_RECENT_IN_URL = 10
+_RUN_ID = re.compile(r"^[0-9a-f]{8,32}$")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class ViewState:
     query: str | None = None
     model: str | None = None
     sae: str | None = None
+    run: str | None = None
+    recent: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -50,7 +56,7 @@ def decode_interventions(text: str) -> list[Intervention]:
             lat = int(bits[0])
             mode = bits[1] if len(bits) > 1 else "add"
             strength = float(bits[2]) if len(bits) > 2 else 0.0
-            units = bits[3] if len(bits) > 3 else "norm"
+            units = bits[3] if len(bits) > 3 else default_units(mode)
             pos = bits[4] if len(bits) > 4 else "all"
         except ValueError:
             raise BadInput(f"Bad intervention in the URL: '{part[:40]}'") from None
@@ -98,6 +104,10 @@ def to_params(vs: ViewState) -> dict[str, str]:
         d["model"] = vs.model
     if vs.sae:
         d["sae"] = vs.sae
+    if vs.run:
+        d["run"] = vs.run
+    if vs.recent:
+        d["h"] = ",".join(vs.recent[-MAX_RECENT_IN_URL:])
     return d
 
 
@@ -133,4 +143,7 @@ def from_params(params: Mapping[str, Any]) -> ViewState:
     vs.query = get("q")
     vs.model = get("model")
     vs.sae = get("sae")
+    run = get("run")
+    vs.run = run if run and _RUN_ID.match(run) else None
+    vs.recent = [r for r in (get("h") or "").split(",") if _RUN_ID.match(r)][-MAX_RECENT_IN_URL:]
     return vs

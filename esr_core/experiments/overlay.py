@@ -67,7 +67,7 @@ from esr_core.io import append_jsonl, atomic_write_json, read_jsonl
 from esr_core.jobs import BackgroundJob, CancelLike, Progress, check_cancel, report
 from esr_core.judge.restart_phrases import find_restart_phrases
 from esr_core.latents.catalog.store import sae_weights_hash
-from esr_core.latents.groups import LatentGroup, group_for, load_group
+from esr_core.latents.groups import LatentGroup, allowed_group_file, group_for, load_group
 from esr_core.models.hooks import capture_batches
 from esr_core.paths import REPO_ROOT
 from esr_core.resistance.backtracking import BacktrackingParams
@@ -222,9 +222,8 @@ def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[LatentGrou
         circuit = group_for(engine, "circuit")
         src["circuit"] = "shipped or cached circuit for this SAE"
         if circuit is None and spec is not None and spec.detector_group:
-            p = Path(spec.detector_group)
-            p = p if p.is_absolute() else REPO_ROOT / p
-            if p.suffix == ".json" and p.exists():
+            p = allowed_group_file(spec.detector_group)
+            if p is not None and p.exists():
                 g = load_group(p)
                 if g.matches(engine):
                     circuit, src["circuit"] = g, rel(p)

@@ -53,8 +53,7 @@ from esr_core.judge.prompts import load_prompts
 from esr_core.judge.scoring import get_judge
 from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
-from esr_core.latents.groups import groups_from_json, load_builtin_groups
-from esr_core.paths import cache_subdir
+from esr_core.latents.groups import find_group
 from esr_core.steering.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -77,31 +76,6 @@ def _catalog(engine, build: bool):
     if cat is None and build:
         cat = catalog_for(engine.model, engine.sae)
     return cat
-
-
-def _norm_name(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in str(name).strip().lower())
-
-
-def _find_group(name: str):
-    """A latent group by built-in name or file stem (spaces and underscores alike), saved user
-    group, or JSON file path; None when it does not exist."""
-
-    p = Path(name)
-    if p.suffix == ".json" and p.exists():
-        gs = groups_from_json(p.read_text(encoding="utf-8"))
-        return gs[0] if gs else None
-    user = cache_subdir("groups") / f"{name}.json"
-    if user.exists():
-        gs = groups_from_json(user.read_text(encoding="utf-8"))
-        if gs:
-            return gs[0]
-    want = _norm_name(name)
-    groups, _errors = load_builtin_groups()
-    for g in groups:
-        if _norm_name(g.name) == want or _norm_name(Path(str(g.extra.get("file", ""))).stem) == want:
-            return g
-    return None
 
 
 def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: RunProgress | None = None,
@@ -156,7 +130,7 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
     conds = list(spec.conditions)
     det_members: list[int] = []
     if "detector_ablation" in conds or "random_ablation" in conds:
-        g = _find_group(spec.detector_group)
+        g = find_group(spec.detector_group)
         if g is None:
             if "detector_ablation" in conds:
                 spec.skipped_conditions["detector_ablation"] = f"detector group '{spec.detector_group}' not found"
@@ -167,7 +141,7 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
     for c in conds:
         if c.startswith(GROUP_PREFIX):
             name = c[len(GROUP_PREFIX):]
-            g = _find_group(name)
+            g = find_group(name)
             if g is None:
                 spec.skipped_conditions[c] = f"latent group '{name}' not found"
             else:

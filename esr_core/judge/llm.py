@@ -22,6 +22,7 @@ import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from esr_core.errors import BadInput, EsrError
 from esr_core.judge.restart_phrases import find_restart_phrases
@@ -73,6 +74,14 @@ def build_prompt(prompt: str, response: str, distractor: str | None) -> str:
     return RUBRIC.format(prompt=prompt, response=response, distractor_block=block)
 
 
+def public_url(url: str) -> str:
+    """``url`` without user, password, query and fragment: safe to write into files or show."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 @dataclass
 class LlmJudge:
     """Callable judge ``(prompt, response, distractor=None) -> dict`` backed by an HTTP API."""
@@ -102,8 +111,9 @@ class LlmJudge:
 
     @property
     def judge_id(self) -> str:
-        """Stable id for cache keys: provider, model and endpoint, never the key."""
-        return f"llm-v1:{self.provider}:{self.model}@{self.base_url}"
+        """Stable id for cache keys and run files: provider, model and endpoint, never a secret
+        (credentials or query tokens in the URL are left out)."""
+        return f"llm-v1:{self.provider}:{self.model}@{public_url(self.base_url)}"
 
     # -- HTTP -----------------------------------------------------------------------------
     def _key(self) -> str:
@@ -129,14 +139,14 @@ class LlmJudge:
                 detail = exc.read().decode("utf-8", "replace")[:200].replace("\n", " ")
             except Exception:
                 pass
-            raise JudgeUnavailable(clean(f"LLM judge at {url} answered HTTP {exc.code}: {detail}".strip())) from None
+            raise JudgeUnavailable(clean(f"LLM judge at {public_url(url)} answered HTTP {exc.code}: {detail}".strip())) from None
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise JudgeUnavailable(clean(f"LLM judge at {url} is unreachable ({reason})")) from None
+            raise JudgeUnavailable(clean(f"LLM judge at {public_url(url)} is unreachable ({reason})")) from None
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise JudgeReplyError(f"LLM judge at {url} did not answer with JSON") from None
+            raise JudgeReplyError(f"LLM judge at {public_url(url)} did not answer with JSON") from None
 
     def complete(self, text: str) -> str:
         """Send one user message and return the model's text reply."""

@@ -23,7 +23,7 @@ import numpy as np
 from esr_core.errors import BadInput, EsrError
 from esr_core.io import atomic_write_json, read_json, safe_name
 from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
-from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_subdir
+from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_dir, cache_subdir
 from esr_core.steering.interventions import Intervention
 from esr_core.viz import palette
 
@@ -271,6 +271,52 @@ def shipped_group(which: str = "circuit") -> LatentGroup | None:
         return load_group(SHIPPED[which])
     except (GroupUnavailable, KeyError):
         return None
+
+
+_GROUP_NAME = re.compile(r"^[\w][\w .:-]{0,80}$")
+
+
+def _norm_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(name).strip().lower())
+
+
+def allowed_group_file(path: str | Path) -> Path | None:
+    """``path`` (relative to the checkout) when it is a .json file inside the shipped assets or
+    the user cache; None anywhere else, so a name from a config or URL never opens other files."""
+    p = Path(path)
+    p = (p if p.is_absolute() else REPO_ROOT / p).resolve()
+    if p.suffix != ".json":
+        return None
+    for root in (ASSETS_DIR, cache_dir()):
+        if p.is_relative_to(Path(root).resolve()):
+            return p
+    return None
+
+
+def find_group(name: str) -> LatentGroup | None:
+    """A latent group by name: built-in (name or file stem, spaces and underscores alike), saved
+    in the user cache (``groups/<name>.json``), or a group file inside assets/ or the user cache.
+    Anything else (other paths, ``..``) is refused with one clear line; None when not found."""
+    name = str(name or "").strip()
+    if name.endswith(".json"):
+        p = allowed_group_file(name)
+        if p is None:
+            raise BadInput(f"Group file '{name}' is outside the shipped assets and the user cache; "
+                           "copy it into the cache's groups folder and use its name")
+        return load_group(p) if p.exists() else None
+    if not _GROUP_NAME.match(name) or ".." in name:
+        raise BadInput(f"'{name}' is not a group name (letters, digits, spaces, - _ . :)")
+    user = cache_subdir("groups") / f"{safe_name(name)}.json"
+    if user.exists():
+        gs = groups_from_json(user.read_bytes())
+        if gs:
+            return gs[0]
+    want = _norm_name(name)
+    groups, _errors = load_builtin_groups()
+    for g in groups:
+        if _norm_name(g.name) == want or _norm_name(Path(str(g.extra.get("file", ""))).stem) == want:
+            return g
+    return None
 
 
 def cached_group_path(model_name: str, sae_key: str, which: str = "circuit") -> Path:

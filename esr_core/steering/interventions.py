@@ -25,13 +25,23 @@ MAX_ABS_STRENGTH_NORM = 1_000.0  # beyond this the residual stream is pure noise
 MAX_ABS_STRENGTH_RAW = 1e6
 
 
+def default_units(mode: str) -> str:
+    """``norm`` for add (a step along the unit direction, relative to the residual); ``raw`` for
+    clamp, scale and ablate, whose values are the latent's own activation (or a factor)."""
+    return "norm" if mode == "add" else "raw"
+
+
 @dataclass(frozen=True)
 class Intervention:
     latent: int
     mode: str = "add"
     strength: float = 0.0
-    units: str = "norm"
+    units: str = ""  # "" = the mode's default (default_units)
     positions: str = "all"
+
+    def __post_init__(self):
+        if not self.units:
+            object.__setattr__(self, "units", default_units(self.mode))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,17 +53,21 @@ class Intervention:
                 latent=int(d["latent"]),
                 mode=str(d.get("mode", "add")),
                 strength=float(d.get("strength", 0.0)),
-                units=str(d.get("units", "norm")),
+                units=str(d.get("units") or default_units(str(d.get("mode", "add")))),
                 positions=str(d.get("positions", "all")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadInput(f"Invalid intervention {d!r}: {exc}") from None
 
     def label(self) -> str:
+        """A chip that always says its unit: ``add #5 +0.8×‖h‖``, ``clamp #811 20 raw``, ``scale #3 ×2``."""
         if self.mode == "ablate":
             return f"ablate #{self.latent} ({self.positions})"
-        u = "×‖h‖" if self.units == "norm" and self.mode == "add" else ""
-        return f"{self.mode} #{self.latent} {self.strength:+g}{u} ({self.positions})"
+        if self.mode == "scale":
+            return f"scale #{self.latent} ×{self.strength:g} ({self.positions})"
+        value = f"{self.strength:+g}" if self.mode == "add" else f"{self.strength:g}"
+        unit = "×‖h‖" if self.units == "norm" else " raw"
+        return f"{self.mode} #{self.latent} {value}{unit} ({self.positions})"
 
 
 def validate(iv: Intervention, d_sae: int) -> Intervention:

@@ -47,3 +47,19 @@ def selected_token(run: str, index: int, piece: str, latents: Sequence[int]) -> 
     return (f'<div class="esr-selected-token" data-run="{_attr(run)}" data-index="{int(index)}" '
             f'data-latents="{",".join(str(int(i)) for i in latents)}">Top latents at token <b>{int(index)}</b> '
             f'<code>{html.escape(repr(piece))}</code> of the {html.escape(run)} run</div>')
+
+
+def iv_chip(label: str, description: str) -> str:
+    """One intervention in the form: its label (which always names its unit) and the latent's description."""
+    return (f'<span class="esr-iv-chip"><code>{html.escape(label)}</code></span> · '
+            f'<span style="color:#555">{html.escape(description)}</span>')
+
+
+def run_view(run_id: str, prompt: str, model: str, n_steered: int, status: str, steered: bool) -> str:
+    """An invisible marker of the run the results panel shows (stable hooks for tests and links)."""
+    return (f'<div class="esr-run-view" data-id="{_attr(run_id)}" data-prompt="{_attr(prompt)}" '
+            f'data-model="{_attr(model)}" data-n-steered="{int(n_steered)}" data-status="{_attr(status)}" '
+            f'data-steered="{"true" if steered else "false"}" style="display:none"></div>')
+
+
+HIDE_STREAMLIT_STOP = ("<style>[data-testid='stStatusWidget'] button{display:none !important}</style>")

@@ -1,0 +1,43 @@
+"""What a user has set up belongs to the (model, SAE) it was made for.
+
+Interventions, watched latents and groups name latent ids of one SAE: on another SAE they mean
+nothing (or an error). A session keeps one workspace per (model, SAE); switching saves the
+current one and restores (or starts) the other. Runs keep the (model, SAE) they were made with.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, MutableMapping
+
+FIELDS: dict[str, Any] = {"ivs": [], "watch": [], "watch_text": "", "sel_groups": [], "abl_groups": [],
+                          "user_groups": [], "view_run": None, "_resistance_watched": False}
+# widgets that mirror a field (pages/_ui.persist): dropped so they start from the restored value
+WIDGETS = ("w_watch_text", "w_sel_groups", "w_abl_groups", "pick_run", "iv_latent")
+
+
+def key_of(model: str, sae: str) -> str:
+    return f"{model}|{sae}"
+
+
+def switch(state: MutableMapping, old: str | None, new: str) -> None:
+    """Save ``state``'s workspace fields under ``old`` and load those saved under ``new``.
+
+    With no ``old`` (the session's first model) the current fields become that model's
+    workspace: what a shared URL restored is kept.
+    """
+    spaces = state.setdefault("workspaces", {})
+    if old is None or old == new:
+        return
+    spaces[old] = {k: copy.deepcopy(state.get(k, v)) for k, v in FIELDS.items()}
+    saved = spaces.get(new, {})
+    for k, v in FIELDS.items():
+        state[k] = copy.deepcopy(saved.get(k, v))
+    for w in WIDGETS:
+        state.pop(w, None)
+
+
+def runs_for(history: list, model: str, sae: str) -> tuple[list, int]:
+    """The runs made with (model, SAE), and how many were made with others."""
+    mine = [r for r in history if r.model == model and r.sae == sae]
+    return mine, len(history) - len(mine)
