@@ -9,7 +9,7 @@ from typing import Any
 
 import streamlit as st
 
-from esr_core.app import run_store, url_state
+from esr_core.app import run_store, url_state, workspace
 from esr_core.app.latent_view import description
 from esr_core.app.session import check_model_choice, check_sae_choice
 from esr_core.errors import BadInput
@@ -153,21 +153,8 @@ def set_persisted(key: str, value) -> None:
 
 def apply_pending_example(eng) -> None:
     """A Home example asked for (maybe on another model): applied once its model is loaded."""
-    ss = st.session_state
-    ex = ss.get("pending_example")
-    if not ex or ex.get("model", eng.model.name) != eng.model.name:
-        return
-    ss.pending_example = None
-    set_persisted("prompt", ex["prompt"])
-    ss.ivs = [{"latent": int(ex["latent"]), "mode": ex.get("mode", "add"), "strength": float(ex["strength"]),
-               "units": ex.get("units", "norm"), "positions": ex.get("positions", "all")}]
-    watch = [int(x) for x in ex.get("watch", [ex["latent"]])]
-    set_persisted("watch_text", ",".join(map(str, watch)))
-    ss.watch = watch
-    set_persisted("max_new_tokens", int(ex.get("max_new_tokens", 48)))
-    set_persisted("seed", int(ex.get("seed", 0)))
-    set_persisted("temperature", float(ex.get("temperature", 0.0)))
-    ss.autostart = True
+    if workspace.apply_example(st.session_state, eng.model.name):
+        st.session_state.autostart = True
 
 
 def keep_run(rec) -> None:

@@ -53,7 +53,7 @@ def sae_spec(test_sae_dir) -> str:
 
 @pytest.fixture(scope="session")
 def engine(sae_spec):
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engines import get_engine
 
     return get_engine("smollm2-135m-instruct", sae_spec)
 

@@ -219,7 +219,7 @@ def test_stop_really_stops_a_long_generation(server, browser):
 
 
 def test_two_sessions_generate_at_once_with_different_steering(server, browser):
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engines import get_engine
     from esr_core.steering.spec import GenerationSpec
 
     lat = int(EXAMPLE["latent"])

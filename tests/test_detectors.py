@@ -63,7 +63,7 @@ FIXTURE = [
 
 @pytest.fixture(scope="module")
 def engine():
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engines import get_engine
 
     return get_engine(DEFAULT_MODEL, None)
 

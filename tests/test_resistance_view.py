@@ -69,7 +69,7 @@ def _fake_episode():
         words.append((base + pos, base + pos + len(w)))
         pos += len(w) + 1
     offsets = [(0, 0), (0, 50), (50, 100)] + words + [(base + len(resp), base + len(resp) + 10)]
-    k1 = resp.index("Dogs")
+    assert resp.index("Dogs") > 0
     k2 = resp.index("Wait")
     k3 = resp.index("Scrub")
     j = {"attempts": [{"attempt_text": resp[:k2], "score": 20, "start_char": 0, "end_char": k2},

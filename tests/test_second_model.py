@@ -30,7 +30,7 @@ if not _have_gemma():
 
 @pytest.fixture(scope="module")
 def engine():
-    from esr_core.steering.engine import get_engine
+    from esr_core.steering.engines import get_engine
 
     torch.set_num_threads(2)
     return get_engine("gemma3-270m")

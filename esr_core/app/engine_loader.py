@@ -27,7 +27,7 @@ def _first_load(model: str) -> bool:
 
 
 def _load(model: str, sae: str, progress: Progress, cancel: Cancel):
-    from esr_core.steering.engine import get_engine, loaded_engines  # heavy: pulls torch
+    from esr_core.steering.engines import get_engine, loaded_engines  # heavy: pulls torch
 
     if (model, sae) in loaded_engines():
         return get_engine(model, sae)

@@ -41,3 +41,22 @@ def runs_for(history: list, model: str, sae: str) -> tuple[list, int]:
     """The runs made with (model, SAE), and how many were made with others."""
     mine = [r for r in history if r.model == model and r.sae == sae]
     return mine, len(history) - len(mine)
+
+
+def apply_example(state: MutableMapping, model: str) -> bool:
+    """Set up the pending Home example (``state["pending_example"]``) once ``model`` is loaded:
+    prompt, intervention, watch list and sampling. True when it was applied."""
+    ex = state.get("pending_example")
+    if not ex or ex.get("model", model) != model:
+        return False
+    state["pending_example"] = None
+    watch = [int(x) for x in ex.get("watch", [ex["latent"]])]
+    state["ivs"] = [{"latent": int(ex["latent"]), "mode": ex.get("mode", "add"), "strength": float(ex["strength"]),
+                     "units": ex.get("units", "norm"), "positions": ex.get("positions", "all")}]
+    state["watch"] = watch
+    for key, value in (("prompt", ex["prompt"]), ("watch_text", ",".join(map(str, watch))),
+                       ("max_new_tokens", int(ex.get("max_new_tokens", 48))), ("seed", int(ex.get("seed", 0))),
+                       ("temperature", float(ex.get("temperature", 0.0)))):
+        state[key] = value
+        state.pop("w_" + key, None)  # the mirrored widget starts from the new value
+    return True

@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from esr_core.steering.bench import run_generation_bench  # heavy: pulls torch
-    from esr_core.steering.engine import get_engine  # heavy: pulls torch
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     run_generation_bench(get_engine(args.model, args.sae), new_tokens=args.new_tokens, repeats=args.repeats)
     return 0

@@ -77,7 +77,7 @@ def spec_from_args(args) -> GenerationSpec:
 
 
 def run(args) -> int:
-    from esr_core.steering.engine import get_engine  # heavy: pulls torch
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     spec = spec_from_args(args).validate()
     sae = sae_spec(args)  # an unknown model fails here, before anything loads

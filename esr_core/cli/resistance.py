@@ -83,7 +83,7 @@ def _common(p) -> None:
 
 
 def _engine(args):
-    from esr_core.steering.engine import get_engine  # heavy: pulls torch
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     return get_engine(args.model, args.sae)
 

@@ -63,7 +63,7 @@ def engine_for(spec: ExperimentSpec | None, engine=None):
     """``engine`` if given, else the shared engine for the spec's model and SAE (the default without a spec)."""
     if engine is not None:
         return engine
-    from esr_core.steering.engine import get_engine  # heavy: pulls torch
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     return get_engine(spec.model, spec.sae) if spec is not None else get_engine()
 

@@ -91,7 +91,7 @@ def load_default_answers(path: str | Path | None = None) -> dict[str, str]:
 
 def _generate_with_engine(prompts: list[str], model: str) -> tuple[list[str], str] | None:
     try:
-        from esr_core.steering.engine import get_engine  # heavy: pulls torch
+        from esr_core.steering.engines import get_engine  # heavy: pulls torch
         pass
     except ImportError:
         return None
