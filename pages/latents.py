@@ -2,7 +2,6 @@
 
 import html
 
-import plotly.graph_objects as go
 import streamlit as st
 
 from esr_core.app import latent_view as lv
@@ -10,6 +9,7 @@ from esr_core.app.forms import parse_latent
 from esr_core.app.session import build_catalog
 from esr_core.errors import BadInput, EsrError
 from esr_core.steering.interventions import Intervention
+from esr_core.viz import latent_page as lp
 from esr_core.viz.token_heatmap import render_heatmap
 from pages import _ui
 
@@ -153,38 +153,35 @@ with detail_col:
         except EsrError as exc:
             st.error(str(exc))
 
-    hist = e.get("histogram")
-    if hist and hist.get("counts"):
-        edges = hist["edges"]
-        mids = [(a * b) ** 0.5 if a > 0 else (a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        fig = go.Figure(go.Bar(x=mids, y=hist["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])],
-                               marker_color="#D55E00", hovertemplate="act %{x:.3g}: %{y} tokens<extra></extra>"))
-        if marker is not None:
-            fig.add_vline(x=marker, line=dict(color="black", dash="dash"), annotation_text="your text")
-        fig.update_layout(height=220, margin=dict(l=30, r=10, t=30, b=30), title="Activation histogram (nonzero)",
-                          xaxis_title="activation", yaxis_title="tokens")
-        st.plotly_chart(fig, key=f"hist_{lat}")
+    st.plotly_chart(lp.histogram_figure(e.get("histogram"), e.get("max_act"), marker), key=f"hist_{lat}")
 
+    st.markdown("**Effect on the next token**")
+    st.caption(lv.logit_method(cat, e))
     p1, p2 = st.columns(2)
-    p1.markdown("**Promoted tokens**")
-    p1.html(" ".join(f'<code>{html.escape(t["token"])}</code>' for t in e.get("promoted", [])[:10]) or "—")
-    p2.markdown("**Suppressed tokens**")
-    p2.html(" ".join(f'<code>{html.escape(t["token"])}</code>' for t in e.get("suppressed", [])[:10]) or "—")
+    p1.markdown("Promoted")
+    p1.html(lp.token_effects_html(e.get("promoted", []), "promoted", unit=lv.logit_unit(e)))
+    p2.markdown("Suppressed")
+    p2.html(lp.token_effects_html(e.get("suppressed", []), "suppressed", unit=lv.logit_unit(e)))
 
     ctx = (e.get("contexts") or {})
-    contexts = list(ctx.get("text") or []) + list(ctx.get("chat") or [])
+    top_contexts = list(ctx.get("text") or []) + list(ctx.get("chat") or [])
     st.markdown("**Top activating contexts**")
-    if not contexts:
+    if not top_contexts:
         st.caption("No contexts without a catalog.")
-    for c in sorted(contexts, key=lambda c: -c.get("max_act", 0))[:8]:
-        st.html(render_heatmap(c["tokens"], c["acts"], label=f"#{lat}", colour="#D55E00",
-                               vmax=e.get("max_act") or None, skip_first=False, legend=False,
-                               selected=c.get("peak_index")))
+    else:
+        st.caption("Each line starts with the peak activation (the outlined token) and its share of the maximum.")
+        st.html(lp.contexts_html(top_contexts, lat, e.get("max_act")))
+    for band in e.get("bands") or []:
+        st.markdown(f"**Sampled from {band['label']}**")
+        st.html(lp.contexts_html(band["contexts"], lat, e.get("max_act"), n=3))
+    if cat is not None and not e.get("bands"):
+        st.caption("This catalog has no samples from lower activation bands yet: "
+                   "`esr-lab catalog refresh --what bands` adds them.")
 
-    st.markdown("**Nearest latents** (decoder cosine)")
-    nb = e.get("neighbours") or []
+    st.markdown("**Nearest latents** (decoder cosine, most similar first)")
+    nb = sorted(e.get("neighbours") or [], key=lambda n: -n["cosine"])[:8]
+    st.html(lp.neighbours_html(nb, describe=(lambda j: lv.description(cat, j)) if cat is not None else None))
     ncols = st.columns(4)
-    for k, n in enumerate(nb[:8]):
-        desc = lv.description(cat, n["latent"]) if cat is not None else n.get("description", "")
-        ncols[k % 4].button(f"#{n['latent']} · {n['cosine']:.2f}", key=f"nb_{n['latent']}", help=desc,
-                            on_click=open_latent, args=(n["latent"],), width="stretch")
+    for k, n in enumerate(nb):
+        ncols[k % 4].button(f"open #{n['latent']}", key=f"nb_{n['latent']}", on_click=open_latent, args=(n["latent"],),
+                            width="stretch")

@@ -100,15 +100,44 @@ def latent_entry(engine, catalog, latent: int) -> dict:
     return e
 
 
+WEIGHTS_ONLY_METHOD = ("weights only (no catalog yet): the decoder direction minus the mean direction, through the "
+                       "final norm and unembedding; "
+                       "for an SAE in the middle of the network this is a poor guide; build the catalog for the causal "
+                       "effects")
+
+
+def logit_method(catalog, entry: dict) -> str:
+    """How the promoted and suppressed tokens on this page were computed, in one line."""
+    if not entry.get("from_catalog"):
+        return WEIGHTS_ONLY_METHOD
+    m = (catalog.meta.get("logit_effects") if catalog is not None else None) or ""
+    if not m:
+        return "decoder direction through the unembedding (catalog built before the causal method; refresh it with " \
+               "`esr-lab catalog refresh --what logit-effects`)"
+    return "Method, " + m
+
+
+def logit_unit(entry: dict) -> str:
+    return "nats (log-probability change)" if entry.get("from_catalog") else "logit (direct product)"
+
+
 def weight_facts(engine, latent: int, n: int = 10) -> dict:
-    """Promoted/suppressed tokens (decoder direction through the unembedding) and nearest latents."""
+    """Promoted/suppressed tokens (decoder direction through the final norm and unembedding) and
+    nearest latents: what the weights alone tell, before a catalog exists."""
     import torch  # heavy: torch, only with a loaded model
 
     W = engine.W_dec
     d = W[latent]
     out: dict[str, Any] = {}
     try:
-        U = engine.model.hf_model.get_output_embeddings().weight.detach().float()
+        hf = engine.model.hf_model
+        U = hf.get_output_embeddings().weight.detach().float()
+        norm = getattr(getattr(hf, "model", hf), "norm", None)
+        g = getattr(norm, "weight", None)
+        d = d - W.mean(0)  # the common component: what every latent's direction shares
+        if g is not None and g.shape == d.shape:
+            g = g.detach().float()
+            d = d * ((1.0 + g) if "Gemma" in type(norm).__name__ else g)  # Gemma's RMSNorm scales by 1 + w
         logits = U @ d
         tok = engine.model.tokenizer
         pv, pi = torch.topk(logits, n)

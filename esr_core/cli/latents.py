@@ -10,7 +10,7 @@ from pathlib import Path
 from esr_core.cli.common import StderrProgress, dump_json, sae_spec
 from esr_core.errors import BadInput
 from esr_core.io import safe_name
-from esr_core.latents.catalog.build import build_catalog, catalog_for, default_corpus
+from esr_core.latents.catalog.build import REFRESHABLE, build_catalog, catalog_for, default_corpus, refresh_catalog
 from esr_core.latents.catalog.store import SHIPPED_DIR, Catalog, cached_catalog_dir, find_catalog
 from esr_core.latents.neuronpedia import clear_import, import_neuronpedia
 from esr_core.latents.search import latents_firing_on, search_latents, warm_search
@@ -136,6 +136,17 @@ def cmd_clear(args) -> int:
     return 0
 
 
+def cmd_refresh(args) -> int:
+    what = args.what or list(REFRESHABLE)
+    sae = load_sae(sae_spec(args))
+    p = find_catalog(args.model, sae)
+    if p is None:
+        raise BadInput("No catalog for this SAE yet: build one with `esr-lab catalog build`")
+    refresh_catalog(p, load_model(args.model), sae, what=what, progress=StderrProgress())
+    print(f"{' and '.join(what)} recomputed in {p}")
+    return 0
+
+
 def cmd_info(args) -> int:
     cat = _catalog(args)
     info = cat.info()
@@ -190,6 +201,11 @@ def register(subparsers) -> None:
     c = sub.add_parser("clear-import", help="drop imported descriptions (back to offline labels)")
     _common(c)
     c.set_defaults(func=cmd_clear)
+    rf = sub.add_parser("refresh", help="recompute parts of the catalog in place: promoted/suppressed tokens "
+                                        "(logit-effects) and lower-band contexts (bands); minutes on CPU")
+    rf.add_argument("--what", action="append", choices=REFRESHABLE, help="part to recompute (repeatable; default all)")
+    _common(rf)
+    rf.set_defaults(func=cmd_refresh)
     n = sub.add_parser("info", help="where the catalog is and how it was built")
     n.add_argument("--json", action="store_true")
     _common(n)

@@ -16,9 +16,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from esr_core.errors import BadInput
 from esr_core.jobs import Progress, report_fraction
+from esr_core.latents.catalog.bands import band_pass
 from esr_core.latents.catalog.evidence import Rows, evidence_pass, prepare_rows, slots
+from esr_core.latents.catalog.logit_effects import METHOD as LOGIT_METHOD
+from esr_core.latents.catalog.logit_effects import causal_logit_effects
 from esr_core.latents.catalog.store import (
+    ARRAYS_FILE,
+    BANDS,
     CTX_AFTER,
     CTX_BEFORE,
     FINE_HI,
@@ -34,6 +40,7 @@ from esr_core.latents.catalog.store import (
     cached_catalog_dir,
     find_catalog,
     pack_search_vectors,
+    read_meta_doc,
     sae_weights_hash,
     write_files,
 )
@@ -45,50 +52,6 @@ from esr_core.sae_training import corpus
 log = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = SHIPPED_DIR / "sample_texts.jsonl"
-
-
-def _final_norm_weight(hf_model):
-    """Final norm's elementwise scale (Gemma's RMSNorm multiplies by 1 + weight)."""
-    import torch  # heavy: torch, only when a model runs
-
-    base = getattr(hf_model, "model", hf_model)
-    norm = getattr(base, "norm", None) or getattr(getattr(base, "language_model", None), "norm", None)
-    if norm is None:
-        return None
-    inner = getattr(norm, "_original_component", norm)
-    w = getattr(inner, "weight", None)
-    if w is None:
-        return None
-    w = w.detach().float()
-    if "gemma" in type(inner).__name__.lower():
-        w = 1.0 + w
-    return w.to(torch.float32)
-
-
-def _logit_effects(model, sae, progress=None):
-    """Top promoted / suppressed tokens of each decoder direction through norm weight + W_U."""
-    import torch  # heavy: torch, only when a model runs
-
-    W = sae.W_dec.detach().float().cpu()
-    g = _final_norm_weight(model.hf_model)
-    if g is not None:
-        W = W * g.cpu()
-    out_emb = model.hf_model.get_output_embeddings()
-    inner = getattr(out_emb, "_original_component", out_emb)
-    WU = inner.weight.detach().float().cpu()  # [V, d]
-    d = W.shape[0]
-    pi = np.zeros((d, N_LOGIT), np.int32)
-    pv = np.zeros((d, N_LOGIT), np.float16)
-    si = np.zeros((d, N_LOGIT), np.int32)
-    sv = np.zeros((d, N_LOGIT), np.float16)
-    with torch.no_grad():
-        for a in range(0, d, 256):
-            logits = W[a : a + 256] @ WU.T
-            v, i = logits.topk(N_LOGIT, dim=1)
-            pi[a : a + 256], pv[a : a + 256] = i.numpy(), v.numpy()
-            v, i = (-logits).topk(N_LOGIT, dim=1)
-            si[a : a + 256], sv[a : a + 256] = i.numpy(), (-v).numpy()
-    return pi, pv, si, sv
 
 
 def _neighbours(sae):
@@ -137,19 +100,21 @@ def build_catalog(model, sae, texts: Sequence[str], chat_texts: Iterable | None,
     cfg_hash = rows.config_hash(sae_hash, k_text, k_chat)
     part_dir = out_dir / ".partial"
     external = evidence is not None
+    residual_fn, encode_fn = _sae_fns(model, sae)
     if evidence is None:
-        device = next(model.hf_model.parameters()).device
-        sae_dev = next(sae.sae.parameters()).device
         evidence = evidence_pass(
-            rows, lambda ids, att: capture(model, sae.hook_name, ids.to(device), att.to(device))[sae.hook_name],
-            lambda h: sae.encode(h.to(sae_dev)), d, vocab, k_text, k_chat, cfg_hash=cfg_hash,
+            rows, residual_fn, encode_fn, d, vocab, k_text, k_chat, cfg_hash=cfg_hash,
             batch_size=batch_size, pad_id=tok.pad_token_id or 0, progress=progress, cancel=cancel,
             part_dir=part_dir)
     arrays = dict(evidence)
     n_tokens = int(arrays.pop("n_tokens"))
     t_pass = float(arrays.pop("pass_seconds"))
+    if "band_pos" not in arrays:
+        report_fraction(progress, "catalog", 0.8, "samples from lower activation bands")
+        arrays.update(band_pass(rows, residual_fn, encode_fn, arrays["max_act"], batch_size=batch_size,
+                                pad_id=tok.pad_token_id or 0, cancel=cancel, part_file=part_dir / "bands.npz"))
     report_fraction(progress, "catalog", 0.86, "logit effects and neighbours")
-    pi, pv, si, sv = _logit_effects(model, sae)
+    pi, pv, si, sv = causal_logit_effects(model, sae, arrays["max_act"], k=N_LOGIT, cancel=cancel)
     ni, nv = _neighbours(sae)
     arrays.update({
         "tokens": rows.flat.astype(np.uint16 if vocab <= 65535 else np.int32),
@@ -170,7 +135,8 @@ def build_catalog(model, sae, texts: Sequence[str], chat_texts: Iterable | None,
         "fine_edges": [FINE_LO, FINE_HI, N_FINE],
         "n_dead": int(dead.sum()), "build_seconds": None, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command, "corpus": corpus_note, "config_hash": cfg_hash,
-        "position_0": "excluded (attention sink)",
+        "position_0": "excluded (attention sink)", "logit_effects": LOGIT_METHOD,
+        "bands": [list(b) for b in BANDS],
     }
     latents = {"description": [""] * d, "topic": [""] * d, "topic_kind": [""] * d,
                "confidence": [0.0] * d, "low_confidence": [True] * d}
@@ -193,6 +159,59 @@ def build_catalog(model, sae, texts: Sequence[str], chat_texts: Iterable | None,
         shutil.rmtree(part_dir, ignore_errors=True)
     report_fraction(progress, "catalog", 1.0, f"catalog written to {out_dir} in {meta['build_seconds']:.0f} s")
     return out_dir
+
+
+def _sae_fns(model, sae):
+    """(residual_fn, encode_fn) for the evidence passes: the SAE's hook on ``model``, then encode."""
+    device = next(model.hf_model.parameters()).device
+    sae_dev = next(sae.sae.parameters()).device
+
+    def residual_fn(ids, att):
+        return capture(model, sae.hook_name, ids.to(device), att.to(device))[sae.hook_name]
+
+    return residual_fn, lambda h: sae.encode(h.to(sae_dev))
+
+
+REFRESHABLE = ("logit-effects", "bands")
+
+
+def refresh_catalog(path: str | Path, model, sae, what: Sequence[str] = REFRESHABLE,
+                    progress: Progress | None = None, cancel=None) -> Path:
+    """Recompute parts of a catalog in place: the promoted and suppressed tokens (the causal
+    method) and/or the lower-band context samples (a second pass over the catalog's own rows).
+
+    The evidence, labels and search vectors stay; the token strings new ids need are added.
+    Checked against the SAE by decoder hash first; written atomically at the end.
+    """
+    unknown = [w for w in what if w not in REFRESHABLE]
+    if unknown:
+        raise BadInput(f"Unknown catalog part(s) {', '.join(unknown)}: choose from {', '.join(REFRESHABLE)}")
+    path = Path(path)
+    cat = Catalog.load(path, overlay=False)
+    if cat.meta.get("sae_weights_hash") != sae_weights_hash(sae):
+        raise CatalogUnavailable(f"{path} belongs to another SAE; rebuild it instead")
+    doc = read_meta_doc(path)
+    with np.load(path / ARRAYS_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    vocab = dict(doc.get("vocab", {}))
+    if "logit-effects" in what:
+        pi, pv, si, sv = causal_logit_effects(model, sae, cat.max_act, k=N_LOGIT, progress=progress, cancel=cancel)
+        for t in np.unique(np.concatenate([pi.ravel(), si.ravel()])):
+            vocab.setdefault(str(int(t)), model.tokenizer.decode([int(t)]))
+        doc["meta"]["logit_effects"] = LOGIT_METHOD
+        arrays.update(promo_ids=pi, promo_vals=pv, supp_ids=si, supp_vals=sv)
+    if "bands" in what:
+        rows = Rows(flat=arrays["tokens"].astype(np.int64), row_starts=arrays["row_starts"],
+                    elig_start=arrays["elig_start"], row_kind=arrays["row_kind"],
+                    n_text=int(doc["meta"].get("n_text_rows", 0)), n_chat=int(doc["meta"].get("n_chat_rows", 0)))
+        residual_fn, encode_fn = _sae_fns(model, sae)
+        part = cached_catalog_dir(model.name, sae) / "bands.partial.npz"  # a resumable pass, never in the repo
+        arrays.update(band_pass(rows, residual_fn, encode_fn, cat.max_act, pad_id=model.tokenizer.pad_token_id or 0,
+                                progress=progress, cancel=cancel, part_file=part))
+        doc["meta"]["bands"] = [list(b) for b in BANDS]
+    doc["vocab"] = vocab
+    write_files(path, doc, arrays)
+    return path
 
 
 def default_corpus(model, n_tokens: int = 30_000) -> tuple[list[str], list, str]:

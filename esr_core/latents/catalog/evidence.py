@@ -127,8 +127,6 @@ class _Accumulator:
 
     def update(self, z, ids, mask, row_offsets, kind: str, vocab: int) -> None:
         """z [B,T,d] (torch), ids [B,T], mask [B,T] bool (eligible), row_offsets [B] flat starts."""
-        import torch  # heavy: torch, only when a model runs
-
         z = z * mask.unsqueeze(-1).to(z.dtype)
         self.n_tokens += int(mask.sum())
         pos_act = z > 0
@@ -146,38 +144,10 @@ class _Accumulator:
             self._flush_token_weights()
         # top contexts: at most one per row per latent (its best token in that row)
         top = self.tops[kind]
-        k = top["val"].shape[1]
-        if k == 0:
+        if top["val"].shape[1] == 0:
             return
         rmax, rarg = z.max(dim=1)  # [B, d]
-        B = z.shape[0]
-        cand_val = torch.cat([torch.from_numpy(top["val"]), rmax.T.float()], dim=1)  # [d, k+B]
-        new_val, sel = cand_val.topk(k, dim=1)
-        sel = sel.numpy()
-        new_val = new_val.numpy()
-        old_pos, old_ctx = top["pos"], top["ctx"]
-        new_pos = np.full_like(old_pos, -1)
-        new_ctx = np.zeros_like(old_ctx)
-        from_old = sel < k
-        li, si = np.nonzero(from_old)
-        new_pos[li, si] = old_pos[li, sel[li, si]]
-        new_ctx[li, si] = old_ctx[li, sel[li, si]]
-        li, si = np.nonzero(~from_old & (new_val > 0))
-        if len(li):
-            rows = sel[li, si] - k
-            rarg_np = rarg.cpu().numpy()
-            centre = rarg_np[rows, li]
-            offs = np.arange(-CTX_BEFORE, CTX_AFTER + 1)
-            tt = centre[:, None] + offs[None, :]
-            valid = (tt >= 0) & (tt < z.shape[1])
-            ttc = np.clip(tt, 0, z.shape[1] - 1)
-            g = z[torch.from_numpy(rows)[:, None], torch.from_numpy(ttc), torch.from_numpy(li)[:, None]]
-            g = g.cpu().numpy() * valid
-            new_pos[li, si] = np.asarray(row_offsets)[rows] + centre
-            new_ctx[li, si] = g.astype(np.float16)
-        new_val[new_pos < 0] = 0
-        top["val"], top["pos"], top["ctx"] = new_val.astype(np.float32), new_pos, new_ctx
-        del B
+        merge_slots(top, "val", rmax, rarg, z, row_offsets)
 
     def state(self) -> dict:
         self._flush_token_weights()
@@ -195,6 +165,68 @@ class _Accumulator:
         for kind, top in self.tops.items():
             for name in top:
                 top[name] = st[f"{kind}_{name}"]
+
+
+def merge_slots(slots: dict, key: str, score, arg, z, row_offsets) -> None:
+    """Keep, per latent, the ``k`` best of the old slots and this batch's one candidate per row.
+
+    ``slots`` holds ``key`` [d, k] (the ranking score), ``pos`` [d, k] (flat position, -1 empty)
+    and ``ctx`` [d, k, CTX_LEN] (the latent's activations around the position); ``score``/``arg``
+    [B, d] (torch) are each row's candidate score and its token index in ``z`` [B, T, d].
+    """
+    import torch  # heavy: torch, only when a model runs
+
+    k = slots[key].shape[1]
+    cand = torch.cat([torch.from_numpy(slots[key]).float(), score.T.float().cpu()], dim=1)  # [d, k+B]
+    new_val, sel = cand.topk(k, dim=1)
+    sel, new_val = sel.numpy(), new_val.numpy()
+    old_pos, old_ctx = slots["pos"], slots["ctx"]
+    new_pos = np.full_like(old_pos, -1)
+    new_ctx = np.zeros_like(old_ctx)
+    li, si = np.nonzero(sel < k)
+    new_pos[li, si] = old_pos[li, sel[li, si]]
+    new_ctx[li, si] = old_ctx[li, sel[li, si]]
+    li, si = np.nonzero((sel >= k) & (new_val > 0))
+    if len(li):
+        rows = sel[li, si] - k
+        centre = arg.cpu().numpy()[rows, li]
+        tt = centre[:, None] + np.arange(-CTX_BEFORE, CTX_AFTER + 1)[None, :]
+        valid = (tt >= 0) & (tt < z.shape[1])
+        ttc = np.clip(tt, 0, z.shape[1] - 1)
+        g = z[torch.from_numpy(rows)[:, None], torch.from_numpy(ttc), torch.from_numpy(li)[:, None]]
+        new_pos[li, si] = np.asarray(row_offsets)[rows] + centre
+        new_ctx[li, si] = (g.cpu().numpy() * valid).astype(old_ctx.dtype)
+    new_val[new_pos < 0] = 0
+    slots[key], slots["pos"], slots["ctx"] = new_val.astype(slots[key].dtype), new_pos, new_ctx
+
+
+def batch_tensors(rows: Rows, batch: np.ndarray, pad_id: int = 0):
+    """(ids, attention mask, eligible-position mask) [B, T] for some rows, right padded."""
+    import torch  # heavy: torch, only when a model runs
+
+    lens = rows.lens
+    T = int(lens[batch].max())
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(batch), T), dtype=torch.long)
+    elig = torch.zeros((len(batch), T), dtype=torch.bool)
+    for j, r in enumerate(batch):
+        L = int(lens[r])
+        ids[j, :L] = torch.from_numpy(rows.flat[rows.row_starts[r] : rows.row_starts[r] + L])
+        att[j, :L] = 1
+        elig[j, int(rows.elig_start[r]) : L] = True
+    return ids, att, elig
+
+
+def row_batches(rows: Rows, batch_size: int) -> list[np.ndarray]:
+    """Row indices in batches: text rows in order (so a checkpoint is a row count), chats by length."""
+    lens = rows.lens
+    out = []
+    for kind in (0, 1):
+        idx = np.nonzero(rows.row_kind == kind)[0]
+        idx = idx[np.argsort(lens[idx], kind="stable")] if kind == 1 else idx
+        for a in range(0, len(idx), batch_size):
+            out.append(idx[a : a + batch_size])
+    return out
 
 
 def _coarse_hist(fine: np.ndarray):
@@ -276,7 +308,7 @@ class Rows:
                  row_kind=self.row_kind, n=np.array([self.n_text, self.n_chat]))
 
     @classmethod
-    def load(cls, path) -> "Rows":
+    def load(cls, path) -> Rows:
         z = np.load(path)
         return cls(z["flat"].astype(np.int64), z["row_starts"], z["elig_start"], z["row_kind"],
                    int(z["n"][0]), int(z["n"][1]))
@@ -320,28 +352,14 @@ def evidence_pass(rows: Rows, residual_fn, encode_fn, d_sae: int, vocab: int, k_
                 report_fraction(progress, "catalog", 0.0, f"resuming after {done_rows} rows")
         except Exception as exc:  # unreadable checkpoint: start over
             log.warning("ignoring unreadable checkpoint: %s", exc)
-    batches = []
-    for kind in (0, 1):
-        idx = np.nonzero(rows.row_kind == kind)[0]
-        # similar lengths together: less padding for chats
-        idx = idx[np.argsort(lens[idx], kind="stable")] if kind == 1 else idx
-        for a in range(0, len(idx), batch_size):
-            batches.append(idx[a : a + batch_size])
+    batches = row_batches(rows, batch_size)
     last_ckpt = time.time()
     n_done = sum(len(b) for b in batches if b.max() < done_rows)
     for batch in batches:
         if batch.max() < done_rows:
             continue
         check_cancel(cancel, "Catalog build")
-        T = int(lens[batch].max())
-        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        att = torch.zeros((len(batch), T), dtype=torch.long)
-        elig = torch.zeros((len(batch), T), dtype=torch.bool)
-        for j, r in enumerate(batch):
-            L = int(lens[r])
-            ids[j, :L] = torch.from_numpy(rows.flat[rows.row_starts[r] : rows.row_starts[r] + L])
-            att[j, :L] = 1
-            elig[j, int(rows.elig_start[r]) : L] = True
+        ids, att, elig = batch_tensors(rows, batch, pad_id)
         with torch.no_grad():
             z = encode_fn(residual_fn(ids, att)).float().cpu()
         kind = "text" if rows.row_kind[batch[0]] == 0 else "chat"

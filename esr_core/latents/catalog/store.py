@@ -31,6 +31,8 @@ OVERLAY_FILE = "neuronpedia_descriptions.json.gz"
 SHIPPED_DIR = ASSETS_DIR / "catalog"
 
 CTX_BEFORE = 12
+# lower activation bands sampled beside the top contexts, (low, high] share of the maximum
+BANDS = ((0.5, 0.75), (0.25, 0.5), (0.0, 0.25))
 CTX_AFTER = 4
 N_LOGIT = 10
 N_NEIGHBOURS = 8
@@ -80,6 +82,11 @@ def write_files(path: str | Path, doc: dict, arrays: dict[str, np.ndarray] | Non
         atomic_write_bytes(path / ARRAYS_FILE, buf.getvalue())
     raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     atomic_write_bytes(path / META_FILE, gzip.compress(raw, compresslevel=9, mtime=0))
+
+
+def band_label(band: int) -> str:
+    lo, hi = BANDS[band]
+    return f"{lo:.0%}–{hi:.0%} of max"
 
 
 # ----------------------------------------------------------------------------- load
@@ -230,9 +237,28 @@ class Catalog:
         pos = self.array(f"{kind}_pos")[i]
         vals = self.array(f"{kind}_val")[i]
         ctx = self.array(f"{kind}_ctx")[i]
+        return self._contexts(i, pos, vals, ctx, chat=kind == "chat")
+
+    def band_contexts(self, latent) -> list[dict]:
+        """Samples from lower activation bands (share of max), weakest band last; [] for a
+        catalog built before bands existed (``esr-lab catalog refresh --what bands``)."""
+        i = self.check_latent(latent)
+        if "band_pos" not in self._npz.files:
+            return []
+        pos, ctx = self.array("band_pos")[i], self.array("band_ctx")[i]
+        mx = float(self.max_act[i])
+        out = []
+        for b in range(min(len(BANDS), pos.shape[0])):
+            vals = ctx[b, :, CTX_BEFORE].astype(np.float32) / 255.0 * mx
+            out.append({"band": b, "label": band_label(b), "range": BANDS[b],
+                        "contexts": self._contexts(i, pos[b], vals, ctx[b], chat=None)})
+        return out
+
+    def _contexts(self, i: int, pos, vals, ctx, chat: bool | None) -> list[dict]:
         toks = self.array("tokens")
         starts = self.array("row_starts")
         elig = self.array("elig_start")
+        kinds = self.array("row_kind") if "row_kind" in self._npz.files else None
         mx = float(self.max_act[i])
         out = []
         for p, v, q in zip(pos, vals, ctx):
@@ -245,10 +271,11 @@ class Catalog:
             acts = q[a - (p - CTX_BEFORE) : b - (p - CTX_BEFORE)].astype(np.float32) / 255.0 * mx
             centre = int(p - a)
             acts[centre] = float(v)
+            is_chat = chat if chat is not None else bool(kinds is not None and kinds[r] == 1)
             out.append({
                 "tokens": [self.token_str(t) for t in ids], "token_ids": [int(t) for t in ids],
                 "acts": [round(float(x), 4) for x in acts], "peak_index": centre, "max_act": float(v),
-                "row": r, "position": int(p - starts[r]), "answer_start": int(elig[r]) if kind == "chat" else None,
+                "row": r, "position": int(p - starts[r]), "answer_start": int(elig[r]) if is_chat else None,
             })
         return out
 
@@ -335,6 +362,7 @@ class Catalog:
             "neighbours": [{"latent": int(j), "cosine": round(float(c), 4), "description": self._desc[int(j)]}
                            for j, c in zip(self.array("nn_ids")[i], self.array("nn_cos")[i])],
             "contexts": {"text": self.contexts(i, "text"), "chat": self.contexts(i, "chat")},
+            "bands": self.band_contexts(i),
             "model": self.meta.get("model"), "sae": self.meta.get("sae_name"), "hook_name": self.meta.get("hook_name"),
             "source": self.source,
         }
