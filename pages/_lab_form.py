@@ -7,6 +7,7 @@ import streamlit as st
 from esr_core.app.forms import make_intervention, parse_watch
 from esr_core.app.lab_views import BACKTRACK_NAME, CIRCUIT_NAME
 from esr_core.errors import BadInput
+from esr_core.experiments.conditions import META_PROMPTS, meta_text
 from esr_core.latents.groups import LatentGroup, groups_from_json, groups_to_json, parse_members
 from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
 from esr_core.viz import palette
@@ -34,12 +35,12 @@ def interventions_editor(d_sae: int) -> None:
     mode = a2.selectbox("Mode", MODES, key="iv_mode")
     a3.text_input("Strength", value="0.8", key="iv_strength",
                   help="add and clamp: a value in the chosen units; scale: a factor; ablate: ignored")
-    b1, b2, b3 = st.columns([1, 1, 1])
+    b1, b2 = st.columns(2)
     if mode in ("add", "clamp"):  # the units follow the mode: a clamp value is an activation
         b1.selectbox("Units", UNITS, index=UNITS.index(default_units(mode)), key=f"iv_units_{mode}",
                      help=" · ".join(UNIT_HELP.values()))
     b2.selectbox("Positions", POSITIONS, index=2, key="iv_pos")
-    if b3.button("Add intervention", key="add_iv", width="stretch"):
+    if st.button("Add intervention", key="add_iv", width="stretch"):
         try:
             _ui.add_intervention(pending_intervention(d_sae))
             ss["_clear_iv_latent"] = True
@@ -131,11 +132,30 @@ def group_editor(d_sae: int) -> None:
             st.error(f"Could not import groups: {exc}")
 
 
-def sampling() -> tuple[int, float, int, bool]:
-    s1, s2, s3 = st.columns(3)
+def meta_prompt(distractor_label: str) -> str | None:
+    """The meta-prompt toggle (the paper's condition, in the lab): the instruction appended to
+    the prompt, or None. The judge scores the answer against the prompt without it."""
+    on = _ui.persist("meta_on", st.checkbox, "Append a meta-prompt (the paper's condition)",
+                     help="An instruction to stay on topic, appended to the prompt for both runs; the verdict judges "
+                          "the answer against the prompt without it.")
+    if not on:
+        return None
+    variant = _ui.persist("meta_variant", st.selectbox, "Meta-prompt", list(META_PROMPTS),
+                          format_func=lambda v: META_PROMPTS[v].format(label="<the steered latent>"))
+    text = meta_text(variant, distractor_label)
+    st.caption(f"Sent after the prompt: “{text}”")
+    return text
+
+
+def sampling() -> tuple[int, float, int, float, bool]:
+    s1, s2 = st.columns(2)
+    s3, s4 = st.columns(2)
     seed = _ui.persist("seed", s1.number_input, "Seed", min_value=0, max_value=2**31 - 1, step=1)
     temperature = _ui.persist("temperature", s2.number_input, "Temperature", min_value=0.0, max_value=2.0, step=0.1)
-    max_new = _ui.persist("max_new_tokens", s3.number_input, "Max new tokens", min_value=1, max_value=512, step=8)
+    max_new = _ui.persist("max_new_tokens", s3.number_input, "New tokens", min_value=1, max_value=512, step=8,
+                          help="The most tokens each answer may have")
+    rep = _ui.persist("repetition_penalty", s4.number_input, "Rep. penalty", min_value=1.0, max_value=2.0, step=0.05,
+                      help="Repetition penalty (1 = none; the experiments use 1.1)")
     keep_end = _ui.persist("truncate", st.checkbox, "Keep the end of a prompt that is too long",
                            help="A prompt over the model's limit loses its beginning instead of failing.")
-    return int(seed), float(temperature), int(max_new), bool(keep_end)
+    return int(seed), float(temperature), int(max_new), float(rep), bool(keep_end)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import streamlit as st
 
-from esr_core.app import lab_views
+from esr_core.app import lab_views, workspace
 from esr_core.app.live_run import group_heatmap_values, token_values
 from esr_core.app.run_record import history_to_json, records_from_json
 from esr_core.errors import BadInput
@@ -36,11 +38,11 @@ def heatmaps(rec, eng, sel) -> None:
         return f"#{v} · {_ui.describe(int(v))[:50]}" if kind == "latent" else f"group {v}"
 
     labels = {o: fmt(o) for o in opts}  # format_func must not read session state (AppTest calls it outside a run)
-    h1, h2, h3 = st.columns([3, 1, 1])
+    h1, h2, h3 = st.columns([2, 1, 1])
     colour_by = h1.selectbox("Colour tokens by", opts, format_func=lambda o: labels.get(o, o),
                              key="colour_by") if opts else None
     scale = h2.radio("Scale", ["sqrt", "log"], horizontal=True, key="hm_scale")
-    with_prompt = h3.checkbox("Prompt tokens", key="hm_prompt")
+    with_prompt = h3.checkbox("Prompt", key="hm_prompt", help="Show the prompt's tokens before the answer")
     latent = group = None
     colour = palette.CIRCUIT
     if colour_by and colour_by.startswith("latent:"):
@@ -132,13 +134,33 @@ def downloads(rec) -> None:
     d2.download_button("Download history (JSON)", history_to_json(ss.history), "esr-history.json",
                        "application/json", key="dl_hist")
     if d3.button("Load into the form", key="reload_spec", help="Same prompt, interventions, seed: same text"):
-        spec = rec.spec
-        _ui.set_persisted("prompt", spec.prompt)
-        ss.ivs = [iv.to_dict() for iv in spec.interventions]
-        _ui.set_persisted("seed", int(spec.seed))
-        _ui.set_persisted("temperature", float(spec.temperature))
-        _ui.set_persisted("max_new_tokens", int(spec.max_new_tokens))
+        ss.pending_example = dict(workspace.setup_from_spec(rec.spec, rec.model), autostart=False)
         st.rerun()
+
+
+def compact_view(rec, eng, key: str) -> None:
+    """A finished run without the lab's controls: the circuit heatmap, the verdict and the
+    timeline with the judge's regions (the Resistance page's one-click conditions)."""
+    circuit = lab_views.circuit_of(list(rec.groups))
+    res = rec.results.get("steered") or next(iter(rec.results.values()))
+    if circuit is not None:
+        views, note = group_heatmap_values(rec.results, circuit, _ui.catalog(), normalise=True)
+        pieces, vals, special, tops = views.get("steered") or next(iter(views.values()))
+        st.html(render_heatmap(pieces, vals, special=special, tops=tops, label=f"{circuit.name} · {note}",
+                               colour=circuit.colour, describe=_ui.describe))
+    else:
+        st.markdown(f"<div style='white-space:pre-wrap'>{html.escape(res.text)}</div>", unsafe_allow_html=True)
+    overlay = judged(rec).get("steered") or {}
+    if overlay:
+        st.markdown(verdict_line(overlay["verdict"], overlay["label"], overlay["scores"]), unsafe_allow_html=True)
+    series = lab_views.timeline_series(rec)
+    trackers = lab_views.resistance_trackers(rec)
+    markers = list(overlay.get("markers", ()))
+    if trackers.get("steered") is not None and trackers["steered"].crossing is not None:
+        markers.append((trackers["steered"].crossing, "circuit crossing", palette.CIRCUIT))
+    if series:
+        st.plotly_chart(timeline_figure(series, regions=overlay.get("regions", ()), markers=markers,
+                                        title="Watched latents over generated tokens"), key=f"tl_{key}_{rec.id}")
 
 
 def show_record(rec, eng) -> None:

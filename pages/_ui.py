@@ -13,6 +13,7 @@ from esr_core.app import run_store, url_state, workspace
 from esr_core.app.latent_view import description
 from esr_core.app.session import check_model_choice, check_sae_choice
 from esr_core.errors import BadInput
+from esr_core.experiments.conditions import DEFAULT_META_VARIANT
 from esr_core.latents.groups import LatentGroup
 from esr_core.steering.interventions import Intervention
 
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt": "How do I boil an egg?", "ivs": [], "watch": [], "user_groups": [], "sel_groups": [],
     "seed": 0, "temperature": 0.0, "max_new_tokens": 48, "history": [], "live": None, "latent": None,
     "query": "", "view_run": None, "sel_token": None, "watch_text": "", "abl_groups": [], "truncate": False,
+    "meta_on": False, "meta_variant": DEFAULT_META_VARIANT, "repetition_penalty": 1.1, "lab_source": None,
 }
 
 
@@ -152,9 +154,11 @@ def set_persisted(key: str, value) -> None:
 
 
 def apply_pending_example(eng) -> None:
-    """A Home example asked for (maybe on another model): applied once its model is loaded."""
+    """A Home example or an experiment trial asked for (maybe on another model): applied once
+    its model is loaded, and run at once unless it only loads the form."""
+    start = bool((st.session_state.get("pending_example") or {}).get("autostart", True))
     if workspace.apply_example(st.session_state, eng.model.name):
-        st.session_state.autostart = True
+        st.session_state.autostart = start
 
 
 def keep_run(rec) -> None:

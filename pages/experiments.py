@@ -14,6 +14,8 @@ import pandas as pd
 import streamlit as st
 
 from esr_core.errors import EsrError
+from esr_core.experiments.cases import MAX_DESCRIBED, esr_cases, lab_setup
+from esr_core.experiments.metrics import trial_table_flags
 from esr_core.experiments.report import dropped_note, figures_for, load_summary, paper_table, rates_table, skipped_note
 from esr_core.experiments.store import (
     GEN_FILE,
@@ -22,10 +24,12 @@ from esr_core.experiments.store import (
     SUMMARY_FILE,
     TRIALS_FILE,
     list_runs,
+    load_spec,
     load_trials,
 )
+from esr_core.models.registry import DEFAULT_MODEL
 from pages import _ui
-from pages._exp_new_run import new_run_section
+from pages._exp_new_run import new_run_section, progress_section
 from pages._exp_overlay import overlay_section
 
 _ui.require_frame()
@@ -49,6 +53,8 @@ def _load(run_dir: str, _mt: float) -> tuple[dict, pd.DataFrame]:
     return load_summary(d, recompute=live), load_trials(d)
 
 
+progress_section()
+
 # ------------------------------------------------------------------ which run
 runs = list_runs()
 if not runs:
@@ -56,7 +62,8 @@ if not runs:
             "Start a small run below.")
 labels = {r["dir"]: (f"{r['name']} (reference, shipped)" if r.get("reference") else
                      f"{r['name']} (shipped) · {r.get('trials', 0)} trials" if r.get("shipped") else
-                     f"{r['name']} · {r.get('trials', 0)} trials · {r.get('stage') or 'finished'}") for r in runs}
+                     f"{r['name']} · {r.get('trials', 0)} trials · "
+                     + ("running" if r.get("locked") else r.get("stage") or "finished")) for r in runs}
 current = ss.get("exp_view")
 dirs = [r["dir"] for r in runs]
 if current not in dirs:
@@ -65,6 +72,26 @@ if dirs:
     current = st.selectbox("Run", dirs, index=dirs.index(current), format_func=lambda d: labels.get(d, d),
                            key="exp_pick")
     ss.exp_view = current
+
+
+def open_in_lab(run_dir: str, row: dict) -> None:
+    """Rerun one trial in the lab: its model (the sidebar switches), prompt, steering, meta-prompt, seed."""
+    try:
+        setup = lab_setup(load_spec(run_dir), row)
+    except (EsrError, KeyError, ValueError) as exc:
+        ss["_open_trial_error"] = f"Cannot open this trial: {exc}"
+        return
+    ss.pending_example = setup
+    if setup["model"] != ss.get("model_choice", DEFAULT_MODEL):
+        ss.model_choice = setup["model"]
+        ss.pop("w_model", None)
+    ss["_go_lab"] = True
+
+
+if ss.pop("_go_lab", False):
+    st.switch_page("pages/steering.py")
+if ss.get("_open_trial_error"):
+    st.error(ss.pop("_open_trial_error"))
 
 
 def show_run(run_dir: str) -> None:
@@ -84,6 +111,11 @@ def show_run(run_dir: str) -> None:
                + ("" if summary.get("complete") else
                   f" · incomplete: {summary.get('n_trials')} of {summary.get('n_trials_planned')} planned trials"))
     st.info(summary.get("headline", ""))
+    cases = esr_cases(trial_table_flags(trials)) if len(trials) else trials
+    for k, (_, row) in enumerate(cases.head(MAX_DESCRIBED).iterrows()):
+        st.button(f"Open ESR trial {k + 1} in the steering lab" if len(cases) > 1 else
+                  "Open the ESR trial in the steering lab", key=f"open_case_{k}_{d.name}",
+                  on_click=open_in_lab, args=(run_dir, row.to_dict()))
     st.subheader("Rates per condition")
     st.dataframe(rates_table(summary), hide_index=True, width="stretch")
     if dropped_note(summary):
@@ -128,10 +160,20 @@ def show_run(run_dir: str) -> None:
                            key=f"dl_parquet_{d.name}")
     c2.download_button("summary.json", json.dumps(summary, indent=1), file_name="summary.json",
                        mime="application/json", key=f"dl_summary_{d.name}")
-    with st.expander("Trials (one row per trial)"):
+    with st.expander("Trials (one row per trial): pick one to rerun it in the steering lab",
+                     expanded=bool(ss.get(f"trials_{d.name}"))):
         cols = [c for c in ("condition", "latent", "latent_label", "prompt_id", "boost_norm", "seed", "n_attempts",
                             "first_score", "last_score", "degraded", "response") if c in trials.columns]
-        st.dataframe(trials[cols], hide_index=True, width="stretch")
+        ev = st.dataframe(trials[cols], hide_index=True, width="stretch", on_select="rerun",
+                          selection_mode="single-row", key=f"trials_{d.name}")
+        rows = list(getattr(getattr(ev, "selection", None), "rows", []) or [])
+        if rows:
+            row = trials.iloc[int(rows[0])]
+            st.button(f"Open this trial in the steering lab ({row['condition']}, #{int(row['latent'])}, seed "
+                      f"{int(row['seed'])})", key=f"open_trial_{d.name}", type="primary",
+                      on_click=open_in_lab, args=(run_dir, row.to_dict()))
+        else:
+            st.caption("Select a row (its left edge) to open that trial in the steering lab.")
 
 
 if current:

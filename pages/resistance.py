@@ -6,15 +6,15 @@ esr_core.experiments.conditions (arXiv 2602.06941, sec. on off-topic detectors a
 
 import html
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
+from esr_core.app import workspace
 from esr_core.app.live_run import normalised_member_series
+from esr_core.app.run_record import RunRecord
 from esr_core.app.session import load_examples
 from esr_core.errors import EsrError
 from esr_core.experiments.conditions import BASE_CONDITIONS, CONDITIONS, build_conditions
-from esr_core.judge.scoring import judge_response
 from esr_core.latents.groups import LatentGroup, group_for, shipped_group
 from esr_core.resistance import view as rv
 from esr_core.resistance.signals import ema
@@ -23,7 +23,7 @@ from esr_core.steering.spec import GenerationSpec
 from esr_core.viz import palette
 from esr_core.viz.timeline import Marker, Region, Series, timeline_figure
 from esr_core.viz.token_heatmap import render_heatmap
-from pages import _ui
+from pages import _lab_results, _ui
 
 _ui.require_frame()
 ss = st.session_state
@@ -45,6 +45,15 @@ EXAMPLE_RESPONSE = (
 def _describe(group: LatentGroup, i: int) -> str:
     return group.member_descriptions.get(str(i)) or _ui.describe(i)
 
+
+def _open_in_lab(rec) -> None:
+    ss.pending_example = workspace.setup_from_spec(rec.spec, rec.model, source="the Resistance page's one-click "
+                                                   "conditions")
+    ss["_go_lab"] = True
+
+
+if ss.pop("_go_lab", False):
+    st.switch_page("pages/steering.py")
 
 circuit = group_for(eng, "circuit")
 backtrack = group_for(eng, "backtracking")
@@ -100,30 +109,27 @@ watch = sorted(set((circuit.members if circuit else []) + (backtrack.members if 
 base = GenerationSpec(prompt=cprompt or " ", watch=watch, max_new_tokens=int(ntok), seed=int(seed),
                       temperature=0.6, repetition_penalty=1.1, top_k=0)
 avail = [k for k in BASE_CONDITIONS if circuit is not None or not CONDITIONS[k].ablates]
-cols = st.columns(len(avail))
+cols = st.columns(3) + st.columns(3)  # two rows: every label fits
 res_store = ss.setdefault("res_conditions", {})
+groups = [g for g in (circuit, backtrack) if g is not None]
 for col, key in zip(cols, avail):
     if col.button(CONDITIONS[key].label, key=f"cond_{key}"):
         try:
             cond = build_conditions(base, distractor, circuit, d_sae, keys=[key])[0]
             with st.spinner(f"Running {cond.label}…"):
-                out = eng.generate(cond.spec)["steered"]
-            j = judge_response(cond.judge_prompt, out.text, None)
-            res_store[key] = {"cond": cond.to_dict(), "text": out.text, "acts": out.acts, "watch": out.watch,
-                              "pieces": out.pieces, "judgement": j}
+                results = eng.generate(cond.spec)
+            res_store[key] = {"note": cond.note, "rec": RunRecord(spec=cond.spec, model=eng.model.name,
+                                                                   sae=eng.sae.source, results=results, groups=groups)}
         except EsrError as exc:
             st.error(str(exc))
 for key in [k for k in BASE_CONDITIONS if k in res_store]:
-    r = res_store[key]
-    with st.expander(f"{CONDITIONS[key].label} · {len(r['judgement'].get('attempts', []))} attempt(s)", expanded=True):
-        st.caption(r["cond"].get("note") or "")
-        st.markdown(f"<div style='white-space:pre-wrap'>{html.escape(r['text'])}</div>", unsafe_allow_html=True)
-        scores = [round(float(a.get("score", 0))) for a in r["judgement"].get("attempts", [])]
-        st.caption(f"Judge scores per attempt: {scores or 'none'}")
-        if circuit is not None and r["acts"] is not None and len(r["acts"]):
-            act = rv.circuit_activity(r["acts"], circuit, columns=r["watch"])
-            st.caption(f"Circuit activity (sum, EMA 0.5) over generated tokens: mean {np.mean(act):.3g}, "
-                       f"peak {np.max(act):.3g}")
+    rec = res_store[key]["rec"]
+    if rec.model != eng.model.name or rec.sae != eng.sae.source:
+        continue  # made with another model or SAE: its latent ids mean nothing here
+    with st.expander(f"{CONDITIONS[key].label} · {len(rec.results['steered'].token_ids)} tokens", expanded=True):
+        st.caption(res_store[key]["note"] or "")
+        _lab_results.compact_view(rec, eng, key=f"cond_{key}")
+        st.button("Open in the steering lab", key=f"cond_lab_{key}", on_click=_open_in_lab, args=(rec,))
 
 # ------------------------------------------------------------------ replay
 st.subheader("Replay a transcript")
@@ -155,14 +161,16 @@ if rep is not None:
     st.markdown(f"**Replay with steering {'ON (latent #%d)' % rep['steering'][0]['latent'] if rep['steering_on'] else 'off'}**")
     series = []
     toks = rep["tokens"]
+    run = "steered" if rep["steering_on"] else "unsteered"
     if "circuit" in rep["series"]:
         series.append(Series("resistance circuit", rep["series"]["circuit"], colour=circuit.colour, lane="circuit",
-                             tokens=toks, threshold=rep.get("threshold")))
+                             tokens=toks, run=run, threshold=rep.get("threshold")))
     if "backtracking" in rep["series"]:
         series.append(Series("backtracking", rep["series"]["backtracking"], colour=backtrack.colour,
-                             lane="backtracking", tokens=toks))
+                             lane="backtracking", tokens=toks, run=run))
     for lat, vals in rep["distractor_series"].items():
-        series.append(Series(f"distractor #{lat}", vals, colour=palette.DISTRACTOR, lane="distractor", tokens=toks))
+        series.append(Series(f"distractor #{lat}", vals, colour=palette.DISTRACTOR, lane="distractor", tokens=toks,
+                             run=run))
     regions = [Region(r["start"], r["end"], r["label"], rv.region_rgba(r["label"])) for r in rep["regions"]]
     markers = [Marker(m["token"], "restart") for m in rep["markers"]]
     markers += [Marker(t, "crossing", palette.CIRCUIT) for t in rep.get("crossings", [])[:10]]

@@ -34,14 +34,18 @@ left, right = st.columns([2, 3], gap="large")
 # ------------------------------------------------------------------ request
 with left:
     prompt = _ui.persist("prompt", st.text_area, "Prompt", height=90)
+    meta = _lab_form.meta_prompt(next((_ui.describe(iv.latent) for iv in _ui.interventions() if iv.mode == "add"), ""))
     with st.expander("What the model sees (chat template)"):
         try:
-            st.code(eng.render_prompt(prompt or " "), language=None)
+            sent = f"{(prompt or ' ').rstrip()} {meta}" if meta else (prompt or " ")
+            st.code(eng.render_prompt(sent), language=None)
         except EsrError as exc:
             st.caption(f"Cannot render the template: {exc}")
+    if ss.get("lab_source"):
+        st.caption(f"Set up from {ss.lab_source}: same prompt, interventions, meta-prompt and seed.")
     _lab_form.interventions_editor(d_sae)
     _lab_form.watch_and_groups(d_sae)
-    seed, temperature, max_new, keep_end = _lab_form.sampling()
+    seed, temperature, max_new, rep_penalty, keep_end = _lab_form.sampling()
     c_gen, c_stop = st.columns(2)
     gen = c_gen.button("Generate", type="primary", key="generate", width="stretch")
     stop_slot = c_stop.empty()
@@ -115,7 +119,8 @@ with right:
         try:
             spec = build_spec(prompt, _ui.interventions(), ss.watch, groups, d_sae, seed=seed,
                               temperature=temperature, max_new_tokens=max_new, ablate_groups=abl,
-                              truncate="keep_end" if keep_end else "error")
+                              repetition_penalty=rep_penalty, truncate="keep_end" if keep_end else "error",
+                              meta_prompt=meta)
             eng.prompt_tokens(spec)  # a prompt over the limit fails here, before any card is drawn
         except EsrError as exc:
             st.error(str(exc))

@@ -173,7 +173,9 @@ def test_conditions_share_prompt_seed_and_sampling():
     # the random set is reproducible from its seed
     again = build_conditions(base, dis, circ, d_sae=100, random_seed=1, keys=["random_ablation"])[0]
     assert again.ablated == rnd
-    assert by["meta_prompt"].spec.prompt.endswith(META_PROMPT) and by["meta_prompt"].spec.prompt != base.prompt
+    meta = by["meta_prompt"].spec
+    assert meta.prompt == base.prompt and meta.meta_prompt == META_PROMPT.strip()
+    assert meta.sent_prompt().endswith(META_PROMPT.strip()) and meta.sent_prompt() != base.prompt
     assert base.prompt == "How do I boil an egg?" and base.runs == ("steered", "default")  # base untouched
     assert random_latents(10, 3, 0, exclude=[0, 1], live=[0, 1, 2, 3, 4]) == [2, 3, 4]
     with pytest.raises(BadInput):

@@ -67,7 +67,8 @@ def watch_list(watched: Sequence[int], interventions: Sequence[Intervention], gr
 def build_spec(prompt: str, interventions: Sequence[Intervention], watched: Sequence[int],
                groups: Sequence[LatentGroup], d_sae: int, *, seed: int = 0, temperature: float = 0.0,
                max_new_tokens: int = 48, repetition_penalty: float = 1.1, top_k: int = 8,
-               ablate_groups: Sequence[LatentGroup] = (), chat: bool = True, truncate: str = "error") -> GenerationSpec:
+               ablate_groups: Sequence[LatentGroup] = (), chat: bool = True, truncate: str = "error",
+               meta_prompt: str | None = None) -> GenerationSpec:
     """A validated GenerationSpec; group ablations are applied to the steered run."""
     for iv in interventions:
         validate(iv, d_sae)
@@ -77,5 +78,6 @@ def build_spec(prompt: str, interventions: Sequence[Intervention], watched: Sequ
     spec = GenerationSpec(prompt=prompt or "", interventions=ivs,
                           watch=watch_list(watched, interventions, list(groups) + list(ablate_groups)),
                           top_k=top_k, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
-                          seed=int(seed), repetition_penalty=float(repetition_penalty), chat=chat, truncate=truncate)
+                          seed=int(seed), repetition_penalty=float(repetition_penalty), chat=chat, truncate=truncate,
+                          meta_prompt=meta_prompt or None)
     return spec.validate()

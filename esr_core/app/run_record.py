@@ -8,6 +8,7 @@ steered and default RunResults (tokens, activations, top latents) and the groups
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ from typing import Any
 
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup
-from esr_core.steering.spec import GenerationSpec, RunResult
+from esr_core.steering.spec import RUN_NAMES, GenerationSpec, RunResult
 
 FORMAT = "esr-lab.run/1"
 MAX_UPLOAD_BYTES = 50_000_000
+STATUSES = ("done", "stopped", "running")
+_ID = re.compile(r"[0-9a-f]{6,32}")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class RunRecord:
     @property
     def label(self) -> str:
         ivs = ", ".join(iv.label() for iv in self.spec.interventions) or "no steering"
+        if self.spec.meta_prompt:
+            ivs += " + meta-prompt"
         p = self.spec.prompt.strip().replace("\n", " ")
         return f"{time.strftime('%H:%M:%S', time.localtime(self.created))} · {p[:40]} · {ivs}" + (
             f" · {self.status}" if self.status != "done" else "")
@@ -65,7 +70,15 @@ class RunRecord:
         spec = GenerationSpec.from_dict(d["spec"])
         if not isinstance(d["results"], dict):
             raise BadInput("The run record's 'results' must be an object")
+        unknown = [k for k in d["results"] if k not in RUN_NAMES]
+        if unknown or not d["results"]:
+            raise BadInput(f"The run record's results must be runs named {' or '.join(RUN_NAMES)}"
+                           + (f" (got {len(unknown)} other name(s))" if unknown else ""))
         results = {k: RunResult.from_dict(v) for k, v in d["results"].items()}
+        status = d.get("status", "done")
+        if status not in STATUSES:
+            raise BadInput(f"The run record's status must be one of {', '.join(STATUSES)}")
+        rid = str(d.get("id") or "")
         groups = [LatentGroup.from_dict(g) for g in d.get("groups") or []]
         try:
             created = float(d.get("created", time.time()))
@@ -73,7 +86,8 @@ class RunRecord:
             created = time.time()
         return cls(spec=spec, model=str(d["model"]), sae=str(d["sae"]), results=results,
                    rendered_prompt=str(d.get("rendered_prompt", "")), groups=groups, created=created,
-                   id=str(d.get("id") or uuid.uuid4().hex[:8]), status=str(d.get("status", "done")),
+                   id=rid if _ID.fullmatch(rid) else uuid.uuid4().hex[:12],
+                   status="stopped" if status == "running" else status,
                    note=str(d.get("note", "")))
 
     @classmethod

@@ -136,13 +136,12 @@ class OneClick:
                 "ablated": list(self.ablated), "note": self.note}
 
 
-def _with(base: GenerationSpec, interventions: list[Intervention], prompt: str | None = None) -> GenerationSpec:
+def _with(base: GenerationSpec, interventions: list[Intervention], meta: str | None = None) -> GenerationSpec:
     s = copy.deepcopy(base)
     s.interventions = list(interventions)
     s.default_interventions = []
     s.runs = ("steered",)
-    if prompt is not None:
-        s.prompt = prompt
+    s.meta_prompt = meta
     return s
 
 
@@ -179,9 +178,9 @@ def build_conditions(base: GenerationSpec, distractor: Intervention | Sequence[I
             ablated = random_latents(d_sae, len(members), random_seed, exclude=members + [d.latent for d in dis],
                                      live=live)
             note = f"{len(ablated)} random live latents (seed {random_seed}) clamped to 0"
-        prompt = base.prompt.rstrip() + " " + meta_prompt.strip() if kind.meta else None
+        meta = meta_prompt.strip() if kind.meta else None
         if kind.meta:
-            note = f"meta-prompt appended: {meta_prompt.strip()!r}; judged against the base prompt"
-        out.append(OneClick(k, kind.label, _with(base, condition_interventions(k, dis, ablated), prompt=prompt),
+            note = f"meta-prompt appended: {meta!r}; judged against the base prompt"
+        out.append(OneClick(k, kind.label, _with(base, condition_interventions(k, dis, ablated), meta=meta),
                             base.prompt, ablated=ablated, note=note))
     return out

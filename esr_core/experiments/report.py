@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from esr_core.experiments.cases import cases_sentence
 from esr_core.experiments.metrics import compare_to_baseline, pool_by, summarise, trial_table_flags
 from esr_core.experiments.overlay_summary import load_overlay
 from esr_core.experiments.paper import comparison_table
@@ -101,6 +102,14 @@ def model_size(b) -> str:
     return "" if not math.isfinite(b) else (f" ({b:g}B)" if b >= 1 else f" ({b * 1000:.0f}M)")
 
 
+def _count(n) -> str:
+    try:
+        n = float(n)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{int(n):,}" if math.isfinite(n) else "n/a"
+
+
 def paper_table(summary: dict) -> pd.DataFrame:
     """Our rates next to the paper's, one row per (condition, quantity)."""
     rows = []
@@ -110,7 +119,7 @@ def paper_table(summary: dict) -> pd.DataFrame:
         rows.append({"condition": r["condition"], "quantity": q.replace("_", " "),
                      "paper": ("" if rel == "=" else rel + " ") + paper_value(q, r.get("paper_value")),
                      "paper model": f"{r.get('paper_model')}{model_size(r.get('paper_params_b'))}",
-                     "paper n": r.get("paper_n"),
+                     "paper n": _count(r.get("paper_n")),
                      "ours": paper_value(q, r.get("our_value")),
                      "ours 95 % CI": f"{pct(r.get('our_lo'))} – {pct(r.get('our_hi'))}" if q.endswith("_rate") else "",
                      "our k/n": f"{r.get('our_k')}/{r.get('our_n')}",
@@ -178,7 +187,9 @@ def summarise_run(trials: pd.DataFrame, spec: ExperimentSpec) -> dict:
            "by_condition": _records(by_cond), "by_boost": _records(by_boost),
            "vs_steering": _records(comp), "paper_comparison": _records(paper), "throughput": thr,
            "environment": spec.environment}
-    out["headline"] = headline(by_cond, spec)
+    cases = cases_sentence(trial_table_flags(trials)) if len(trials) else ""
+    out["headline"] = headline(by_cond, spec) + (f" {cases}" if cases else "")
+    out["esr_cases"] = cases
     return out
 
 

@@ -210,7 +210,7 @@ class Engine:
     def prompt_tokens(self, spec: GenerationSpec) -> tuple[str, list[int]]:
         """The rendered prompt and its token ids; a prompt over the limit raises, or with
         ``truncate="keep_end"`` loses its beginning (the task usually sits at the end)."""
-        rendered = self.render_prompt(spec.prompt, spec.chat, spec.system_prompt)
+        rendered = self.render_prompt(spec.sent_prompt(), spec.chat, spec.system_prompt)
         ids = self._prompt_ids(rendered, spec.chat)
         if len(ids) <= MAX_PROMPT_TOKENS:
             return rendered, ids
@@ -218,7 +218,7 @@ class Engine:
             raise BadInput(f"The prompt is {len(ids):,} tokens; the limit is {MAX_PROMPT_TOKENS:,} "
                            "(truncate it to keep its end)")
         tok = self.model.tokenizer
-        user = tok(spec.prompt, add_special_tokens=False).input_ids
+        user = tok(spec.sent_prompt(), add_special_tokens=False).input_ids
         overhead = len(ids) - len(user)
         keep = max(1, MAX_PROMPT_TOKENS - overhead - 2)
         while True:

@@ -20,6 +20,7 @@ from esr_core.steering.interventions import Intervention
 from esr_core.steering.interventions import validate as validate_intervention
 
 RUN_NAMES = ("steered", "default")
+STOP_REASONS = ("", "eos", "max_new_tokens", "cancelled", "stopped", "error")
 MAX_NEW_TOKENS = 2048
 MAX_PROMPT_TOKENS = 4096
 MAX_PROMPT_CHARS = 40_000
@@ -44,6 +45,14 @@ class GenerationSpec:
     default_interventions: list[Intervention] = field(default_factory=list)
     # a prompt over the model's limit: "error" (the default) or "keep_end" (drop its start)
     truncate: str = "error"
+    # an instruction appended to the prompt (the meta-prompt condition); answers are judged
+    # against ``prompt`` alone, so the instruction never counts as part of the task
+    meta_prompt: str | None = None
+
+    def sent_prompt(self) -> str:
+        """The user message the model gets: the prompt, then the meta-prompt if any."""
+        meta = (self.meta_prompt or "").strip()
+        return f"{self.prompt.rstrip()} {meta}" if meta else self.prompt
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,6 +85,11 @@ class GenerationSpec:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise BadInput("The prompt is empty: type a question or task first")
         check_text(self.prompt, "The prompt")
+        if self.meta_prompt is not None:
+            if not isinstance(self.meta_prompt, str):
+                raise BadInput("meta_prompt must be text")
+            check_text(self.meta_prompt, "The meta-prompt")
+            self.meta_prompt = self.meta_prompt.strip() or None
         if self.truncate not in ("error", "keep_end"):
             raise BadInput(f"truncate must be 'error' or 'keep_end', got {self.truncate!r}")
         if len(self.prompt) > MAX_PROMPT_CHARS:
@@ -193,6 +207,9 @@ class RunResult:
                     pieces=[str(x) for x in d.get("pieces", [])], special=[bool(x) for x in d.get("special", [])],
                     acts=acts, top=[[(int(i), float(v)) for i, v in t] for t in d.get("top", [])],
                     stop_reason=str(d.get("stop_reason", "")), watch=watch)
+            if r.run not in RUN_NAMES or r.stop_reason not in STOP_REASONS:
+                raise BadInput(f"A run must be named {' or '.join(RUN_NAMES)} and stop for one of "
+                               f"{', '.join(x for x in STOP_REASONS if x)}")
             p = d.get("prompt")
             if p:
                 r.prompt = PromptReadout(run=r.run, rendered_prompt=str(p.get("rendered_prompt", "")),

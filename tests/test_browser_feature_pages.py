@@ -1,0 +1,82 @@
+"""The latent page, an experiment's single trials and the Resistance conditions in a real browser
+(issue #11, items 10, 11, 13, 14). Screenshots go to test-artefacts/first-use-*.png."""
+
+from __future__ import annotations
+
+import pytest
+from browser_util import Browser, StreamlitServer, chromium_available, shot, wait_app_idle
+from playwright.sync_api import expect
+
+LONG = 300_000  # ms; a 2-core machine generating 2 x 128 tokens is slow
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+if not chromium_available():
+    pytest.skip("Debian chromium is not installed at /usr/bin/chromium (make browser)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with StreamlitServer(timeout=120) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with Browser() as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request, browser):
+    browser.pages = []
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        browser.shoot_open_pages(f"FAILED-{request.node.name}")
+
+
+def test_latent_page_has_values_bands_and_described_neighbours(server, browser):
+    page = browser.new_page()
+    page.goto(f"{server.url}/latents?latent=5040")
+    wait_app_idle(page, LONG)
+    page.locator(".esr-logit").first.wait_for(timeout=LONG)
+    promoted = page.locator('.esr-logits[data-kind="promoted"] .esr-logit')
+    tokens = [promoted.nth(k).get_attribute("data-token").strip() for k in range(promoted.count())]
+    assert {"Sea", "Ocean"} & set(tokens[:5]), tokens
+    expect(page.locator('.esr-logits[data-kind="promoted"]')).to_contain_text("\u2423Sea")
+    assert float(promoted.first.get_attribute("data-v")) > 0
+    assert page.locator(".esr-context").count() >= 10  # top contexts and three lower bands
+    expect(page.get_by_text("Sampled from 0%–25% of max")).to_be_visible()
+    rows = page.locator(".esr-neighbour")
+    assert rows.count() == 8 and rows.first.locator("td").nth(2).inner_text().strip()
+    shot(page, "first-use-latent-page")
+
+
+def test_the_reference_esr_trial_opens_in_the_lab_with_its_text(server, browser):
+    page = browser.new_page()
+    page.goto(f"{server.url}/experiments")
+    wait_app_idle(page, LONG)
+    expect(page.get_by_text("The only ESR trial").first).to_be_visible(timeout=LONG)
+    page.get_by_role("button", name="Open the ESR trial in the steering lab").click()
+    page.wait_for_url("**/steering**", timeout=LONG)
+    view = page.locator(".esr-run-view")
+    view.wait_for(state="attached", timeout=LONG)
+    wait_app_idle(page, LONG)
+    assert view.get_attribute("data-prompt") == "What are the steps to open a bank account?"
+    expect(page.get_by_role("checkbox", name="Append a meta-prompt")).to_be_checked()
+    expect(page.get_by_text("Let me start from scratch.").first).to_be_attached()
+    shot(page, "first-use-trial-in-lab")
+
+
+def test_resistance_condition_shows_heatmap_and_timeline(server, browser):
+    page = browser.new_page()
+    page.goto(f"{server.url}/resistance")
+    wait_app_idle(page, LONG)
+    page.get_by_role("button", name="Steering + meta-prompt").click()
+    wait_app_idle(page, LONG)
+    block = page.locator('[data-testid="stExpander"]').filter(has_text="Steering + meta-prompt ·")
+    expect(block.locator(".esr-heatmap")).to_be_attached(timeout=LONG)
+    expect(block.locator(".js-plotly-plot")).to_be_attached(timeout=LONG)
+    expect(block.get_by_role("button", name="Open in the steering lab")).to_be_visible()
+    shot(page, "first-use-resistance-condition")
