@@ -19,15 +19,29 @@ def _show(job) -> None:
     st.session_state.exp_view = str(job.info["run_dir"])
 
 
+def progress_section() -> None:
+    """This session's run, at the top of the page: progress, Cancel, then Show."""
+    job = st.session_state.get("exp_job")
+    if job is None:
+        return
+    with st.container(border=True):
+        st.markdown(f"**Experiment {job.info.get('title', '')}** · `{job.info.get('run_dir')}`")
+        job_panel("exp_job", "Cancelling after the current batch; finished trials stay on disk.", "Show this run",
+                  _show)
+
+
 def new_run_section(runs: list[dict], labels: dict) -> None:
     ss = st.session_state
     st.subheader("New run")
     job = ss.get("exp_job")
-    if job is not None:
-        st.caption(f"Run directory: {job.info.get('run_dir')}")
-        job_panel("exp_job", "Cancelling after the current batch; finished trials stay on disk.", "Show this run",
-                  _show)
     running = job is not None and job.running
+    if running:
+        st.caption("This session's run is in progress (its progress is at the top of the page).")
+    # outside the form so the fields follow the boost mode at once
+    b1, b2 = st.columns(2)
+    mode = b1.selectbox("Boost", ["fixed", "calibrate", "sweep"], key="exp_boost_mode",
+                        help="fixed: one boost for every latent; calibrate: per latent, the boost that brings the first "
+                             "attempt's score to 30/100; sweep: levels around the calibrated thresholds")
     with st.form("exp_form"):
         st.caption("Small runs finish in minutes on a CPU; each trial is saved as soon as it is judged.")
         c1, c2, c3 = st.columns(3)
@@ -37,11 +51,13 @@ def new_run_section(runs: list[dict], labels: dict) -> None:
         conds = st.multiselect("Conditions", list(BASE_CONDITIONS), default=["no_steering", "steering", "meta_prompt"])
         metas = st.multiselect("Meta-prompt variants (first = 'meta_prompt')", list(META_PROMPTS),
                                default=["get_back_on_track"])
-        c1, c2, c3, c4 = st.columns(4)
+        c1, c2 = st.columns(2)
         mnt = c1.number_input("Max new tokens", 8, 512, 48)
-        mode = c2.selectbox("Boost", ["fixed", "calibrate", "sweep"])
-        boost = c3.number_input("Fixed boost (× median residual norm)", 0.0, 20.0, 1.0, step=0.1)
-        steps = c4.number_input("Calibration steps", 0, 12, 3)
+        boost, steps = 1.0, 3
+        if mode == "fixed":
+            boost = c2.number_input("Fixed boost (× median residual norm)", 0.0, 20.0, 1.0, step=0.1)
+        else:
+            steps = c2.number_input("Calibration steps", 0, 12, 3)
         rule = st.radio("Relevance rule", ["code", "paper"], horizontal=True,
                         help="code: the latent never fires on any prompt token; paper: not among any prompt's top-100")
         submitted = st.form_submit_button("Start run", disabled=running, type="primary")
@@ -62,7 +78,13 @@ def new_run_section(runs: list[dict], labels: dict) -> None:
                 st.rerun()
         except EsrError as exc:
             st.error(str(exc))
-    incomplete = [r for r in runs if not r.get("shipped") and r.get("stage") not in ("done", "")]
+    unfinished = [r for r in runs if not r.get("shipped") and r.get("stage") not in ("done", "")]
+    mine = str(job.info.get("run_dir")) if running else None
+    elsewhere = [r for r in unfinished if r.get("locked") and r["dir"] != mine]
+    incomplete = [r for r in unfinished if not r.get("locked")]
+    if elsewhere:
+        st.caption("Running in another session (follow it by opening it above; it cannot be resumed twice): "
+                   + ", ".join(r["name"] for r in elsewhere))
     if incomplete and not running:
         pick = st.selectbox("Resume an unfinished run", [r["dir"] for r in incomplete],
                             format_func=lambda d: labels.get(d, d), key="exp_resume_pick")

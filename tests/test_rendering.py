@@ -341,3 +341,23 @@ def test_cli_generate_flags_become_interventions():
                    (9, "ablate", 0.0, "raw", "generated"), (10, "ablate", 0.0, "raw", "generated")]
     with pytest.raises(BadInput):
         cli_generate.spec_from_args(ap.parse_args(["generate", "--prompt", "hi", "--steer", "five:2"]))
+
+
+def test_timeline_labels_never_overlap_and_latents_avoid_role_colours():
+    from esr_core.viz import palette
+    from esr_core.viz.timeline import Marker, Region, Series, label_levels, timeline_figure
+
+    assert label_levels([0, 1, 2, 30], min_gap=4) == [0, 1, 2, 0]
+    assert label_levels([0, 0, 0, 0, 0], min_gap=4, max_rows=3) == [0, 1, 2, -1, -1]
+    fig = timeline_figure([Series("#7", [0.0] * 40), Series("#9", [1.0] * 40)],
+                          regions=[Region(0, 10, "attempt 1"), Region(10, 40, "attempt 2")],
+                          markers=[Marker(11, "circuit crossing"), Marker(12, "restart")])
+    notes = [a for a in fig.layout.annotations if a.text in ("attempt 1", "attempt 2", "circuit crossing", "restart")]
+    assert len(notes) == 4
+    spots = {(round(a.y, 3), a.x) for a in notes}
+    close = [a for a in notes if a.text in ("attempt 2", "circuit crossing", "restart")]
+    assert len({round(a.y, 3) for a in close}) == 3 and len(spots) == 4  # three labels within 2 tokens: 3 rows
+    lines = [t.line.color for t in fig.data]
+    assert not {palette.CIRCUIT, palette.BACKTRACKING} & set(lines)
+    legend = timeline_figure([Series("circuit", [1.0, 2.0], run="unsteered")]).data[0].name
+    assert legend == "circuit (unsteered)" and "(steered)" not in legend

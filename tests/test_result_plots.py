@@ -146,3 +146,19 @@ def test_export_png_when_kaleido_and_chromium_present(tmp_path):
     written = rp.export_figure(fig, tmp_path / "fig")
     assert [p.name for p in written] == ["fig.html", "fig.png"]
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_paper_table_has_no_raw_none_and_one_trial_is_a_marker():
+    import json
+
+    from esr_core.experiments.report import paper_table as run_paper_table
+    from esr_core.experiments.store import REFERENCE_DIR, load_trials
+
+    summary = json.loads((REFERENCE_DIR / "summary.json").read_text())
+    cells = run_paper_table(summary).astype(str).values.ravel().tolist()
+    assert cells and not any(c in ("None", "nan", "NaN") for c in cells)
+    trials = load_trials(REFERENCE_DIR)
+    fig = rp.score_delta_figure(trial_table_flags(trials), summarise(trials))
+    one = next(t for t in fig.data if t.name == "Δ score · meta_prompt")
+    assert one.type == "scatter" and list(one.x) == pytest.approx([3.6])
+    assert tuple(fig.layout.xaxis.range) == (-105, 105)

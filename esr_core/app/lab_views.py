@@ -15,6 +15,7 @@ from esr_core.errors import EsrError
 from esr_core.judge.scoring import judge_response
 from esr_core.latents.groups import LatentGroup
 from esr_core.resistance.live import LiveResistance, judged_overlay
+from esr_core.viz import palette
 from esr_core.viz.timeline import Series, summarise
 
 CIRCUIT_NAME, BACKTRACK_NAME = "resistance circuit", "backtracking"
@@ -52,11 +53,17 @@ def timeline_series(rec: RunRecord) -> list[Series]:
     in_groups = {m for g in groups for m in g.members}
     lines = [i for i in rec.spec.watch if i not in in_groups][:MAX_LINES]
     circuit = circuit_of(groups)
+    steered = {iv.latent for iv in rec.spec.interventions if iv.mode == "add"}
+    # the steered latent is the distractor colour; the others never borrow a role colour
+    colour = {i: palette.DISTRACTOR if i in steered else palette.latent_colour(k)
+              for k, i in enumerate([j for j in lines if j not in steered])}
+    colour.update({i: palette.DISTRACTOR for i in lines if i in steered})
     series = []
     for run, res in rec.results.items():
         for i in lines:
             p, v, _, _ = token_values(res, latent=i)
-            series.append(Series(name=f"#{i}", values=v, run=run, tokens=p))
+            name = f"#{i} steered latent" if i in steered else f"#{i}"
+            series.append(Series(name=name, values=v, run=run, tokens=p, colour=colour[i]))
         for g in groups:
             p, v, _, _ = token_values(res, group=g)
             thr = circuit.threshold_value() if g is circuit else None

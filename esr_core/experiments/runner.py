@@ -399,7 +399,7 @@ def start_run_job(spec: ExperimentSpec, run_dir: str | Path, resume: bool = Fals
 
     return BackgroundJob(f"experiment-{run_dir.name}", lambda progress, cancel: run_experiment(
         spec, run_dir, resume=resume, engine=engine, progress=progress, cancel=cancel), on_cancel=on_cancel,
-        run_dir=run_dir).start()
+        run_dir=run_dir, title=spec.name).start()
 
 
 GEN_FIELDS = ("key", "condition", "latent", "prompt_id", "seed", "boost", "level", "rep", "ablation_seed",

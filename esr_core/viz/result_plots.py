@@ -28,6 +28,7 @@ RATE_COLOURS = {"multi_attempt": "#0072B2", "esr": "#D55E00", "improvement": "#0
 RATE_LABELS = {"multi_attempt": "Multi-attempt rate", "esr": "ESR rate",
                "improvement": "Improvement rate", "degraded": "Degraded-output rate"}
 NEUTRAL = "#555555"
+FEW_TRIALS = 5  # fewer multi-attempt trials than this: markers, not a histogram
 
 
 def condition_colours(conditions: Sequence[str]) -> dict[str, str]:
@@ -102,6 +103,14 @@ def score_delta_figure(flagged: pd.DataFrame, summary: pd.DataFrame, condition_c
         "Δ score, multi-attempt trials", "Rates, Wilson 95 %"))
     multi = flagged[flagged["valid"] & flagged["multi_attempt"]]
     for cond, group in multi.groupby("_cond", sort=True):
+        if len(group) < FEW_TRIALS:  # a bar for one trial hides its value: one marker per trial instead
+            d = group["delta"].astype(float).tolist()
+            fig.add_trace(go.Scatter(
+                x=d, y=[sum(1 for v in d[: k + 1] if v == x) for k, x in enumerate(d)], mode="markers",
+                name=f"Δ score · {cond}", legendgroup=f"delta-{cond}", marker={"size": 11, "symbol": "diamond",
+                                                                             "color": colours.get(cond, OKABE_ITO[0])},
+                hovertemplate=f"{cond}<br>Δ score %{{x:.3g}} (one trial)<extra></extra>"), row=1, col=1)
+            continue
         fig.add_trace(go.Histogram(
             x=group["delta"], name=f"Δ score · {cond}", legendgroup=f"delta-{cond}",
             marker_color=colours.get(cond, OKABE_ITO[0]), opacity=0.75,
@@ -117,8 +126,8 @@ def score_delta_figure(flagged: pd.DataFrame, summary: pd.DataFrame, condition_c
     fig.add_vline(x=0, line_dash="dot", line_color=NEUTRAL, row=1, col=1)
     fig.update_layout(title=title, barmode="group", template="plotly_white",
                       legend_title_text="Series")
-    fig.update_xaxes(title_text="last − first score (0–100 scale)", row=1, col=1)
-    fig.update_yaxes(title_text="trials", row=1, col=1)
+    fig.update_xaxes(title_text="last − first score (0–100 scale)", range=[-105, 105], row=1, col=1)
+    fig.update_yaxes(title_text="trials", rangemode="tozero", row=1, col=1)
     fig.update_xaxes(title_text="condition", row=1, col=2)
     fig.update_yaxes(title_text="share of valid trials", tickformat=".0%", rangemode="tozero",
                      row=1, col=2)

@@ -14,14 +14,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]  # Okabe-Ito
+from esr_core.viz.palette import LATENTS
+
+PALETTE = LATENTS  # lines without a colour of their own never borrow a role colour (circuit, backtracking)
+LABEL_ROW = 0.075  # paper-height of one row of labels above the plot
 
 
 @dataclass
 class Series:
     name: str
     values: Sequence[float]
-    run: str = "steered"  # "steered" (solid) | "default" (dashed)
+    run: str = "steered"  # "steered" (solid) | "default" (dashed) | any other word, e.g. "unsteered" (solid)
     colour: str | None = None
     lane: str = "latents"
     x0: int = 0  # token position of values[0]
@@ -74,29 +77,59 @@ def timeline_figure(series: Sequence[Series], *, regions: Sequence[Any] = (), ma
         toks = (toks + [""] * len(y))[: len(y)]
         row = lanes.index(s.lane) + 1
         fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=f"{s.name} ({s.run})",
-            legendgroup=s.name, line=dict(color=col, dash="solid" if s.run == "steered" else "dash", width=2),
+            x=x, y=y, mode="lines+markers", name=f"{s.name} ({s.run})" if s.run else s.name,
+            legendgroup=s.name, line=dict(color=col, dash="dash" if s.run == "default" else "solid", width=2),
             marker=dict(size=4), customdata=[[s.run, int(xi), t] for xi, t in zip(x, toks)],
             hovertemplate="%{customdata[0]} token %{x} %{customdata[2]}<br>" + s.name.replace("%", "%%")
                           + " = %{y:.3g}<extra></extra>",
         ), row=row, col=1)
         if s.threshold is not None and math.isfinite(s.threshold):
             fig.add_hline(y=s.threshold, line=dict(color=col, dash="dot", width=1), row=row, col=1)
+    labels: list[tuple[float, str, str]] = []
     for r in regions:
         r = r if isinstance(r, Region) else Region(*r)
-        fig.add_vrect(x0=r.start - 0.5, x1=r.end - 0.5, fillcolor=r.colour, line_width=0, layer="below",
-                      annotation_text=r.label, annotation_position="top left")
+        fig.add_vrect(x0=r.start - 0.5, x1=r.end - 0.5, fillcolor=r.colour, line_width=0, layer="below")
+        labels.append((r.start - 0.5, r.label, "#444"))
     for m in markers:
         m = m if isinstance(m, Marker) else Marker(*m)
-        fig.add_vline(x=m.index, line=dict(color=m.colour, dash="dot", width=1),
-                      annotation_text=m.label, annotation_position="top right")
+        fig.add_vline(x=m.index, line=dict(color=m.colour, dash="dot", width=1))
+        labels.append((float(m.index), m.label, m.colour))
+    n_x = max([len(s.values) + int(s.x0) for s in series] + [1])
+    levels = label_levels([x for x, _, _ in labels], min_gap=max(4.0, 0.14 * n_x))
+    for (x, text, colour), level in zip(labels, levels):
+        if level < 0:
+            continue
+        fig.add_annotation(x=x, y=1.0 + LABEL_ROW * (level + 0.9), xref="x", yref="paper", text=text,
+                           showarrow=False, xanchor="left", yanchor="bottom", font=dict(size=10, color=colour),
+                           bgcolor="rgba(255,255,255,0.8)")
     if selected is not None:
         fig.add_vline(x=selected, line=dict(color="black", width=2))
-    fig.update_layout(height=max(260, height_per_lane * len(lanes)), margin=dict(l=40, r=10, t=40, b=30),
+    n_rows = max(levels, default=-1) + 2 if labels else 0
+    fig.update_layout(height=max(260, height_per_lane * len(lanes)) + 22 * n_rows,
+                      margin=dict(l=40, r=10, t=40 + 22 * n_rows, b=30),
                       title=title, hovermode="closest", legend=dict(orientation="h", y=-0.15),
                       clickmode="event+select")
     fig.update_xaxes(title_text="token position", row=len(lanes), col=1)
     return fig
+
+
+def label_levels(xs: Sequence[float], min_gap: float, max_rows: int = 4) -> list[int]:
+    """A row for each label so that labels in one row start at least ``min_gap`` apart
+    (left to right, lowest free row first): labels never print over each other. A label that
+    fits in none of ``max_rows`` rows gets -1 (its line is drawn, its text left out)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    last: list[float] = []  # per row, where its last label starts
+    out = [-1] * len(xs)
+    for i in order:
+        row = next((k for k, x in enumerate(last) if xs[i] - x >= min_gap), len(last))
+        if row >= max_rows:
+            continue
+        if row == len(last):
+            last.append(xs[i])
+        else:
+            last[row] = xs[i]
+        out[i] = row
+    return out
 
 
 def selected_point(event: Any) -> tuple[str, int] | None:
