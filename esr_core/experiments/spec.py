@@ -32,6 +32,7 @@ from esr_core.experiments.conditions import (
 )
 from esr_core.io import read_json
 from esr_core.judge.prompts import load_prompts
+from esr_core.latents.groups import check_group_ref
 from esr_core.steering.interventions import Intervention
 
 DEFAULT_CONDITIONS = BASE_CONDITIONS
@@ -159,6 +160,9 @@ class ExperimentSpec:
             raise BadInput("An experiment needs at least one condition")
         for c in self.conditions:
             check_condition_name(c)
+            if c.startswith(GROUP_PREFIX):
+                check_group_ref(c[len(GROUP_PREFIX):])
+        check_group_ref(self.detector_group)
         if len(set(self.conditions)) != len(self.conditions):
             raise BadInput("Conditions are listed twice")
         for v in self.meta_variants:

@@ -293,19 +293,30 @@ def allowed_group_file(path: str | Path) -> Path | None:
     return None
 
 
-def find_group(name: str) -> LatentGroup | None:
-    """A latent group by name: built-in (name or file stem, spaces and underscores alike), saved
-    in the user cache (``groups/<name>.json``), or a group file inside assets/ or the user cache.
-    Anything else (other paths, ``..``) is refused with one clear line; None when not found."""
+def check_group_ref(name: str) -> Path | None:
+    """Refuse a group reference that is neither a plain name nor a .json file inside the shipped
+    assets or the user cache (one clear line); the file's path for an allowed .json, else None.
+    Reads nothing, so configs are checked before any model loads."""
     name = str(name or "").strip()
     if name.endswith(".json"):
         p = allowed_group_file(name)
         if p is None:
             raise BadInput(f"Group file '{name}' is outside the shipped assets and the user cache; "
                            "copy it into the cache's groups folder and use its name")
-        return load_group(p) if p.exists() else None
+        return p
     if not _GROUP_NAME.match(name) or ".." in name:
         raise BadInput(f"'{name}' is not a group name (letters, digits, spaces, - _ . :)")
+    return None
+
+
+def find_group(name: str) -> LatentGroup | None:
+    """A latent group by name: built-in (name or file stem, spaces and underscores alike), saved
+    in the user cache (``groups/<name>.json``), or a group file inside assets/ or the user cache.
+    Anything else (other paths, ``..``) is refused with one clear line; None when not found."""
+    name = str(name or "").strip()
+    p = check_group_ref(name)
+    if p is not None:
+        return load_group(p) if p.exists() else None
     user = cache_subdir("groups") / f"{safe_name(name)}.json"
     if user.exists():
         gs = groups_from_json(user.read_bytes())

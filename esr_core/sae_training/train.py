@@ -171,6 +171,18 @@ def _save_checkpoint(path: Path, params, opt, step, tokens, since_fired, cfg, sc
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A training checkpoint: tensors and plain values only (``weights_only``), so loading a
+    file never runs code from it; a torn or foreign file gives one clear line."""
+    import torch  # heavy: torch, only when training
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn or foreign file
+        raise BadInput(f"The checkpoint {path} cannot be read ({type(exc).__name__}); "
+                       "delete it or train without --resume") from None
+
+
 def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                    progress: Progress | None = None, cancel=None,
                    max_steps: int | None = None, input_divisor: float = 1.0) -> TrainResult:
@@ -200,11 +212,7 @@ def train_topk_sae(acts: np.ndarray, cfg: TrainConfig, out_dir: str | Path, resu
     dev = cfg.device
     history: list = []
     if resume and ck_path.exists():
-        try:  # tensors and plain values only: a checkpoint never runs code when loaded
-            ck = torch.load(ck_path, map_location=dev, weights_only=True)
-        except Exception as exc:  # torch raises many types for a torn or foreign file
-            raise BadInput(f"The checkpoint {ck_path} cannot be read ({type(exc).__name__}); "
-                           "delete it or train without --resume") from None
+        ck = load_checkpoint(ck_path, dev)
         saved = {k: v for k, v in ck["config"].items() if k not in ("device", "checkpoint_every")}
         now = {k: v for k, v in asdict(cfg).items() if k not in ("device", "checkpoint_every")}
         if saved != now:
