@@ -90,9 +90,8 @@ def watch_and_groups(d_sae: int) -> None:
             _ui.set_persisted("sel_groups", list(ss.sel_groups) + extra)
     ss.sel_groups = [n for n in ss.sel_groups if n in names]
     ss.abl_groups = [n for n in ss.abl_groups if n in names]
-    g1, g2 = st.columns(2)
-    _ui.persist("sel_groups", g1.multiselect, "Watch groups (lanes)", names)
-    _ui.persist("abl_groups", g2.multiselect, "Ablate groups (steered run)", names)
+    _ui.persist("sel_groups", st.multiselect, "Watch groups (lanes)", names)  # full width: names stay readable
+    _ui.persist("abl_groups", st.multiselect, "Ablate groups (steered run)", names)
     with st.expander("Latent groups: create, import, export"):
         group_editor(d_sae)
 
