@@ -151,8 +151,7 @@ def sampling() -> tuple[int, float, int, float, bool]:
     s3, s4 = st.columns(2)
     seed = _ui.persist("seed", s1.number_input, "Seed", min_value=0, max_value=2**31 - 1, step=1)
     temperature = _ui.persist("temperature", s2.number_input, "Temperature", min_value=0.0, max_value=2.0, step=0.1)
-    max_new = _ui.persist("max_new_tokens", s3.number_input, "New tokens", min_value=1, max_value=512, step=8,
-                          help="The most tokens each answer may have")
+    max_new = _ui.persist("max_new_tokens", s3.number_input, "Max new tokens", min_value=1, max_value=512, step=8)
     rep = _ui.persist("repetition_penalty", s4.number_input, "Rep. penalty", min_value=1.0, max_value=2.0, step=0.05,
                       help="Repetition penalty (1 = none; the experiments use 1.1)")
     keep_end = _ui.persist("truncate", st.checkbox, "Keep the end of a prompt that is too long",

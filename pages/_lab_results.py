@@ -38,11 +38,11 @@ def heatmaps(rec, eng, sel) -> None:
         return f"#{v} · {_ui.describe(int(v))[:50]}" if kind == "latent" else f"group {v}"
 
     labels = {o: fmt(o) for o in opts}  # format_func must not read session state (AppTest calls it outside a run)
-    h1, h2, h3 = st.columns([2, 1, 1])
-    colour_by = h1.selectbox("Colour tokens by", opts, format_func=lambda o: labels.get(o, o),
+    colour_by = st.selectbox("Colour tokens by", opts, format_func=lambda o: labels.get(o, o),
                              key="colour_by") if opts else None
+    h2, h3 = st.columns(2)
     scale = h2.radio("Scale", ["sqrt", "log"], horizontal=True, key="hm_scale")
-    with_prompt = h3.checkbox("Prompt", key="hm_prompt", help="Show the prompt's tokens before the answer")
+    with_prompt = h3.checkbox("Show the prompt's tokens", key="hm_prompt")
     latent = group = None
     colour = palette.CIRCUIT
     if colour_by and colour_by.startswith("latent:"):

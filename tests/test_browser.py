@@ -104,9 +104,20 @@ def svg_texts(page, selector: str) -> list[str]:
 
 
 def choose(page, label: str, option: str) -> None:
-    """Pick ``option`` in the Streamlit selectbox labelled ``label``."""
-    page.get_by_label(label, exact=True).click()
-    page.get_by_role("option", name=option, exact=True).click()
+    """Pick ``option`` in the Streamlit selectbox labelled ``label`` (opened again if a rerun
+    that was still settling closed the list)."""
+    for attempt in range(3):
+        page.get_by_label(label, exact=True).click()
+        opt = page.get_by_role("option", name=option, exact=True)
+        try:
+            opt.wait_for(timeout=15_000)
+        except Exception:  # noqa: BLE001 - closed by a rerun: open it again
+            if attempt == 2:
+                raise
+            wait_app_idle(page, LONG)
+            continue
+        opt.click()
+        return
 
 
 def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
@@ -172,6 +183,7 @@ def test_search_steer_stream_heatmap_timeline_and_shared_url(server, browser):
     expect(panel).to_have_attribute("data-run", run2, timeout=LONG)
 
     # colouring by a group of several latents: each latent on its own scale, and the legend says so
+    wait_app_idle(page, LONG)
     choose(page, "Colour tokens by", "group backtracking")
     legend = page.locator(".esr-legend").first
     expect(legend).to_contain_text("group backtracking · each latent ÷", timeout=LONG)

@@ -118,9 +118,9 @@ def test_typed_latent_is_added_on_generate_and_clamp_is_in_raw_units(server, bro
     assert page.locator(".esr-run-view").get_attribute("data-steered") == "true", run
     # clamp: the units follow the mode (raw activations) and every chip says its unit
     choose(page, "Mode", "clamp")
-    units = page.get_by_label("Units", exact=True)
-    expect(units).to_have_count(1, timeout=LONG)  # the add form's units went with the mode
-    expect(units).to_have_value("raw", timeout=LONG)
+    # the add form's units went with the mode: one Units box, raw (polled: a rerun may briefly show both)
+    page.wait_for_function("() => { const u = [...document.querySelectorAll('input[aria-label=\"Units\"]')];"
+                           " return u.length === 1 && u[0].value === 'raw'; }", timeout=LONG)
     set_text(page, "Latent id", "811")
     set_text(page, "Strength", "20")
     page.get_by_role("button", name="Add intervention").click()
@@ -212,8 +212,12 @@ def test_switching_the_model_keeps_each_models_runs_and_steering(server, browser
     sidebar.locator(".esr-loading").wait_for(timeout=LONG)  # loads in the background, with progress
     shot(page, "first-use-gemma-loading")
     sidebar.get_by_text("4,096").first.wait_for(timeout=LONG)  # Gemma's SAE width: loaded
+    # the page redraws for Gemma once its engine is ready (the sidebar's loader reruns the app)
+    expect(page.locator(".esr-iv-chip")).to_have_count(0, timeout=LONG)
+    expect(page.locator(".esr-run-view")).to_have_count(0, timeout=LONG)
     wait_app_idle(page, LONG)
-    body = page.inner_text("body")
+    page.get_by_text(re.compile(r"1 run made with another model")).wait_for(timeout=LONG)
+    body = page.locator('[data-testid="stMain"]').inner_text()
     assert f"#{EXAMPLE['latent']}" not in body  # SmolLM2's steering stays with SmolLM2
     assert page.locator(".esr-run-view").count() == 0
     assert "out of range" not in body
@@ -238,7 +242,7 @@ def test_switching_the_model_keeps_each_models_runs_and_steering(server, browser
     # back to SmolLM2: its steering and its run come back, described by its own catalog
     sidebar.get_by_role("link", name="Steering lab").click()
     sidebar.get_by_label("Model", exact=True).click()
-    page.get_by_role("option", name=re.compile("SmolLM2-135M")).click()
+    page.get_by_role("option", name=re.compile("SmolLM2-135M-Instruct")).click()
     page.locator(".esr-iv-chip").first.wait_for(timeout=LONG)
     expect(page.locator(".esr-iv-chip").first).to_contain_text(f"add #{EXAMPLE['latent']}", timeout=LONG)
     assert shown_run(page)["id"] == smol["id"]

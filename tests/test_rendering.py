@@ -354,9 +354,10 @@ def test_timeline_labels_never_overlap_and_latents_avoid_role_colours():
                           markers=[Marker(11, "circuit crossing"), Marker(12, "restart")])
     notes = [a for a in fig.layout.annotations if a.text in ("attempt 1", "attempt 2", "circuit crossing", "restart")]
     assert len(notes) == 4
-    spots = {(round(a.y, 3), a.x) for a in notes}
+    spots = {(a.yshift, a.x) for a in notes}
     close = [a for a in notes if a.text in ("attempt 2", "circuit crossing", "restart")]
-    assert len({round(a.y, 3) for a in close}) == 3 and len(spots) == 4  # three labels within 2 tokens: 3 rows
+    assert len({a.yshift for a in close}) == 3 and len(spots) == 4  # three labels within 2 tokens: 3 rows
+    assert fig.layout.margin.t >= 44 + 17 * 3  # room above the plot for the three rows, under the title
     lines = [t.line.color for t in fig.data]
     assert not {palette.CIRCUIT, palette.BACKTRACKING} & set(lines)
     legend = timeline_figure([Series("circuit", [1.0, 2.0], run="unsteered")]).data[0].name

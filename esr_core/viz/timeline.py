@@ -17,7 +17,7 @@ import numpy as np
 from esr_core.viz.palette import LATENTS
 
 PALETTE = LATENTS  # lines without a colour of their own never borrow a role colour (circuit, backtracking)
-LABEL_ROW = 0.075  # paper-height of one row of labels above the plot
+LABEL_ROW_PX = 17  # pixels per row of event labels above the plot
 
 
 @dataclass
@@ -99,16 +99,19 @@ def timeline_figure(series: Sequence[Series], *, regions: Sequence[Any] = (), ma
     for (x, text, colour), level in zip(labels, levels):
         if level < 0:
             continue
-        fig.add_annotation(x=x, y=1.0 + LABEL_ROW * (level + 0.9), xref="x", yref="paper", text=text,
+        fig.add_annotation(x=x, y=1.0, yshift=LABEL_ROW_PX * level + 20, xref="x", yref="paper", text=text,
                            showarrow=False, xanchor="left", yanchor="bottom", font=dict(size=10, color=colour),
                            bgcolor="rgba(255,255,255,0.8)")
     if selected is not None:
         fig.add_vline(x=selected, line=dict(color="black", width=2))
-    n_rows = max(levels, default=-1) + 2 if labels else 0
-    fig.update_layout(height=max(260, height_per_lane * len(lanes)) + 22 * n_rows,
-                      margin=dict(l=40, r=10, t=40 + 22 * n_rows, b=30),
-                      title=title, hovermode="closest", legend=dict(orientation="h", y=-0.15),
-                      clickmode="event+select")
+    n_rows = max(levels, default=-1) + 1 if labels else 0
+    top = 44 + LABEL_ROW_PX * n_rows + (8 if n_rows else 0)
+    fig.update_layout(height=max(260, height_per_lane * len(lanes)) + LABEL_ROW_PX * n_rows,
+                      margin=dict(l=40, r=10, t=top, b=30), hovermode="closest",
+                      # the title at the very top; the event labels in rows between it and the plot
+                      title=dict(text=title, x=0.01, xanchor="left", y=1.0, yref="container", yanchor="top",
+                                 pad=dict(t=8)) if title else None,
+                      legend=dict(orientation="h", y=-0.15), clickmode="event+select")
     fig.update_xaxes(title_text="token position", row=len(lanes), col=1)
     return fig
 
