@@ -5,5 +5,5 @@
 - ``live_run``: a streaming run and its per-token values; ``run_record``: a run as JSON;
 - ``url_state``: shareable state in the URL.
 
-May import: everything below it (core files through experiments); never cli.
+May import: everything below it (core files through finetune); never cli.
 """

@@ -20,6 +20,7 @@ from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names
 from esr_core.latents.groups import LatentGroup, load_builtin_groups
 from esr_core.latents.search import embed_query, warm_search
+from esr_core.models.adapters import check_adapter
 from esr_core.models.embeddings import embedding_model
 from esr_core.models.registry import DEFAULT_MODEL, get_entry, list_models
 from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_dir
@@ -31,8 +32,17 @@ ENV_DEFAULT_SAE = "ESR_LAB_DEFAULT_SAE"
 
 
 def model_options() -> list[tuple[str, str]]:
-    """(name, label) of the registry's models, the embedded default first."""
-    return [(e.name, e.label) for e in list_models()]
+    """(name, label) of the registry's models, the embedded default first; an adapter model
+    only once its adapter is in the checkout (it cannot be fetched)."""
+    return [(e.name, e.label) for e in list_models() if e.source != "adapter" or adapter_present(e)]
+
+
+def adapter_present(entry) -> bool:
+    try:
+        check_adapter(entry.adapter, entry.base)
+    except EsrError:
+        return False
+    return True
 
 
 def default_sae_for(model: str) -> str | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from esr_core.errors import ModelUnavailable
+from esr_core.models.adapters import check_adapter, merged_dir
 from esr_core.models.registry import DEFAULT_MODEL, ModelEntry, get_entry
 from esr_core.paths import cache_subdir, offline_env
 
@@ -142,7 +143,10 @@ def check_model(name_or_path: str) -> None:
         raise ModelUnavailable("No model given")
     entry = get_entry(name)
     if entry is not None:
-        if entry.source == "gguf-package":
+        if entry.source == "adapter":
+            check_model(entry.base)
+            check_adapter(entry.adapter, entry.base)
+        elif entry.source == "gguf-package":
             _package_dir(entry.package)
         return
     p = Path(name).expanduser()
@@ -172,6 +176,9 @@ def resolve_model_path(name_or_path: str) -> tuple[str, ModelEntry | None]:
     """Map a registry name, local directory or HF id to something ``from_pretrained`` accepts."""
     entry = get_entry(name_or_path)
     if entry is not None:
+        if entry.source == "adapter":
+            base_path, _ = resolve_model_path(entry.base)
+            return str(merged_dir(entry.name, base_path, entry.adapter, entry.base)), entry
         if entry.source == "gguf-package":
             return str(_dequantised_dir(entry)), entry
         return entry.hf_id, entry

@@ -12,7 +12,7 @@ from esr_core.paths import ASSETS_DIR
 class ModelEntry:
     name: str
     label: str
-    source: str  # "gguf-package" | "hf"
+    source: str  # "gguf-package" | "hf" | "adapter" (a registry base model plus a LoRA adapter in assets/)
     # gguf-package: python module that ships the file, and the file name (or "assemble" for chunked)
     package: str | None = None
     gguf_file: str | None = None
@@ -23,6 +23,8 @@ class ModelEntry:
     notes: str = ""
     n_params: float | None = None  # parameter count (context for the paper's scale-dependent rates)
     extra: dict = field(default_factory=dict)
+    base: str | None = None  # source "adapter": the registry model the adapter was trained on
+    adapter: str | None = None  # source "adapter": its folder, relative to assets/
 
     @property
     def default_sae_path(self):
@@ -57,6 +59,19 @@ REGISTRY: dict[str, ModelEntry] = {
         default_sae="sae/gemma3-270m",
         default_layer=8,
         notes="Base model (not instruction-tuned): prompts run as raw completions. Gemma terms apply.",
+    ),
+    "smollm2-135m-esr": ModelEntry(
+        name="smollm2-135m-esr",
+        n_params=135e6,
+        label="SmolLM2-135M-ESR (resistance-tuned, offline)",
+        source="adapter",
+        base="smollm2-135m-instruct",
+        adapter="finetune/smollm2-135m-esr",
+        instruct=True,
+        default_sae="sae/smollm2-135m-instruct",
+        default_layer=15,
+        notes="SmolLM2-135M-Instruct with a LoRA adapter trained on synthetic self-corrections (esr-lab finetune); "
+              "uses the base model's SAE and catalog.",
     ),
     "llama-3.1-8b-instruct": ModelEntry(
         name="llama-3.1-8b-instruct",
