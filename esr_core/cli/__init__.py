@@ -2,9 +2,10 @@
 
 ``generate`` (generate), ``sae`` (corpus, train-sae, sae-metrics), ``latents`` (search, latent,
 fires, catalog), ``judge`` (judge, prompts), ``resistance`` (detectors), ``experiment``
-(experiment), ``bench`` (bench), ``serve`` (serve: the app); ``common`` holds what they share. A missing group fails loudly.
+(experiment), ``finetune`` (finetune), ``bench`` (bench), ``serve`` (serve: the app); ``common``
+holds what they share. A missing group fails loudly.
 
-May import: everything below it (core files through experiments); never app.
+May import: everything below it (core files through finetune); never app.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from esr_core.errors import EsrError
 from esr_core.paths import offline_env
 
 # the command groups, in help order: each module has register(subparsers); a missing one fails loudly
-COMMAND_GROUPS = ("generate", "sae", "latents", "judge", "resistance", "experiment", "bench", "serve")
+COMMAND_GROUPS = ("generate", "sae", "latents", "judge", "resistance", "experiment", "finetune", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
