@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     r.add_argument("--limit", type=int, help="stop after about this many new trials (whole batches)")
     r.add_argument("--calibration-from", metavar="RUN_DIR",
                    help="reuse the boost calibrations stored in an earlier run (same model, SAE, target, judge)")
+    r.add_argument("--like", metavar="RUN_DIR", help="the same trials as RUN_DIR (latents, prompts, boosts, seeds) "
+                                                      "on --model: compare models on one plan")
     r.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy machine)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
     r.set_defaults(func=cmd_run)
@@ -128,6 +130,19 @@ def _spec_from_args(args):
     return ExperimentSpec.from_dict(d)
 
 
+def like_run(run_dir: str | Path, model: str | None, name: str) -> ExperimentSpec:
+    """Another run's resolved plan (latents, prompts, boosts, seeds, ablation sets, conditions) for
+    ``model``: two models compared on exactly the same trials, boosts calibrated once."""
+    src = Path(run_dir) / SPEC_FILE
+    d = read_json(src, f"The run spec {src}")
+    if not isinstance(d, dict) or not d.get("resolved"):
+        raise BadInput(f"{src} is not a resolved run (run it first, or use --calibration-from)")
+    if not model:
+        raise BadInput("--like needs --model: the model to run the same trials on")
+    d.update(name=name, model=model, environment={})
+    return ExperimentSpec.from_dict(d)
+
+
 def cmd_run(args) -> int:
     if args.threads:
         import torch  # heavy: torch, only to set its thread count
@@ -140,6 +155,9 @@ def cmd_run(args) -> int:
         spec = ExperimentSpec.load(run_dir / SPEC_FILE)
     elif args.resume:
         raise BadInput("--resume needs --out DIR or --name NAME of the run to continue")
+    elif args.like:
+        spec = like_run(args.like, model=args.model, name=args.name or f"{Path(args.like).name}-{args.model}")
+        run_dir = Path(args.out) if args.out else default_run_dir(spec.name)
     else:
         spec = _spec_from_args(args)
         run_dir = Path(args.out) if args.out else default_run_dir(spec.name)

@@ -1,0 +1,60 @@
+"""Does the circuit notice before the model says so? Lead times over a run's recoveries.
+
+For every recovery (an ESR trial of a steered condition) the answer is replayed through the
+model with the trial's own interventions, the circuit's activity is read per token, and its
+first threshold crossing after the prompt is compared with the first restart phrase: the share
+of recoveries where the crossing comes first and the median lead in tokens (positive: the
+circuit crossed before the restart). The paper reports this per-token view for one example;
+here it is measured over all recoveries, whatever it shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from esr_core.experiments.cases import esr_cases, trial_of
+from esr_core.experiments.metrics import trial_table_flags
+from esr_core.experiments.spec import trial_interventions
+from esr_core.experiments.store import load_spec, load_trials
+from esr_core.jobs import Progress, check_cancel, report_fraction
+from esr_core.latents.groups import LatentGroup
+from esr_core.resistance.view import replay_episode
+
+STEERED_CONDITIONS = ("steering",)
+
+
+def recovery_leads(run_dir: str | Path, engine, circuit: LatentGroup, conditions=STEERED_CONDITIONS,
+                   limit: int | None = None, progress: Progress | None = None, cancel=None) -> dict:
+    """Per recovery: first crossing, first restart token and the lead; and their summary."""
+    spec = load_spec(run_dir)
+    cases = esr_cases(trial_table_flags(load_trials(run_dir)))
+    cases = cases[cases["condition"].isin(list(conditions))]
+    if limit is not None:
+        cases = cases.head(limit)
+    rows = []
+    for k, (_, r) in enumerate(cases.iterrows()):
+        check_cancel(cancel, "Lead times")
+        ivs = trial_interventions(spec, trial_of(r.to_dict()))
+        rep = replay_episode(engine, str(r["prompt"]), str(r["response"]), circuit, steering=ivs)
+        first = int(rep["prompt_len"])
+        crossings = [c for c in rep.get("crossings", []) if c >= first]
+        restarts = [m["token"] for m in rep["markers"] if m["token"] >= first]
+        cross = crossings[0] if crossings else None
+        restart = restarts[0] if restarts else None
+        rows.append({"key": r.get("key"), "latent": int(r["latent"]), "prompt_id": r.get("prompt_id"),
+                     "first_crossing": None if cross is None else cross - first,
+                     "first_restart": None if restart is None else restart - first,
+                     "lead_tokens": None if cross is None or restart is None else restart - cross})
+        report_fraction(progress, "lead times", (k + 1) / max(1, len(cases)), f"{k + 1}/{len(cases)} recoveries")
+    return {"n_recoveries": len(rows), "rows": rows, **lead_summary(rows)}
+
+
+def lead_summary(rows: list[dict]) -> dict:
+    """Share of recoveries whose crossing precedes the restart, and the median lead."""
+    both = [r["lead_tokens"] for r in rows if r["lead_tokens"] is not None]
+    return {"n_with_crossing_and_restart": len(both),
+            "n_without_crossing": sum(1 for r in rows if r["first_crossing"] is None),
+            "crossing_first_share": (sum(1 for x in both if x > 0) / len(both)) if both else None,
+            "median_lead_tokens": float(np.median(both)) if both else None}
