@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from esr_core.app import engine_loader
 from esr_core.app.forms import make_intervention, parse_watch
 from esr_core.app.lab_views import BACKTRACK_NAME, CIRCUIT_NAME
-from esr_core.errors import BadInput
+from esr_core.app.session import compare_options
+from esr_core.errors import BadInput, EsrError
 from esr_core.experiments.conditions import META_PROMPTS, meta_text
 from esr_core.latents.groups import LatentGroup, groups_from_json, groups_to_json, parse_members
 from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
@@ -157,3 +159,30 @@ def sampling() -> tuple[int, float, int, float, bool]:
     keep_end = _ui.persist("truncate", st.checkbox, "Keep the end of a prompt that is too long",
                            help="A prompt over the model's limit loses its beginning instead of failing.")
     return int(seed), float(temperature), int(max_new), float(rep), bool(keep_end)
+
+
+def compare_model(eng):
+    """'Compare with model': a second model that reads the same SAE runs the same steering as a
+    third column. Returns its engine once loaded (the load starts when it is chosen), else None."""
+    ss = st.session_state
+    opts = dict(compare_options(eng.model.name, eng.sae.source))
+    if not opts:
+        return None
+    ss.setdefault("compare_with", "")
+    if ss.compare_with not in opts:
+        ss.compare_with = ""
+        ss.pop("w_compare_with", None)
+    name = _ui.persist("compare_with", st.selectbox, "Compare with model (same SAE, same steering)",
+                       [""] + list(opts), format_func=lambda n: opts.get(n, "none: steered | default"),
+                       help="Runs the same interventions on a second model as a third column: "
+                            "steered | second model steered | default.")
+    if not name:
+        return None
+    try:
+        other = engine_loader.ready_engine(name, eng.sae.source)
+    except EsrError as exc:
+        st.error(f"Cannot load {name} for the comparison: {exc}")
+        return None
+    if other is None:
+        st.caption(f"Loading {name} for the comparison… (the third column appears once it is ready)")
+    return other

@@ -67,7 +67,7 @@ def heatmaps(rec, eng, sel) -> None:
     st.html(legend_html(label or "activation", colour, vmax, scale))
     for col, (run, (pieces, vals, special, tops)) in zip(st.columns(len(views)), views.items()):
         res = rec.results[run]
-        col.markdown(f"**{run}** · {len(res.token_ids)} tokens · {res.stop_reason or '—'}")
+        col.markdown(f"**{rec.run_title(run)}** · {len(res.token_ids)} tokens · {res.stop_reason or '—'}")
         col.html(render_heatmap(pieces, vals, special=special, tops=tops, label=label, colour=colour,
                                 scale=scale, vmax=vmax or None, describe=_ui.describe, legend=False,
                                 selected=sel[1] if sel and sel[0] == run and not with_prompt else None,
@@ -79,8 +79,11 @@ def timeline(rec, sel, trackers) -> None:
     series = lab_views.timeline_series(rec)
     overlay = judged(rec)
     if overlay:
-        ov = overlay["steered"] if "steered" in overlay else next(iter(overlay.values()))
-        st.markdown(verdict_line(ov["verdict"], ov["label"], ov["scores"]), unsafe_allow_html=True)
+        shown = [r for r in ("steered", "compare") if r in overlay] or [next(iter(overlay))]
+        for run in shown:  # a verdict per steered column (the second model's too)
+            ov = overlay[run]
+            st.markdown(verdict_line(ov["verdict"], ov["label"], ov["scores"], run=rec.run_title(run)),
+                        unsafe_allow_html=True)
         with st.popover("What the rates mean"):
             for k, v in RATE_DEFINITIONS.items():
                 st.markdown(f"**{k}**: {v}")
@@ -91,7 +94,8 @@ def timeline(rec, sel, trackers) -> None:
     if trackers.get("steered") is not None and trackers["steered"].crossing is not None:
         markers.append((trackers["steered"].crossing, "circuit crossing", palette.CIRCUIT))
     fig = timeline_figure(series, selected=sel[1] if sel else None, regions=ov.get("regions", ()), markers=markers,
-                          title="Watched latents over generated tokens (solid = steered, dashed = default)")
+                          title="Watched latents over generated tokens (solid = steered, dashed = default"
+                                + (f", dash-dot = {rec.compare_model} steered)" if rec.compare_model else ")"))
     # Streamlit keys a chart's selection to its figure, and the figure marks the selected token:
     # a key per selection gives each selection a fresh chart, so any point reported is a new click
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"tl_{rec.id}_{sel[0]}_{sel[1]}")

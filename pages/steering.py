@@ -13,6 +13,8 @@ from esr_core.app.lab_views import circuit_of
 from esr_core.app.live_run import LiveRun
 from esr_core.errors import EsrError
 from esr_core.resistance.live import LiveResistance
+from esr_core.steering.compare import stream_two
+from esr_core.steering.spec import COMPARE_RUN, RECORD_RUNS
 from esr_core.viz.lab_html import HIDE_STREAMLIT_STOP, live_card
 from pages import _lab_form, _lab_results, _ui
 
@@ -46,6 +48,7 @@ with left:
     _lab_form.interventions_editor(d_sae)
     _lab_form.watch_and_groups(d_sae)
     seed, temperature, max_new, rep_penalty, keep_end = _lab_form.sampling()
+    other = _lab_form.compare_model(eng)
     c_gen, c_stop = st.columns(2)
     gen = c_gen.button("Generate", type="primary", key="generate", width="stretch")
     stop_slot = c_stop.empty()
@@ -62,7 +65,8 @@ def stream(spec) -> None:
     """
     groups = [g for g in map(_ui.group_by_name, ss.sel_groups) if g]
     abl = [g for g in map(_ui.group_by_name, ss.abl_groups) if g]
-    live = LiveRun(spec=spec, model=eng.model.name, sae=eng.sae.source, groups=groups + abl)
+    live = LiveRun(spec=spec, model=eng.model.name, sae=eng.sae.source, groups=groups + abl,
+                   compare_model=other.model.name if other is not None else "")
     ss.live = live
     _stream_into_cards(spec, live, groups)
 
@@ -79,23 +83,27 @@ def file_interrupted_run() -> None:
 
 def _stream_into_cards(spec, live, groups) -> None:
     stop_slot.button("Stop", key="stop", width="stretch")
+    runs = [r for r in RECORD_RUNS if r in spec.runs or (r == COMPARE_RUN and live.compare_model)]
+    titles = {r: (f"steered · {live.compare_model}" if r == COMPARE_RUN else
+                  f"{r} · {live.model}" if live.compare_model else r) for r in runs}
     with stream_area.container():
-        cols = dict(zip(spec.runs, st.columns(len(spec.runs))))
-        slots = {r: cols[r].empty() for r in spec.runs}
-        for r in spec.runs:
-            slots[r].html(live_card(r, "", 0, "waiting for the first token…"))
+        cols = dict(zip(runs, st.columns(len(runs))))
+        slots = {r: cols[r].empty() for r in runs}
+        for r in runs:
+            slots[r].html(live_card(r, "", 0, "waiting for the first token…", title=titles[r]))
     circuit = circuit_of(groups)
     trackers = {r: (LiveResistance.for_group(circuit) if circuit else
-                    LiveResistance(members=[], weights=[], threshold=float("inf"), name="")) for r in spec.runs}
+                    LiveResistance(members=[], weights=[], threshold=float("inf"), name="")) for r in runs}
+    events = stream_two(eng, other, spec) if live.compare_model else eng.stream(spec)
     try:
-        for ev in eng.stream(spec):
+        for ev in events:
             run = live.add(ev)
             if run in trackers and hasattr(ev, "token_id"):
                 trackers[run].update(ev.acts, ev.text)
             if run in slots and live.n_tokens.get(run) is not None:
                 status = f"done ({live.done[run]})" if run in live.done else "streaming…"
                 slots[run].html(live_card(run, live.texts.get(run, ""), live.n_tokens[run], status,
-                                          trackers[run].badges_html()))
+                                          trackers[run].badges_html(), title=titles[run]))
     except EsrError as exc:
         live.status = "failed"
         ss.live = None

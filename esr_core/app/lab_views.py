@@ -76,13 +76,13 @@ def summary_rows(series: list[Series], trackers: dict[str, LiveResistance]) -> l
     """Peak, first crossing, area and the difference to the default run, per steered series."""
     rows = []
     for s in series:
-        if s.run != "steered":
+        if s.run not in ("steered", "compare"):
             continue
         dflt = next((x.values for x in series if x.name == s.name and x.run == "default"), None)
         sm = summarise(s.values, dflt, threshold=s.threshold)
-        if s.name == CIRCUIT_NAME and trackers.get("steered") is not None:
-            sm["first_crossing"] = trackers["steered"].crossing  # smoothed, like the live badge
-        rows.append({"series": s.name, **sm})
+        if s.name == CIRCUIT_NAME and trackers.get(s.run) is not None:
+            sm["first_crossing"] = trackers[s.run].crossing  # smoothed, like the live badge
+        rows.append({"series": s.name if s.run == "steered" else f"{s.name} (compare)", **sm})
     return rows
 
 

@@ -22,7 +22,8 @@ from esr_core.latents.group_scales import (
     resolve_scales,
 )
 from esr_core.latents.groups import LatentGroup
-from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, RunResult, TokenEvent, collect
+from esr_core.steering.compare import collect_all
+from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, RunResult, TokenEvent
 
 
 @dataclass
@@ -38,12 +39,14 @@ class LiveRun:
     done: dict[str, str] = field(default_factory=dict)
     rendered_prompt: str = ""
     status: str = "running"
+    compare_model: str = ""  # a second model streaming the same steering as run "compare"
 
     def add(self, ev) -> str | None:
         """Record one event; returns the run it belongs to."""
         self.events.append(ev)
         if isinstance(ev, PromptReadout):
-            self.rendered_prompt = ev.rendered_prompt
+            if ev.run != "compare":
+                self.rendered_prompt = ev.rendered_prompt
             return ev.run
         if isinstance(ev, TokenEvent):
             self.texts[ev.run] = self.texts.get(ev.run, "") + (ev.text or "")
@@ -58,14 +61,15 @@ class LiveRun:
     def record(self, status: str | None = None) -> RunRecord:
         """The run so far as a RunRecord (a stopped run keeps every token it produced)."""
         st = status or self.status
-        res = collect(list(self.events), self.spec)
+        res = collect_all(list(self.events), self.spec)
         for run, r in res.items():
             if not r.text and r.pieces:
                 r.text = "".join(r.pieces)
             if not r.stop_reason:
                 r.stop_reason = "cancelled" if st == "stopped" else ""
         return RunRecord(spec=self.spec, model=self.model, sae=self.sae, results=res,
-                         rendered_prompt=self.rendered_prompt, groups=list(self.groups), status=st)
+                         rendered_prompt=self.rendered_prompt, groups=list(self.groups), status=st,
+                         compare_model=self.compare_model if "compare" in res else "")
 
 
 # ------------------------------------------------------------------ views of a finished run

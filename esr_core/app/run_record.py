@@ -16,7 +16,7 @@ from typing import Any
 
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup
-from esr_core.steering.spec import RUN_NAMES, GenerationSpec, RunResult
+from esr_core.steering.spec import COMPARE_RUN, RECORD_RUNS, GenerationSpec, RunResult
 
 FORMAT = "esr-lab.run/1"
 MAX_UPLOAD_BYTES = 50_000_000
@@ -36,6 +36,13 @@ class RunRecord:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     status: str = "done"  # "done" | "stopped" | "running"
     note: str = ""
+    compare_model: str = ""  # the second model whose steered run is results["compare"], if any
+
+    def run_title(self, run: str) -> str:
+        """How a run is named on screen: the compare run by its model."""
+        if run == COMPARE_RUN:
+            return f"steered · {self.compare_model or 'second model'}"
+        return f"{run} · {self.model}" if self.compare_model else run
 
     @property
     def label(self) -> str:
@@ -53,6 +60,7 @@ class RunRecord:
             "rendered_prompt": self.rendered_prompt, "spec": self.spec.to_dict(),
             "results": {k: v.to_dict() for k, v in self.results.items()},
             "groups": [g.to_dict() for g in self.groups],
+            **({"compare_model": self.compare_model} if self.compare_model else {}),
         }
 
     def to_json(self) -> str:
@@ -70,11 +78,15 @@ class RunRecord:
         spec = GenerationSpec.from_dict(d["spec"])
         if not isinstance(d["results"], dict):
             raise BadInput("The run record's 'results' must be an object")
-        unknown = [k for k in d["results"] if k not in RUN_NAMES]
+        unknown = [k for k in d["results"] if k not in RECORD_RUNS]
         if unknown or not d["results"]:
-            raise BadInput(f"The run record's results must be runs named {' or '.join(RUN_NAMES)}"
+            raise BadInput(f"The run record's results must be runs named {', '.join(RECORD_RUNS)}"
                            + (f" (got {len(unknown)} other name(s))" if unknown else ""))
+        compare_model = str(d.get("compare_model") or "")
+        if (COMPARE_RUN in d["results"]) != bool(compare_model):
+            raise BadInput("The run record's 'compare' run and its 'compare_model' must come together")
         results = {k: RunResult.from_dict(v) for k, v in d["results"].items()}
+        results = {k: results[k] for k in RECORD_RUNS if k in results}
         status = d.get("status", "done")
         if status not in STATUSES:
             raise BadInput(f"The run record's status must be one of {', '.join(STATUSES)}")
@@ -88,7 +100,7 @@ class RunRecord:
                    rendered_prompt=str(d.get("rendered_prompt", "")), groups=groups, created=created,
                    id=rid if _ID.fullmatch(rid) else uuid.uuid4().hex[:12],
                    status="stopped" if status == "running" else status,
-                   note=str(d.get("note", "")))
+                   note=str(d.get("note", "")), compare_model=compare_model)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "RunRecord":

@@ -20,6 +20,9 @@ from esr_core.steering.interventions import Intervention
 from esr_core.steering.interventions import validate as validate_intervention
 
 RUN_NAMES = ("steered", "default")
+# a record may also hold a second model's steered run (steering.compare), shown between the two
+COMPARE_RUN = "compare"
+RECORD_RUNS = ("steered", COMPARE_RUN, "default")
 STOP_REASONS = ("", "eos", "max_new_tokens", "cancelled", "stopped", "error")
 MAX_NEW_TOKENS = 2048
 MAX_PROMPT_TOKENS = 4096
@@ -207,8 +210,8 @@ class RunResult:
                     pieces=[str(x) for x in d.get("pieces", [])], special=[bool(x) for x in d.get("special", [])],
                     acts=acts, top=[[(int(i), float(v)) for i, v in t] for t in d.get("top", [])],
                     stop_reason=str(d.get("stop_reason", "")), watch=watch)
-            if r.run not in RUN_NAMES or r.stop_reason not in STOP_REASONS:
-                raise BadInput(f"A run must be named {' or '.join(RUN_NAMES)} and stop for one of "
+            if r.run not in RECORD_RUNS or r.stop_reason not in STOP_REASONS:
+                raise BadInput(f"A run must be named {', '.join(RECORD_RUNS)} and stop for one of "
                                f"{', '.join(x for x in STOP_REASONS if x)}")
             p = d.get("prompt")
             if p:

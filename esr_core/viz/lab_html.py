@@ -16,12 +16,13 @@ def _attr(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def live_card(run: str, text: str, n: int, status: str, badges: str = "") -> str:
-    """One streaming answer; ``badges`` is pre-escaped HTML (:mod:`esr_core.viz.badges`)."""
+def live_card(run: str, text: str, n: int, status: str, badges: str = "", title: str = "") -> str:
+    """One streaming answer; ``badges`` is pre-escaped HTML (:mod:`esr_core.viz.badges`);
+    ``title`` names the run on screen (default: the run's name)."""
     colour = palette.RUNS.get(run, palette.NEUTRAL)
     return (f'<div class="esr-live" data-run="{_attr(run)}" data-n="{int(n)}" data-status="{_attr(status)}" '
             f'style="border:1px solid #ddd;border-radius:6px;padding:8px;min-height:4em">'
-            f'<div style="font-size:0.8em;color:#666"><b style="color:{colour}">{html.escape(run)}</b> · '
+            f'<div style="font-size:0.8em;color:#666"><b style="color:{colour}">{html.escape(title or run)}</b> · '
             f'<span class="esr-n">{int(n)}</span> tokens · {html.escape(status)}</div>'
             f'<div class="esr-badges" data-run="{_attr(run)}">{badges}</div>'
             f'<div style="white-space:pre-wrap">{html.escape(text)}</div></div>')

@@ -19,7 +19,7 @@ LIGHT = "#BBBBBB"
 BLACK = "#000000"
 
 # steered vs default answers: the same colours wherever two runs are compared
-RUNS = {"steered": DISTRACTOR, "default": NEUTRAL}
+RUNS = {"steered": DISTRACTOR, "compare": "#8c564b", "default": NEUTRAL}
 
 # watched latents, in order: the Okabe-Ito colours not reserved for a role above
 LATENTS = ["#009E73", "#56B4E9", "#F0E442", "#000000", "#882255", "#44AA99", "#999933", "#AA4499"]

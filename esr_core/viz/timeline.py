@@ -1,7 +1,8 @@
 """Latents over token position as a plotly figure (pure: data in, figure out).
 
 One subplot row per *lane* ("latents", "groups", and later e.g. "circuit"), shared x axis.
-Steered runs are solid, default runs dashed, same colour per latent. ``regions`` shade token
+Steered runs are solid, default runs dashed, a second model's steered run ("compare") dash-dotted,
+same colour per latent. ``regions`` shade token
 spans (prompt / off-topic / correction ...), ``markers`` annotate single tokens (restart phrases,
 threshold crossings): the extension points the resistance replay uses.
 """
@@ -18,13 +19,14 @@ from esr_core.viz.palette import LATENTS
 
 PALETTE = LATENTS  # lines without a colour of their own never borrow a role colour (circuit, backtracking)
 LABEL_ROW_PX = 17  # pixels per row of event labels above the plot
+RUN_DASH = {"steered": "solid", "default": "dash", "compare": "dashdot"}  # one line style per run (and model)
 
 
 @dataclass
 class Series:
     name: str
     values: Sequence[float]
-    run: str = "steered"  # "steered" (solid) | "default" (dashed) | any other word, e.g. "unsteered" (solid)
+    run: str = "steered"  # "steered" (solid) | "default" (dashed) | "compare" (dash-dot) | other words solid
     colour: str | None = None
     lane: str = "latents"
     x0: int = 0  # token position of values[0]
@@ -78,7 +80,7 @@ def timeline_figure(series: Sequence[Series], *, regions: Sequence[Any] = (), ma
         row = lanes.index(s.lane) + 1
         fig.add_trace(go.Scatter(
             x=x, y=y, mode="lines+markers", name=f"{s.name} ({s.run})" if s.run else s.name,
-            legendgroup=s.name, line=dict(color=col, dash="dash" if s.run == "default" else "solid", width=2),
+            legendgroup=s.name, line=dict(color=col, dash=RUN_DASH.get(s.run, "solid"), width=2),
             marker=dict(size=4), customdata=[[s.run, int(xi), t] for xi, t in zip(x, toks)],
             hovertemplate="%{customdata[0]} token %{x} %{customdata[2]}<br>" + s.name.replace("%", "%%")
                           + " = %{y:.3g}<extra></extra>",
