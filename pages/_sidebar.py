@@ -158,10 +158,13 @@ def status() -> None:
     st.markdown(f"**Model** `{eng.model.name}`  \n{eng.model.n_layers} layers · d_model {eng.model.d_model}")
     st.markdown(f"**SAE** {info['architecture']} at `{info['hook']}`  \nd_sae **{info['d_sae']:,}** · "
                 f"from `{_sae_label(info['source'])}`")
-    extra = {k: v for k, v in info.items() if k not in ("source", "hook", "d_sae", "d_in", "architecture", "layer")}
+    extra = {k: v for k, v in info.items() if k not in ("source", "hook", "d_sae", "d_in", "architecture", "layer",
+                                                         "fit_note", "fit_degraded")}
     if extra:
         st.caption(" · ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in extra.items()
                               if v is not None))
+    if info.get("fit_note"):
+        (st.warning if info.get("fit_degraded") else st.caption)(info["fit_note"])
     cat = ss.get("catalog")
     if cat is not None:
         st.caption(f"Catalog: {cat.source} ({Path(cat.path).name})")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from esr_core.app.session import load_examples
+from esr_core.app.session import example_steering, load_examples
 from esr_core.models.registry import DEFAULT_MODEL, get_entry
 from pages import _ui
 
@@ -47,9 +47,8 @@ for i, ex in enumerate(mine + others):
     model = ex.get("model", DEFAULT_MODEL)
     with st.container(border=True):
         st.markdown(f"**{ex.get('title', 'Example')}**  \n{ex.get('blurb', '')}")
-        st.caption(f"Prompt: {ex.get('prompt', '')} · steering: add latent #{ex.get('latent')} at "
-                   f"{ex.get('strength')} x median residual norm ({ex.get('positions', 'all')} positions) · "
-                   f"model {model}")
+        st.caption(f"Prompt: {ex.get('prompt', '')} · steering: {example_steering(ex)} · model {model}"
+                   + (f" · seed {ex['seed']}, temperature {ex['temperature']}" if ex.get("temperature") else ""))
         if model == loaded:
             if st.button("Open in the steering lab", key=f"example_{i}", type="primary" if i == 0 else "secondary"):
                 open_example(ex)

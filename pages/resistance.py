@@ -60,7 +60,7 @@ backtrack = group_for(eng, "backtracking")
 
 # ------------------------------------------------------------------ the groups
 st.subheader("Latent groups")
-shipped = shipped_group("circuit")
+shipped = shipped_group("circuit", eng.model.name)
 if circuit is None:
     if shipped is not None:
         st.warning("No resistance circuit for this model and SAE: the shipped one was found on another model/SAE "

@@ -24,6 +24,7 @@ from esr_core.models.adapters import check_adapter
 from esr_core.models.embeddings import embedding_model
 from esr_core.models.registry import DEFAULT_MODEL, get_entry, list_models
 from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_dir
+from esr_core.steering.interventions import Intervention
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,19 @@ def model_options() -> list[tuple[str, str]]:
     """(name, label) of the registry's models, the embedded default first; an adapter model
     only once its adapter is in the checkout (it cannot be fetched)."""
     return [(e.name, e.label) for e in list_models() if e.source != "adapter" or adapter_present(e)]
+
+
+def compare_options(model: str, sae_source: str) -> list[tuple[str, str]]:
+    """(name, label) of the other models that read the same SAE as ``model`` does: the ones the
+    steering lab can run the same steering on as a third column (latent ids mean the same)."""
+    def same(a: str | None, b: str) -> bool:
+        if not a:
+            return False
+        try:
+            return Path(a).resolve() == Path(b).resolve()
+        except OSError:
+            return a == b
+    return [(n, lab) for n, lab in model_options() if n != model and same(default_sae_for(n), sae_source)]
 
 
 def adapter_present(entry) -> bool:
@@ -98,7 +112,39 @@ def sae_info(engine) -> dict[str, Any]:
     for k in ("training_tokens", "release", "sae_id"):
         if k in meta:
             info[k] = meta[k]
+    fit = sae_fit_on(engine.model.name)
+    if fit:
+        info["fit_note"], info["fit_degraded"] = fit
     return info
+
+
+FIT_DROP = 0.05  # a drop in explained variance or CE recovered beyond this is called material
+
+
+def sae_fit_on(model: str) -> tuple[str, bool] | None:
+    """For an adapter model, how well the base model's SAE fits it (measured with
+    ``esr-lab sae-metrics`` and stored in the adapter's metadata), next to the base's numbers."""
+    e = get_entry(model)
+    if e is None or e.source != "adapter":
+        return None
+    try:
+        fit = (check_adapter(e.adapter, e.base).get("results") or {}).get("sae_fit") or {}
+    except EsrError:
+        return None
+    tuned, base = fit.get("tuned") or {}, fit.get("base") or {}
+    if not tuned:
+        return ("The SAE was trained on the base model; its fit on this tuned model is not measured yet.", False)
+    parts, worse = [], False
+    for k, label in (("explained_variance", "explained variance"), ("ce_loss_recovered", "CE-loss recovered")):
+        if tuned.get(k) is None:
+            continue
+        b = base.get(k)
+        parts.append(f"{label} {tuned[k]:.3f}" + (f" (base model {b:.3f})" if b is not None else ""))
+        worse = worse or (b is not None and b - tuned[k] > FIT_DROP)
+    note = f"The base model's SAE on this tuned model: {', '.join(parts)}."
+    if worse:
+        note += " The fit is materially worse than on the base: read latent activations with care."
+    return note, worse
 
 
 # ------------------------------------------------------------------ catalog
@@ -144,6 +190,17 @@ def load_examples(path: Path | None = None, model: str | None = None) -> list[di
     if model is not None:
         exs = [e for e in exs if e.get("model", DEFAULT_MODEL) == model]
     return exs
+
+
+def example_steering(ex: dict) -> str:
+    """An example's steering in words, whichever way it is written (one latent, or interventions)."""
+    if ex.get("interventions"):
+        try:
+            return ", ".join(Intervention.from_dict(d).label() for d in ex["interventions"])
+        except (EsrError, KeyError, TypeError, ValueError):
+            return "(unreadable interventions)"
+    return (f"add latent #{ex.get('latent')} at {ex.get('strength')} x median residual norm "
+            f"({ex.get('positions', 'all')} positions)")
 
 
 def builtin_groups(engine) -> tuple[list[LatentGroup], list[str]]:

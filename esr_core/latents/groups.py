@@ -265,12 +265,26 @@ def load_group(path: str | Path) -> LatentGroup:
         raise GroupUnavailable(f"Latent group {p}: {exc}") from None
 
 
-def shipped_group(which: str = "circuit") -> LatentGroup | None:
-    """The shipped circuit or backtracking group, or None if not shipped yet."""
-    try:
-        return load_group(SHIPPED[which])
-    except (GroupUnavailable, KeyError):
-        return None
+def shipped_group_path(which: str = "circuit", model: str | None = None) -> Path:
+    """Where the shipped group lives: ``resistance_circuit.json`` for the default model, and
+    ``resistance_circuit.<model>.json`` for another model that reads the same SAE (the tuned one)."""
+    p = SHIPPED[which]
+    return p.with_name(f"{p.stem}.{safe_model(model)}.json") if model else p
+
+
+def safe_model(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model))
+
+
+def shipped_group(which: str = "circuit", model: str | None = None) -> LatentGroup | None:
+    """The shipped circuit or backtracking group (``model``'s own if it has one), or None."""
+    for path in ([shipped_group_path(which, model)] if model else []) + [SHIPPED.get(which)]:
+        try:
+            if path is not None and path.exists():
+                return load_group(path)
+        except GroupUnavailable:
+            continue
+    return None
 
 
 _GROUP_NAME = re.compile(r"^[\w][\w .:-]{0,80}$")
@@ -338,7 +352,7 @@ def cached_group_path(model_name: str, sae_key: str, which: str = "circuit") -> 
 
 def group_for(engine, which: str = "circuit") -> LatentGroup | None:
     """The group for this engine: the shipped one if it matches the SAE, else a cached one, else None."""
-    g = shipped_group(which)
+    g = shipped_group(which, engine.model.name)
     if g is not None and g.matches(engine):
         return g
     p = cached_group_path(engine.model.name, engine.sae.key, which)

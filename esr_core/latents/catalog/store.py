@@ -20,6 +20,7 @@ import numpy as np
 
 from esr_core.errors import BadInput, EsrError
 from esr_core.io import atomic_write_bytes, safe_name
+from esr_core.models.registry import get_entry
 from esr_core.paths import ASSETS_DIR, cache_subdir
 
 log = logging.getLogger(__name__)
@@ -415,8 +416,17 @@ def cached_catalog_dir(model_name: str, sae) -> Path:
     return cache_subdir("catalogs") / f"{safe_name(model_name)}__{safe_name(sae.key)}"
 
 
+def catalog_model(model_name: str) -> str:
+    """Whose catalog a model uses: an adapter model (a LoRA on a registry base) reads its base's,
+    since it reads the base's SAE and its latents mean the same there (the SAE fit on the tuned
+    model is measured and shown with it)."""
+    e = get_entry(model_name)
+    return e.base if e is not None and e.source == "adapter" and e.base else model_name
+
+
 def find_catalog(model_name: str, sae) -> Path | None:
     """Shipped, else cached catalog for (model, SAE); None if it must be built."""
+    model_name = catalog_model(model_name)
     p = shipped_catalog_dir(model_name, sae)
     if p is not None:
         return p
