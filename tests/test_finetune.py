@@ -188,3 +188,41 @@ def test_bad_adapters_fail_with_one_clear_line(tmp_path, small_data):
         bad.mkdir()
         (bad / "examples.jsonl").write_text(json.dumps({"id": "x", "prompt": "p", "text": "no segments"}) + "\n")
         load_examples(bad)
+
+
+def test_validation_prompts_are_kept_out_of_training_and_never_heldout(small_data):
+    from esr_core.finetune.train import LoraTrainConfig, split_examples
+    from esr_core.finetune.validate import validation_items
+
+    data, _ = small_data
+    examples = load_examples(data)
+    keep, val = split_examples(examples, LoraTrainConfig(validation_prompts=2, max_examples=3))
+    assert len(val) == 2 and len(keep) <= 3
+    assert not {e["prompt_id"] for e in keep} & set(val)
+    assert split_examples(examples, LoraTrainConfig(validation_prompts=2))[1] == val  # seeded
+    items = validation_items(data, val, n=10)
+    assert [it["prompt_id"] for it in items] == val
+    heldout = set(splits()["heldout_latents"])
+    assert all(it["latent"] not in heldout for it in items)
+    with pytest.raises(BadInput, match="held-out"):
+        validation_items(data, [splits()["heldout_prompt_ids"][0]], n=1)
+
+
+def test_the_shipped_adapter_loads_merges_and_does_not_restart_unsteered():
+    from esr_core.models.adapters import adapter_dir, check_adapter
+    from esr_core.models.registry import get_entry
+    from esr_core.steering.engines import get_engine
+    from esr_core.steering.spec import GenerationSpec
+
+    entry = get_entry("smollm2-135m-esr")
+    meta = check_adapter(entry.adapter, entry.base)
+    assert meta["base_model"] == "smollm2-135m-instruct" and meta["config"]["r"] == 32
+    assert (adapter_dir(entry.adapter) / "adapter_model.safetensors").stat().st_size <= 20_000_000
+    assert not set(meta["splits"]["train_latents"]) & set(meta["splits"]["heldout_latents"])
+    eng = get_engine("smollm2-135m-esr")
+    from esr_core.judge.prompts import load_prompts
+
+    for prompt in [p["prompt"] for p in load_prompts()[:2]]:  # two evaluation prompts
+        res = eng.generate(GenerationSpec(prompt=prompt, temperature=0.0, max_new_tokens=96, runs=("default",)))
+        text = res["default"].text
+        assert len(text) > 40 and not find_restart_phrases(text), text

@@ -1,4 +1,5 @@
-"""``esr-lab finetune data|train|info``: build self-correction data, train a LoRA adapter, inspect one."""
+"""``esr-lab finetune data|train|validate|info``: build self-correction data, train a LoRA adapter,
+compare candidates on the validation split, inspect one."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def cmd_data(args) -> int:
 def cmd_train(args) -> int:
     cfg = LoraTrainConfig(base_model=args.model, r=args.r, alpha=args.alpha, dropout=args.dropout, lr=args.lr,
                           epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len, seed=args.seed,
-                          steer=args.steer, bf16=not args.no_bf16, max_steps=args.max_steps).validate()
+                          steer=args.steer, bf16=not args.no_bf16, max_steps=args.max_steps,
+                          validation_prompts=args.validation_prompts, max_examples=args.max_examples).validate()
     if args.threads:
         import torch  # heavy: torch, only to set the thread count
 
@@ -63,6 +65,21 @@ def cmd_train(args) -> int:
     atomic_write_json(out / META_FILE, meta)
     print(f"adapter written to {out}: {meta['steps']} steps in {meta['train_seconds'] / 60:.1f} min, "
           f"{meta['tokens_per_s']} tokens/s, final loss {meta['final_loss']}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from esr_core.finetune.validate import validate_adapter  # heavy: the engine
+
+    ids = [p for p in (args.prompts or "").split(",") if p.strip()] or None
+    out = validate_adapter(None if args.base_only else args.adapter, args.data, args.model, n=args.n,
+                           prompt_ids=ids, progress=StderrProgress(every=10.0, newline=True))
+    for cond, r in out["by_condition"].items():
+        print(f"{cond}: multi-attempt {r['multi_attempt_k']}/{r['n']} ({100 * r['multi_attempt_rate']:.0f} %), "
+              f"ESR {r['esr_k']}/{r['n']} ({100 * r['esr_rate']:.0f} %), first-attempt score "
+              f"{r['first_score_mean']:.1f}", file=sys.stderr)
+    if args.json:
+        dump_json({k: v for k, v in out.items() if k != "rows"})
     return 0
 
 
@@ -115,10 +132,22 @@ def register(subparsers) -> None:
         t.add_argument(f"--{name}", type=typ, default=getattr(LoraTrainConfig, name.replace("-", "_")))
     t.add_argument("--steer", action="store_true", help="add each example's distractor direction while training")
     t.add_argument("--max-steps", type=int, help="stop after this many steps")
+    t.add_argument("--validation-prompts", type=int, default=0,
+                   help="keep this many training prompts out of training, to compare settings on (finetune validate)")
+    t.add_argument("--max-examples", type=int, help="train on a seeded subset of this many examples")
     t.add_argument("--no-bf16", action="store_true", help="float32 only (default: bf16 autocast where the CPU has it)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.set_defaults(func=cmd_train)
+    v = sub.add_parser("validate", help="steered and unsteered answers on the validation split: restart rates")
+    v.add_argument("--adapter", help="the candidate adapter folder (its validation prompts are in its metadata)")
+    v.add_argument("--base-only", action="store_true", help="validate the base model instead (needs --prompts)")
+    v.add_argument("--data", required=True, help="the data folder the adapter was trained on")
+    v.add_argument("--model", default=DEFAULT_MODEL, help="the base model")
+    v.add_argument("--n", type=int, default=40, help="validation prompts to use")
+    v.add_argument("--prompts", help="comma-separated validation prompt ids (default: the adapter's)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_validate)
     i = sub.add_parser("info", help="what an adapter is: base, data, hyperparameters, measured results")
     i.add_argument("--model", default="smollm2-135m-esr")
     i.add_argument("--adapter", help="an adapter folder instead of a registry model")

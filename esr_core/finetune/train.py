@@ -49,6 +49,8 @@ class LoraTrainConfig:
     bf16: bool = True  # bfloat16 autocast on CPU when the CPU supports it (about 1.6x here)
     checkpoint_every: int = 25  # optimiser steps
     max_steps: int | None = None  # stop early (tests, timing); None = all epochs
+    validation_prompts: int = 0  # training prompts kept out of training (seeded) to compare settings on
+    max_examples: int | None = None  # train on a seeded subset of the examples (small-scale comparisons)
 
     def validate(self) -> LoraTrainConfig:
         for name, lo in (("r", 1), ("alpha", 1), ("epochs", 1), ("batch_size", 1), ("max_len", 16),
@@ -60,6 +62,10 @@ class LoraTrainConfig:
             raise BadInput(f"lr must be in (0, 1), got {self.lr!r}")
         if not 0 <= self.dropout < 1:
             raise BadInput(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.validation_prompts, int) or self.validation_prompts < 0:
+            raise BadInput(f"validation_prompts must be an integer >= 0, got {self.validation_prompts!r}")
+        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
+            raise BadInput(f"max_examples must be a positive integer or None, got {self.max_examples!r}")
         if parse_resid_hook(self.hook_name) is None:
             raise BadInput(f"hook_name must be a residual hook (blocks.L.hook_resid_post), got {self.hook_name!r}")
         return self
@@ -82,6 +88,17 @@ def _collate(encoded: list[tuple[list[int], list[int]]], pad_id: int):
         lab[b, : len(y)] = torch.tensor(y)
         att[b, : len(i)] = 1
     return ids, att, lab
+
+
+def split_examples(examples: list[dict], cfg: LoraTrainConfig) -> tuple[list[dict], list[str]]:
+    """The examples to train on and the validation prompt ids kept out (both seeded by ``cfg.seed``)."""
+    pids = sorted({str(e["prompt_id"]) for e in examples})
+    val = sorted(random.Random(cfg.seed).sample(pids, min(cfg.validation_prompts, max(0, len(pids) - 1))))
+    keep = [e for e in examples if str(e["prompt_id"]) not in set(val)]
+    if cfg.max_examples is not None and cfg.max_examples < len(keep):
+        idx = sorted(random.Random(cfg.seed + 1).sample(range(len(keep)), cfg.max_examples))
+        keep = [keep[i] for i in idx]
+    return keep, val
 
 
 def bf16_supported() -> bool:
@@ -107,7 +124,7 @@ def train_adapter(data_dir: str | Path, out_dir: str | Path, cfg: LoraTrainConfi
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(data_dir)
+    examples, validation_ids = split_examples(load_examples(data_dir), cfg)
     if cfg.steer and sae is None:
         raise BadInput("Training with the steering on needs the SAE whose directions steer (--sae)")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +220,7 @@ def train_adapter(data_dir: str | Path, out_dir: str | Path, cfg: LoraTrainConfi
     model.save_pretrained(str(out))
     _to_float16(out / "adapter_model.safetensors")
     meta = {"base_model": cfg.base_model, "config": asdict(cfg), "n_examples": len(encoded), "n_tokens": n_tokens,
-            "trainable_parameters": int(n_trainable), "steps": step, "train_seconds": round(seconds, 1),
+            "trainable_parameters": int(n_trainable), "validation_prompt_ids": validation_ids, "steps": step, "train_seconds": round(seconds, 1),
             "tokens_per_s": round(tokens_seen / max(seconds, 1e-6), 1), "bf16": use_bf16, "device": dev,
             "final_loss": history[-1][1] if history else None,
             "loss_curve": history[:: max(1, len(history) // 60)]}
