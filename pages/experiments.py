@@ -16,7 +16,15 @@ import streamlit as st
 from esr_core.errors import EsrError
 from esr_core.experiments.cases import MAX_DESCRIBED, esr_cases, lab_setup
 from esr_core.experiments.metrics import trial_table_flags
-from esr_core.experiments.report import dropped_note, figures_for, load_summary, paper_table, rates_table, skipped_note
+from esr_core.experiments.report import (
+    dropped_note,
+    figures_for,
+    load_summary,
+    models_table,
+    paper_table,
+    rates_table,
+    skipped_note,
+)
 from esr_core.experiments.store import (
     GEN_FILE,
     PARQUET_FILE,
@@ -141,6 +149,19 @@ def show_run(run_dir: str) -> None:
                 c2.download_button("PNG", ss[f"png_{key}_{d.name}"], file_name=f"{key}.png", mime="image/png",
                                    key=f"png_dl_{key}_{d.name}")
     overlay_section(d, reference=d == REFERENCE_DIR)
+    like_dir = next((Path(r["dir"]) for r in runs if summary.get("like") and Path(r["dir"]).name == summary["like"]),
+                    None)
+    if like_dir is not None:
+        st.subheader(f"Against {like_dir.name}: the same trials on another model")
+        try:
+            other, _ = _load(str(like_dir), _mtime(like_dir))
+        except EsrError as exc:
+            st.caption(f"Cannot read {like_dir.name}: {exc}")
+        else:
+            st.dataframe(models_table(summary, other), hide_index=True, width="stretch")
+            st.caption(f"Same latents, prompts, boosts (calibrated on {other.get('model')}) and seeds; counts with "
+                       "Wilson 95 % intervals. An interval that does not overlap the other model's is a real "
+                       "difference at this n.")
     st.subheader("Against the paper")
     pt = paper_table(summary)
     if len(pt):

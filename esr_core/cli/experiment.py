@@ -16,8 +16,9 @@ from esr_core.experiments.report import finalize, load_summary, run_figures, sum
 from esr_core.experiments.runner import rejudge, run_experiment
 from esr_core.experiments.spec import ExperimentSpec
 from esr_core.experiments.store import REFERENCE_DIR, SPEC_FILE, default_run_dir, list_runs, load_spec
-from esr_core.io import read_json
+from esr_core.io import atomic_write_json, read_json
 from esr_core.judge.scoring import get_judge
+from esr_core.latents.groups import group_for, load_group
 from esr_core.models.loading import check_model
 from esr_core.models.registry import default_sae_spec
 from esr_core.models.sae import load_sae
@@ -95,6 +96,15 @@ def register(subparsers) -> None:
     ov.add_argument("--json", action="store_true", help="print overlay.json")
     ov.set_defaults(func=cmd_overlay)
 
+    ld = sub.add_parser("leads", help="over a run's recoveries: does the circuit cross before the restart phrase? "
+                                      "(saved as RUN_DIR/leads.json)")
+    ld.add_argument("run_dir")
+    ld.add_argument("--group", help="the circuit group file (default: the shipped circuit for the run's model)")
+    ld.add_argument("--demo", type=int, default=0, metavar="N",
+                    help="also rerun the recoveries as the lab does and save the best N as demo candidates")
+    ld.add_argument("--json", action="store_true")
+    ld.set_defaults(func=cmd_leads)
+
     ls = sub.add_parser("list", help="runs in the user cache (and the shipped reference run)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
@@ -139,7 +149,7 @@ def like_run(run_dir: str | Path, model: str | None, name: str) -> ExperimentSpe
         raise BadInput(f"{src} is not a resolved run (run it first, or use --calibration-from)")
     if not model:
         raise BadInput("--like needs --model: the model to run the same trials on")
-    d.update(name=name, model=model, environment={})
+    d.update(name=name, model=model, environment={}, like=Path(run_dir).name)
     return ExperimentSpec.from_dict(d)
 
 
@@ -267,6 +277,35 @@ def _overlay_text(ov: dict, path) -> str:
     lines.append(f"replayed {sec.get('chats_replayed')} chats in {sec.get('forward')} s (total {sec.get('total')} s)")
     lines.append(describe(ov))
     return "\n".join(lines)
+
+
+def cmd_leads(args) -> int:
+    from esr_core.experiments.mechanism import demo_candidates, recovery_leads  # heavy: the engine
+    from esr_core.steering.engines import get_engine  # heavy: torch, transformers
+
+    folder = Path(args.run_dir)
+    spec = load_spec(folder)
+    eng = get_engine(spec.model, spec.sae)
+    circuit = load_group(args.group) if args.group else group_for(eng, "circuit")
+    if circuit is None:
+        raise BadInput(f"No resistance circuit for {spec.model}: pass --group FILE or run `esr-lab detectors find`")
+    out = recovery_leads(folder, eng, circuit, progress=StderrProgress(every=5.0, newline=True))
+    out["circuit"] = {"name": circuit.name, "members": list(circuit.members), "threshold": circuit.threshold_value()}
+    atomic_write_json(folder / "leads.json", out)
+    if args.demo:
+        demos = demo_candidates(folder, eng, circuit, progress=StderrProgress(every=5.0, newline=True))
+        atomic_write_json(folder / "demo_candidates.json", demos[: args.demo])
+        for c in demos[: args.demo]:
+            print(f"demo: {c['verdict']} scores {c['scores']} crossing {c['crossing']} restart {c['restart']} "
+                  f"#{c['setup']['latent']} seed {c['setup']['seed']}: {c['setup']['prompt']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        share = out["crossing_first_share"]
+        print(f"{out['n_recoveries']} recoveries; {out['n_with_crossing_and_restart']} with a crossing and a restart; "
+              f"crossing first in {'n/a' if share is None else f'{100 * share:.0f} %'}; median lead "
+              f"{out['median_lead_tokens']} tokens; {out['n_without_crossing']} never crossed")
+    return 0
 
 
 def cmd_overlay(args) -> int:

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from esr_core.experiments.cases import esr_cases, trial_of
+from esr_core.experiments.cases import esr_cases, lab_setup, trial_of
 from esr_core.experiments.metrics import trial_table_flags
 from esr_core.experiments.spec import trial_interventions
 from esr_core.experiments.store import load_spec, load_trials
 from esr_core.jobs import Progress, check_cancel, report_fraction
+from esr_core.judge.scoring import judge_response
 from esr_core.latents.groups import LatentGroup
+from esr_core.resistance.live import LiveResistance, judged_overlay
 from esr_core.resistance.view import replay_episode
+from esr_core.steering.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec
 
 STEERED_CONDITIONS = ("steering",)
 
@@ -58,3 +62,45 @@ def lead_summary(rows: list[dict]) -> dict:
             "n_without_crossing": sum(1 for r in rows if r["first_crossing"] is None),
             "crossing_first_share": (sum(1 for x in both if x > 0) / len(both)) if both else None,
             "median_lead_tokens": float(np.median(both)) if both else None}
+
+
+def demo_candidates(run_dir: str | Path, engine, circuit: LatentGroup, conditions=STEERED_CONDITIONS,
+                    limit: int | None = None, progress: Progress | None = None, cancel=None) -> list[dict]:
+    """The run's recoveries rerun the way the steering lab runs them (one stream, same seed and
+    set-up), each with what the lab would show: the verdict, the circuit's live crossing and the
+    restart tokens. Best first: recovers live, crosses before the restart, restarts after
+    drifting (a first attempt of at least a sentence), largest score gain."""
+    spec = load_spec(run_dir)
+    cases = esr_cases(trial_table_flags(load_trials(run_dir)))
+    cases = cases[cases["condition"].isin(list(conditions))]
+    if limit is not None:
+        cases = cases.head(limit)
+    out = []
+    for k, (_, r) in enumerate(cases.iterrows()):
+        check_cancel(cancel, "Demo search")
+        setup = lab_setup(spec, r.to_dict())
+        watch = list(dict.fromkeys([setup["latent"], *circuit.members]))
+        gs = GenerationSpec(prompt=setup["prompt"], meta_prompt=setup.get("meta_prompt"), watch=watch,
+                            interventions=[Intervention.from_dict(d) for d in setup["interventions"]],
+                            seed=int(setup["seed"]), temperature=float(setup["temperature"]),
+                            max_new_tokens=int(setup["max_new_tokens"]),
+                            repetition_penalty=float(setup["repetition_penalty"]))
+        res = engine.generate(gs)["steered"]
+        j = judge_response(setup["prompt"], res.text)
+        ov = judged_overlay(j, res.pieces)
+        tr = LiveResistance.replay(circuit, res.pieces, res.acts, res.watch)
+        restart = tr.restart_tokens[0] if tr.restart_tokens else None
+        scores = [float(s) for s in ov["scores"] if s is not None]
+        first_len = len(j["attempts"][0]["attempt_text"].split()) if j["attempts"] else 0
+        out.append({"setup": {**setup, "watch": watch}, "verdict": ov["verdict"], "scores": scores,
+                    "crossing": tr.crossing, "restart": restart, "first_attempt_words": first_len,
+                    "text": res.text, "key": r.get("key")})
+        report_fraction(progress, "demo search", (k + 1) / max(1, len(cases)), f"{k + 1}/{len(cases)} recoveries")
+
+    def rank(c):
+        live = c["verdict"] == "esr"
+        ordered = c["crossing"] is not None and c["restart"] is not None and c["crossing"] < c["restart"]
+        gain = (c["scores"][-1] - c["scores"][0]) if len(c["scores"]) > 1 else 0.0
+        return (not live, not ordered, c["first_attempt_words"] < 12, -gain)
+
+    return sorted(out, key=rank)

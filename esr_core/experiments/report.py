@@ -64,6 +64,31 @@ def rates_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def models_table(summary: dict, other: dict) -> pd.DataFrame:
+    """Two models on the same plan (a run made with ``--like``), one row per condition: each
+    model's multi-attempt and ESR counts with Wilson 95 % intervals, and its mean first score."""
+    mine = {r["condition"]: r for r in summary.get("by_condition", [])}
+    theirs = {r["condition"]: r for r in other.get("by_condition", [])}
+    a, b = other.get("model", "other"), summary.get("model", "this")
+
+    def cell(r, q):
+        if r is None:
+            return "n/a"
+        return f"{r[q + '_k']}/{r[q + '_n']} = {pct(r[q + '_rate'])} [{pct(r[q + '_lo'])} – {pct(r[q + '_hi'])}]"
+
+    rows = []
+    for c in [c for c in theirs if c in mine] + [c for c in mine if c not in theirs]:
+        o, m = theirs.get(c), mine.get(c)
+        rows.append({"condition": c, f"multi-attempt · {a}": cell(o, "multi_attempt"),
+                     f"multi-attempt · {b}": cell(m, "multi_attempt"), f"ESR · {a}": cell(o, "esr"),
+                     f"ESR · {b}": cell(m, "esr"),
+                     f"1st score · {a}": None if not o or o.get("first_score_mean") is None
+                     else round(float(o["first_score_mean"]), 1),
+                     f"1st score · {b}": None if not m or m.get("first_score_mean") is None
+                     else round(float(m["first_score_mean"]), 1)})
+    return pd.DataFrame(rows)
+
+
 def dropped_note(summary: dict) -> str | None:
     """Why trials were dropped, per condition (None when none were)."""
     drops = {c: d for c, d in (summary.get("dropped") or {}).items() if d}
@@ -186,7 +211,7 @@ def summarise_run(trials: pd.DataFrame, spec: ExperimentSpec) -> dict:
            "n_per_condition": n_per, "dropped": dropped, "skipped_conditions": spec.skipped_conditions,
            "by_condition": _records(by_cond), "by_boost": _records(by_boost),
            "vs_steering": _records(comp), "paper_comparison": _records(paper), "throughput": thr,
-           "environment": spec.environment}
+           "environment": spec.environment, "like": spec.like}
     cases = cases_sentence(trial_table_flags(trials)) if len(trials) else ""
     out["headline"] = headline(by_cond, spec) + (f" {cases}" if cases else "")
     out["esr_cases"] = cases

@@ -285,6 +285,9 @@ def _run(spec: ExperimentSpec, run_dir: Path, *, engine=None, judge_fn=None,
         if any(t.key not in gens for t in batch):
             if eng is None:
                 eng = engine_for(spec, engine)
+                if "device" not in spec.environment:  # a plan taken from another run (--like): record where it runs
+                    spec.environment = {**_environment(eng), **spec.environment}
+                    atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
             recs = _generate_batch(spec, eng, batch, prompts, bi, cancel)
             if recs:
                 speed["tokens"] += recs[0]["batch_tokens"]

@@ -98,6 +98,7 @@ class ExperimentSpec:
     selection: dict[str, Any] = field(default_factory=dict)  # distractor-selection report
     skipped_conditions: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    like: str = ""  # the run whose resolved plan this one reuses on another model (esr-lab experiment run --like)
     resolved: bool = False
 
     # -------------------------------------------------------------- (de)serialisation
