@@ -13,11 +13,12 @@ from esr_core.experiments.boost import import_run_calibrations
 from esr_core.experiments.overlay import OverlayParams, compute_overlay
 from esr_core.experiments.overlay_summary import SOURCE_LABELS, describe, overlay_path
 from esr_core.experiments.report import finalize, load_summary, run_figures, summary_text
-from esr_core.experiments.runner import rejudge, run_experiment
+from esr_core.experiments.runner import draw_random_sets, rejudge, run_experiment
 from esr_core.experiments.spec import ExperimentSpec
 from esr_core.experiments.store import REFERENCE_DIR, SPEC_FILE, default_run_dir, list_runs, load_spec
 from esr_core.io import atomic_write_json, read_json
 from esr_core.judge.scoring import get_judge
+from esr_core.latents.catalog.store import load_catalog_for_names
 from esr_core.latents.groups import group_for, load_group
 from esr_core.models.loading import check_model
 from esr_core.models.registry import default_sae_spec
@@ -58,6 +59,9 @@ def register(subparsers) -> None:
                    help="reuse the boost calibrations stored in an earlier run (same model, SAE, target, judge)")
     r.add_argument("--like", metavar="RUN_DIR", help="the same trials as RUN_DIR (latents, prompts, boosts, seeds) "
                                                       "on --model: compare models on one plan")
+    r.add_argument("--detector-group", metavar="FILE",
+                   help="with --like: ablate this model's own detector group (and random sets of its size) "
+                        "instead of the other run's")
     r.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy machine)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
     r.set_defaults(func=cmd_run)
@@ -140,9 +144,10 @@ def _spec_from_args(args):
     return ExperimentSpec.from_dict(d)
 
 
-def like_run(run_dir: str | Path, model: str | None, name: str) -> ExperimentSpec:
+def like_run(run_dir: str | Path, model: str | None, name: str, detector_group: str | None = None) -> ExperimentSpec:
     """Another run's resolved plan (latents, prompts, boosts, seeds, ablation sets, conditions) for
-    ``model``: two models compared on exactly the same trials, boosts calibrated once."""
+    ``model``: two models compared on exactly the same trials, boosts calibrated once. With
+    ``detector_group`` the model ablates its own detectors (random sets redrawn to their size)."""
     src = Path(run_dir) / SPEC_FILE
     d = read_json(src, f"The run spec {src}")
     if not isinstance(d, dict) or not d.get("resolved"):
@@ -150,7 +155,16 @@ def like_run(run_dir: str | Path, model: str | None, name: str) -> ExperimentSpe
     if not model:
         raise BadInput("--like needs --model: the model to run the same trials on")
     d.update(name=name, model=model, environment={}, like=Path(run_dir).name)
-    return ExperimentSpec.from_dict(d)
+    spec = ExperimentSpec.from_dict(d)
+    if detector_group:
+        g = load_group(detector_group)
+        sae = load_sae(spec.sae or default_sae_spec(model))
+        g.check(sae.d_sae)
+        cat = load_catalog_for_names(model, sae)
+        spec.detector_group = str(detector_group)
+        spec.groups["detector_ablation"] = [int(m) for m in g.members]
+        draw_random_sets(spec, spec.groups["detector_ablation"], sae.d_sae, cat.dead if cat is not None else None)
+    return spec
 
 
 def cmd_run(args) -> int:
@@ -166,7 +180,8 @@ def cmd_run(args) -> int:
     elif args.resume:
         raise BadInput("--resume needs --out DIR or --name NAME of the run to continue")
     elif args.like:
-        spec = like_run(args.like, model=args.model, name=args.name or f"{Path(args.like).name}-{args.model}")
+        spec = like_run(args.like, model=args.model, name=args.name or f"{Path(args.like).name}-{args.model}",
+                        detector_group=args.detector_group)
         run_dir = Path(args.out) if args.out else default_run_dir(spec.name)
     else:
         spec = _spec_from_args(args)

@@ -148,21 +148,9 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
                 g.check(eng.sae.d_sae)
                 spec.groups[c] = [int(m) for m in g.members]
     if "random_ablation" in conds:
-        k = len(det_members) or 26  # the paper's detector count when no group is there
-        live = np.ones(eng.sae.d_sae, dtype=bool)
-        if cat is not None:
-            live &= ~np.asarray(cat.dead, dtype=bool)
-        elif need_catalog:
+        if cat is None and need_catalog:
             log.info("no catalog: random ablation sets are drawn from all latents")
-        live[det_members] = False
-        live[spec.latents] = False
-        pool = np.flatnonzero(live)
-        if len(pool) < k:
-            spec.skipped_conditions["random_ablation"] = f"only {len(pool)} live latents to draw {k} from"
-        else:
-            for s in spec.random_ablation_seeds:
-                rng = np.random.default_rng([int(s), 7919])
-                spec.random_sets[str(s)] = sorted(int(x) for x in rng.choice(pool, size=k, replace=False))
+        draw_random_sets(spec, det_members, eng.sae.d_sae, cat.dead if cat is not None else None)
     # boosts
     if spec.boost_mode == "fixed":
         for lat in spec.latents:
@@ -183,6 +171,25 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
     spec.environment = _environment(eng)
     spec.resolved = True
     return spec
+
+
+def draw_random_sets(spec: ExperimentSpec, det_members: list[int], d_sae: int, dead=None) -> None:
+    """The random-ablation control: per seed, as many live latents as the detector group has
+    (26, the paper's count, without one), never a detector or a distractor."""
+    k = len(det_members) or 26
+    live = np.ones(d_sae, dtype=bool)
+    if dead is not None:
+        live &= ~np.asarray(dead, dtype=bool)
+    live[list(det_members)] = False
+    live[spec.latents] = False
+    pool = np.flatnonzero(live)
+    spec.random_sets = {}
+    if len(pool) < k:
+        spec.skipped_conditions["random_ablation"] = f"only {len(pool)} live latents to draw {k} from"
+        return
+    for s in spec.random_ablation_seeds:
+        rng = np.random.default_rng([int(s), 7919])
+        spec.random_sets[str(s)] = sorted(int(x) for x in rng.choice(pool, size=k, replace=False))
 
 
 def _environment(eng) -> dict:
