@@ -78,6 +78,11 @@ def cmd_validate(args) -> int:
         print(f"{cond}: multi-attempt {r['multi_attempt_k']}/{r['n']} ({100 * r['multi_attempt_rate']:.0f} %), "
               f"ESR {r['esr_k']}/{r['n']} ({100 * r['esr_rate']:.0f} %), first-attempt score "
               f"{r['first_score_mean']:.1f}", file=sys.stderr)
+    for k, r in out.get("noticing_teacher_forced", {}).items():
+        if r.get("n"):
+            print(f"noticing sentence after a held-out drift ({k}, teacher-forced, n {r['n']}): "
+                  f"{r['mean_logprob_per_token']:.3f} log-prob per token, first token p {r['mean_first_token_prob']:.3f}",
+                  file=sys.stderr)
     if args.json:
         dump_json({k: v for k, v in out.items() if k != "rows"})
     return 0

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from esr_core.errors import BadInput
 from esr_core.experiments.stats import wilson_interval as wilson
-from esr_core.finetune.data import RECIPE_FILE, SPLITS_FILE, DataRecipe, splits
+from esr_core.finetune.data import RECIPE_FILE, SPLITS_FILE, DataRecipe, encode_example, load_examples, splits
 from esr_core.io import atomic_write_json, read_json
 from esr_core.jobs import Progress, check_cancel, report_fraction
 from esr_core.judge.scoring import judge_response, verdict
 from esr_core.models.adapters import META_FILE, check_adapter, merged_dir
+from esr_core.models.hooks import decoder_layers, parse_resid_hook, with_tensor
 from esr_core.models.loading import resolve_model_path
 from esr_core.models.registry import default_sae_spec
 from esr_core.steering.engines import get_engine
@@ -98,10 +99,62 @@ def validate_adapter(adapter: str | Path | None, data_dir: str | Path, base: str
         meta = check_adapter(Path(adapter).resolve(), base)
         prompt_ids = prompt_ids or meta.get("validation_prompt_ids") or []
     items = validation_items(data_dir, list(prompt_ids or []), n)
-    out = validate(candidate_engine(adapter, base), items, progress=progress, cancel=cancel)
-    summary = {"n_items": out["n_items"], "by_condition": out["by_condition"],
+    eng = candidate_engine(adapter, base)
+    held = noticing_examples(data_dir, list(prompt_ids or []))
+    tf = {"steered": noticing_logprob(eng, held, steer=True), "unsteered": noticing_logprob(eng, held, steer=False)}
+    out = validate(eng, items, progress=progress, cancel=cancel)
+    summary = {"n_items": out["n_items"], "by_condition": out["by_condition"], "noticing_teacher_forced": tf,
                "prompt_ids": [it["prompt_id"] for it in items]}
     if adapter is not None:
         meta["validation"] = summary
         atomic_write_json(Path(adapter) / META_FILE, meta)
     return {**summary, "rows": out["rows"]}
+
+
+def noticing_logprob(engine, examples: list[dict], steer: bool = True) -> dict:
+    """Teacher-forced, on self-correction examples the candidate never trained on: after the
+    prompt and the drift (with the example's distractor steering on, if ``steer``), the mean
+    log-probability per token of the noticing sentence and the probability of its first token.
+    A sensitive measure where small-scale candidates rarely restart on their own."""
+    import torch  # heavy: torch
+
+    tok, hf = engine.model.tokenizer, engine.model.hf_model
+    block = decoder_layers(hf)[parse_resid_hook(engine.sae.hook_name)[0]]
+    W = engine.sae.W_dec.detach().float()
+    delta = {"d": None}
+
+    def add(_m, _i, out):
+        if delta["d"] is None:
+            return None
+        h = out[0] if isinstance(out, tuple) else out
+        return with_tensor(out, h + delta["d"].to(h.dtype).to(h.device))
+
+    per_token, first = [], []
+    hook = block.register_forward_hook(add)
+    try:
+        for e in examples:
+            drift, noticing = e["segments"][0], e["segments"][1]
+            ids, labels = encode_example(tok, {"prompt": e["prompt"], "segments": [
+                drift, noticing, {"text": "", "loss": False}]}, max_len=1024)
+            delta["d"] = W[int(e["latent"])] * float(e["boost"]) if steer and e.get("latent") is not None else None
+            with torch.no_grad():
+                logits = hf(input_ids=torch.tensor([ids], device=hf.device)).logits[0].float()
+            lp = torch.log_softmax(logits[:-1], -1)
+            pos = [i for i in range(1, len(ids)) if labels[i] != -100 and labels[i] != tok.eos_token_id]
+            if not pos:
+                continue
+            vals = [float(lp[i - 1, ids[i]]) for i in pos]
+            per_token.append(sum(vals) / len(vals))
+            first.append(float(torch.exp(lp[pos[0] - 1, ids[pos[0]]])))
+    finally:
+        hook.remove()
+        delta["d"] = None
+    n = len(per_token)
+    return {"n": n, "steer": steer, "mean_logprob_per_token": sum(per_token) / n if n else None,
+            "mean_first_token_prob": sum(first) / n if n else None}
+
+
+def noticing_examples(data_dir: str | Path, prompt_ids: list[str]) -> list[dict]:
+    """The data's self-correction examples of the validation prompts (kept out of training)."""
+    keep = set(prompt_ids)
+    return [e for e in load_examples(data_dir) if e["kind"] == "self_correction" and e["prompt_id"] in keep]
