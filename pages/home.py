@@ -36,26 +36,47 @@ def open_example(ex: dict) -> None:
     st.switch_page("pages/steering.py")
 
 
-st.subheader("Try it")
 loaded = (ss.get("engine").model.name if ss.get("engine") is not None
           else (ss.get("engine_loading") or (ss.get("model_choice", DEFAULT_MODEL),))[0])
 mine, others = load_examples(model=loaded), [e for e in load_examples() if e.get("model", DEFAULT_MODEL) != loaded]
-if not mine:
-    st.info(f"No example is shipped for {loaded}." + (" The examples below were found on another model: opening "
-                                                      "one switches the sidebar to it." if others else ""))
-for i, ex in enumerate(mine + others):
+recoveries = [e for e in mine + others if e.get("kind") == "recovery"]
+rest = [e for e in mine + others if e.get("kind") != "recovery"]
+
+
+def example_card(key: str, ex: dict, primary: bool) -> None:
     model = ex.get("model", DEFAULT_MODEL)
     with st.container(border=True):
         st.markdown(f"**{ex.get('title', 'Example')}**  \n{ex.get('blurb', '')}")
         st.caption(f"Prompt: {ex.get('prompt', '')} · steering: {example_steering(ex)} · model {model}"
                    + (f" · seed {ex['seed']}, temperature {ex['temperature']}" if ex.get("temperature") else ""))
         if model == loaded:
-            if st.button("Open in the steering lab", key=f"example_{i}", type="primary" if i == 0 else "secondary"):
+            if st.button("Open in the steering lab", key=key, type="primary" if primary else "secondary"):
                 open_example(ex)
         else:
             entry = get_entry(model)
-            if st.button(f"Switch to {entry.label if entry else model} and open", key=f"example_{i}"):
+            if st.button(f"Switch to {entry.label if entry else model} and open", key=key,
+                         type="primary" if primary else "secondary"):
                 open_example(ex)
+
+
+if recoveries:
+    st.subheader("Watch a recovery")
+    st.caption("On the resistance-tuned SmolLM2 (a LoRA trained on synthetic self-corrections, see the Experiments "
+               "page for its measured rates): the steered answer drifts, the resistance circuit crosses its "
+               "threshold, the model says a restart phrase and answers the task with the steering still on.")
+    for i, ex in enumerate(recoveries):
+        example_card(f"recovery_{i}", ex, primary=i == 0)
+st.subheader("Try it")
+if not mine:
+    st.info(f"No example is shipped for {loaded}." + (" The examples below were found on another model: opening "
+                                                      "one switches the sidebar to it." if others else ""))
+elif not [e for e in rest if e.get("model", DEFAULT_MODEL) == loaded]:
+    st.caption("The examples below were found on another model: opening one switches the sidebar to it.")
+for i, ex in enumerate(rest):
+    example_card(f"example_{i}", ex, primary=i == 0 and not recoveries)
+if [e for e in rest if e.get("model", DEFAULT_MODEL) == DEFAULT_MODEL]:
+    st.caption("The base SmolLM2 examples drift and stay drifted: a 135M model does not recover on its own "
+               "(0 of 100 steered trials in the shipped reference run).")
 
 st.subheader("Where to go")
 for page, label, icon in (

@@ -85,10 +85,9 @@ def test_the_lab_runs_the_same_steering_on_a_second_model_as_a_third_column():
     from conftest import open_app_page
 
     from esr_core.app import engine_loader
-    from esr_core.app.session import default_sae_for
 
-    engine_loader.request(TUNED, default_sae_for("smollm2-135m-instruct")).join()
     at = open_app_page("pages/steering.py")
+    engine_loader.request(TUNED, at.session_state.engine.sae.source).join()  # the key the lab asks for
     at.text_area(key="w_prompt").input("How do I boil an egg?")
     at.number_input(key="w_max_new_tokens").set_value(8)
     at.text_input(key="iv_latent").input("5040")
