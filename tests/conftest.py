@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite loads the base model, the tuned model, Gemma and test SAEs in one process: keep them all,
+# so a session fixture's engine is never released under a later test (eviction has its own test)
+os.environ.setdefault("ESR_LAB_MAX_ENGINES", "8")
 
 import json
 from pathlib import Path

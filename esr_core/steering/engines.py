@@ -6,6 +6,7 @@ so only the most recently used ones stay, and a released engine gives back its h
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
@@ -15,7 +16,17 @@ from esr_core.models.sae import forget as forget_sae
 from esr_core.models.sae import load_sae
 from esr_core.steering.engine import Engine
 
-MAX_ENGINES = 2  # model + SAE pairs kept loaded; the least recently used idle one is released
+
+# model + SAE pairs kept loaded (the least recently used idle one is released): three, so one
+# visitor comparing two models does not push out the engine another visitor is using
+def _max_engines(default: int = 3) -> int:
+    try:
+        return max(1, int(os.environ.get("ESR_LAB_MAX_ENGINES", default)))
+    except ValueError:
+        return default
+
+
+MAX_ENGINES = _max_engines()
 _ENGINES: "OrderedDict[tuple[str, str], Engine]" = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 
