@@ -169,7 +169,7 @@ def compare_model(eng):
     if not opts:
         return None
     ss.setdefault("compare_with", "")
-    if ss.compare_with not in opts:
+    if ss.compare_with and ss.compare_with not in opts:  # a model that cannot be compared here (any more)
         ss.compare_with = ""
         ss.pop("w_compare_with", None)
     name = _ui.persist("compare_with", st.selectbox, "Compare with model (same SAE, same steering)",
