@@ -29,10 +29,16 @@ for col, (label, value, note) in zip(st.columns(4), (
 
 
 def open_example(ex: dict) -> None:
+    """A button callback (it runs before the next script run): a model switch set here reaches the
+    sidebar's picker before it is drawn, even when the browser resends the picker's old value."""
     ss.pending_example = dict(ex)
     if ex.get("model", DEFAULT_MODEL) != ss.get("model_choice", DEFAULT_MODEL):
         ss.model_choice = ex.get("model", DEFAULT_MODEL)  # the sidebar follows: the model loads, then it runs
         ss.pop("w_model", None)
+    ss["_home_go_lab"] = True
+
+
+if ss.pop("_home_go_lab", False):
     st.switch_page("pages/steering.py")
 
 
@@ -50,13 +56,12 @@ def example_card(key: str, ex: dict, primary: bool) -> None:
         st.caption(f"Prompt: {ex.get('prompt', '')} · steering: {example_steering(ex)} · model {model}"
                    + (f" · seed {ex['seed']}, temperature {ex['temperature']}" if ex.get("temperature") else ""))
         if model == loaded:
-            if st.button("Open in the steering lab", key=key, type="primary" if primary else "secondary"):
-                open_example(ex)
+            st.button("Open in the steering lab", key=key, type="primary" if primary else "secondary",
+                      on_click=open_example, args=(ex,))
         else:
             entry = get_entry(model)
-            if st.button(f"Switch to {entry.label if entry else model} and open", key=key,
-                         type="primary" if primary else "secondary"):
-                open_example(ex)
+            st.button(f"Switch to {entry.label if entry else model} and open", key=key,
+                      type="primary" if primary else "secondary", on_click=open_example, args=(ex,))
 
 
 if recoveries:

@@ -12,7 +12,7 @@ import streamlit as st
 from esr_core.app import workspace
 from esr_core.app.live_run import normalised_member_series
 from esr_core.app.run_record import RunRecord
-from esr_core.app.session import load_examples
+from esr_core.app.session import example_norm_strength, load_examples
 from esr_core.errors import EsrError
 from esr_core.experiments.conditions import BASE_CONDITIONS, CONDITIONS, build_conditions
 from esr_core.latents.groups import LatentGroup, group_for, shipped_group
@@ -100,8 +100,8 @@ ex = load_examples(model=eng.model.name)
 dlat = c2.number_input("Distractor latent", min_value=0, max_value=d_sae - 1,
                        value=min(int(ex[0]["latent"]), d_sae - 1) if ex else 0,
                        key=f"res_dlat_{ss.get('workspace_key')}")  # per SAE: ranges differ
-dstr = c3.number_input("Strength (× median norm)", value=float(ex[0]["strength"]) if ex else 8.0, step=1.0,
-                       key="res_dstr")
+dstr = c3.number_input("Strength (× median norm)", step=1.0, key="res_dstr",
+                       value=example_norm_strength(ex[0], float(eng.median_norm)) if ex else 8.0)
 ntok = c4.number_input("New tokens", min_value=4, max_value=256, value=48, key="res_ntok")
 seed = st.number_input("Seed", min_value=0, value=0, key="res_seed")
 distractor = Intervention(latent=int(dlat), mode="add", strength=float(dstr), units="norm", positions="all")

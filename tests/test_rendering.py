@@ -318,10 +318,16 @@ def test_search_by_ids_without_catalog():
 
 def test_examples_file_is_valid():
     ex = session.load_examples()
-    assert ex and all({"prompt", "latent", "strength"} <= set(e) for e in ex)
+    assert ex and all({"prompt", "latent"} <= set(e) and ("strength" in e or e.get("interventions")) for e in ex)
     for e in ex:
-        forms.make_intervention(e["latent"], e.get("mode", "add"), e["strength"], e.get("units", "norm"),
-                              e.get("positions", "all"), 8192)
+        if e.get("interventions"):  # written as the lab's interventions (a trial of an experiment)
+            from esr_core.steering.interventions import Intervention
+
+            assert [Intervention.from_dict(d).latent for d in e["interventions"]][0] == e["latent"]
+            assert session.example_norm_strength(e, 170.63) == pytest.approx(0.455, abs=0.001)
+        else:
+            forms.make_intervention(e["latent"], e.get("mode", "add"), e["strength"], e.get("units", "norm"),
+                                    e.get("positions", "all"), 8192)
 
 
 def test_cli_generate_flags_become_interventions():

@@ -36,7 +36,7 @@ def _record(**over) -> dict:
 def test_uploaded_run_with_unknown_run_names_or_statuses_is_refused():
     bad_run = _record()
     bad_run["results"] = {EVIL: bad_run["results"]["steered"]}
-    with pytest.raises(BadInput, match="runs named steered or default"):
+    with pytest.raises(BadInput, match="runs named steered, compare, default"):
         records_from_json(json.dumps(bad_run))
     inner = _record()
     inner["results"]["steered"]["run"] = EVIL

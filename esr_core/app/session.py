@@ -203,12 +203,27 @@ def example_steering(ex: dict) -> str:
             f"({ex.get('positions', 'all')} positions)")
 
 
+def example_norm_strength(ex: dict, median_norm: float) -> float:
+    """An example's steering strength in x-median-norm units, whichever way it is written."""
+    if "strength" in ex:
+        s = float(ex["strength"])
+        return s / median_norm if ex.get("units") == "raw" and median_norm else s
+    add = next((d for d in ex.get("interventions") or [] if d.get("mode", "add") == "add"), None)
+    if add is None:
+        return 0.0
+    s = float(add.get("strength", 0.0))
+    return round(s / median_norm, 3) if add.get("units") == "raw" and median_norm else s
+
+
 def builtin_groups(engine) -> tuple[list[LatentGroup], list[str]]:
     """Groups shipped in assets/groups that belong to this engine's SAE (the resistance circuit
     and backtracking name the SAE they were found on); a note for each one left out."""
     groups, errors = load_builtin_groups()
+    own = {g.name for g in groups if g.matches(engine)}
     keep = []
     for g in groups:
+        if not g.matches(engine) and g.name in own:
+            continue  # another model's copy of a group this model has its own of (e.g. the tuned model's circuit)
         if not g.matches(engine):
             errors.append(f"{g.name}: found on another model or SAE, not shown here")
         elif max(g.members) >= engine.sae.d_sae:

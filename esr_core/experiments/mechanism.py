@@ -29,14 +29,17 @@ from esr_core.steering.spec import GenerationSpec
 STEERED_CONDITIONS = ("steering",)
 
 
+def _recoveries(run_dir, conditions, limit):
+    """The run's spec and its ESR trials in ``conditions`` (the first ``limit``)."""
+    cases = esr_cases(trial_table_flags(load_trials(run_dir)))
+    cases = cases[cases["condition"].isin(list(conditions))]
+    return load_spec(run_dir), (cases.head(limit) if limit is not None else cases)
+
+
 def recovery_leads(run_dir: str | Path, engine, circuit: LatentGroup, conditions=STEERED_CONDITIONS,
                    limit: int | None = None, progress: Progress | None = None, cancel=None) -> dict:
     """Per recovery: first crossing, first restart token and the lead; and their summary."""
-    spec = load_spec(run_dir)
-    cases = esr_cases(trial_table_flags(load_trials(run_dir)))
-    cases = cases[cases["condition"].isin(list(conditions))]
-    if limit is not None:
-        cases = cases.head(limit)
+    spec, cases = _recoveries(run_dir, conditions, limit)
     rows = []
     for k, (_, r) in enumerate(cases.iterrows()):
         check_cancel(cancel, "Lead times")
@@ -70,11 +73,7 @@ def demo_candidates(run_dir: str | Path, engine, circuit: LatentGroup, condition
     set-up), each with what the lab would show: the verdict, the circuit's live crossing and the
     restart tokens. Best first: recovers live, crosses before the restart, restarts after
     drifting (a first attempt of at least a sentence), largest score gain."""
-    spec = load_spec(run_dir)
-    cases = esr_cases(trial_table_flags(load_trials(run_dir)))
-    cases = cases[cases["condition"].isin(list(conditions))]
-    if limit is not None:
-        cases = cases.head(limit)
+    spec, cases = _recoveries(run_dir, conditions, limit)
     out = []
     for k, (_, r) in enumerate(cases.iterrows()):
         check_cancel(cancel, "Demo search")
