@@ -40,6 +40,21 @@ def _sae_label(s: str) -> str:
         return s
 
 
+def request_model(name: str, names: list[str] | None = None) -> None:
+    """Switch the sidebar's model picker from code (a Home example, a trial opened in the lab).
+
+    The picker's session key is its value: setting it in a callback, before the widget is drawn,
+    is the one way that wins over the value the browser resends for the widget."""
+    ss = st.session_state
+    names = names if names is not None else [n for n, _ in svc.model_options()]
+    ss.model_choice = name
+    if name in names:
+        ss["w_model"] = name
+    else:
+        ss["w_model"] = OTHER_MODEL
+        ss["w_model_other"] = name
+
+
 def choice() -> tuple[str, str | None]:
     """The (model, SAE spec) the user asks for; None SAE = the model's default."""
     ss = st.session_state
@@ -48,12 +63,12 @@ def choice() -> tuple[str, str | None]:
     labels = dict(models)
     want = ss.get("model_choice", DEFAULT_MODEL)
     options = names + [OTHER_MODEL]
-    idx = options.index(want) if want in options else len(names)
-    pick = st.selectbox("Model", options, index=idx, format_func=lambda n: labels.get(n, n), key="w_model")
+    if ss.get("w_model") not in options:  # first draw (or a stale value): the picker starts at the choice
+        request_model(want, names)
+    pick = st.selectbox("Model", options, format_func=lambda n: labels.get(n, n), key="w_model")
     model = pick
     if pick == OTHER_MODEL:
-        model = st.text_input("HF model id or local path", value="" if want in names else want,
-                              key="w_model_other").strip() or DEFAULT_MODEL
+        model = st.text_input("HF model id or local path", key="w_model_other").strip() or DEFAULT_MODEL
     ss.model_choice = model
     sae_opts = [SAE_DEFAULT] + svc.local_sae_folders() + [SAE_FOLDER, SAE_RELEASE]
     want_sae = ss.get("sae_choice")

@@ -39,6 +39,7 @@ from esr_core.models.registry import DEFAULT_MODEL
 from pages import _ui
 from pages._exp_new_run import new_run_section, progress_section
 from pages._exp_overlay import overlay_section
+from pages._sidebar import request_model
 
 _ui.require_frame()
 
@@ -91,8 +92,7 @@ def open_in_lab(run_dir: str, row: dict) -> None:
         return
     ss.pending_example = setup
     if setup["model"] != ss.get("model_choice", DEFAULT_MODEL):
-        ss.model_choice = setup["model"]
-        ss.pop("w_model", None)
+        request_model(setup["model"])
     ss["_go_lab"] = True
 
 

@@ -5,6 +5,7 @@ import streamlit as st
 from esr_core.app.session import example_steering, load_examples
 from esr_core.models.registry import DEFAULT_MODEL, get_entry
 from pages import _ui
+from pages._sidebar import request_model
 
 _ui.require_frame()
 ss = st.session_state
@@ -33,8 +34,7 @@ def open_example(ex: dict) -> None:
     sidebar's picker before it is drawn, even when the browser resends the picker's old value."""
     ss.pending_example = dict(ex)
     if ex.get("model", DEFAULT_MODEL) != ss.get("model_choice", DEFAULT_MODEL):
-        ss.model_choice = ex.get("model", DEFAULT_MODEL)  # the sidebar follows: the model loads, then it runs
-        ss.pop("w_model", None)
+        request_model(ex.get("model", DEFAULT_MODEL))  # the sidebar follows: the model loads, then it runs
     ss["_home_go_lab"] = True
 
 

@@ -1,5 +1,7 @@
 """Watch a recovery (#12): Home's example on the resistance-tuned model, in a real browser.
 
+Opened from Home on the default model, so the example's "Switch to ... and open" switches the sidebar.
+
 The example drifts under steering, the circuit crosses its threshold, the model says a restart
 phrase after the drift and answers the task: checked on the run's own tokens (the resistance
 line's data-* hooks) and on the judge's verdict. Screenshots: test-artefacts/recovery-*.png.
@@ -36,11 +38,10 @@ def test_the_home_recovery_example_drifts_crosses_the_circuit_restarts_and_recov
 
 
 def _journey(page, srv) -> None:
-    page.goto(srv.url + "/?model=smollm2-135m-esr")  # Home on the tuned model (a shared link)
+    page.goto(srv.url + "/")  # Home on the default model: the recovery example is on another model
     page.get_by_text(RECOVERY["title"]).wait_for(timeout=LONG)
-    page.get_by_text("smollm2-135m-esr").first.wait_for(timeout=LONG)  # the tuned model is loaded
     wait_app_idle(page, LONG)
-    button = page.get_by_role("button", name="Open in the steering lab").first
+    button = page.get_by_role("button", name=re.compile(r"^Switch to .* and open$")).first
     for _ in range(3):  # a click that lands during a rerun is dropped by the browser: click again
         button.click()
         try:
@@ -48,6 +49,8 @@ def _journey(page, srv) -> None:
             break
         except Exception:  # noqa: BLE001 - playwright's timeout: still on Home
             wait_app_idle(page, LONG)
+    # the sidebar's picker follows the switch (the browser resends the old value on the next run)
+    page.get_by_text("smollm2-135m-esr").first.wait_for(timeout=LONG)
     # the lab loads the tuned model, applies the example and streams it: wait for the finished run
     page.locator(".esr-run-view").wait_for(state="attached", timeout=LONG)
     page.wait_for_function("() => !document.querySelector('.esr-live')", timeout=LONG)
