@@ -18,6 +18,7 @@ from esr_core.experiments.conditions import BASE_CONDITIONS, CONDITIONS, build_c
 from esr_core.latents.groups import LatentGroup, group_for, shipped_group
 from esr_core.resistance import view as rv
 from esr_core.resistance.signals import ema
+from esr_core.resistance.token_detectors import evidence_rows
 from esr_core.steering.interventions import Intervention
 from esr_core.steering.spec import GenerationSpec
 from esr_core.viz import palette
@@ -82,7 +83,20 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
             r["description"] = r.get("description") or _describe(g, r["latent"])
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=f"tbl_{name}")
         s = g.extra.get("summary") or {}
-        if name == "circuit" and s:
+        if name == "circuit" and g.extra.get("evidence"):
+            ev = g.extra["evidence"]
+            st.markdown("**Evidence and controls** (measured on held-out prompts; `esr-lab detectors token-search`)")
+            st.dataframe(pd.DataFrame(evidence_rows(g.extra)), hide_index=True, width="stretch", key="tbl_evidence")
+            rej = ", ".join(f"{why}: {n}" for why, n in (ev.get("rejected") or {}).items())
+            st.caption(f"{ev.get('n_passing')} of {ev.get('n_candidates')} candidate latents passed every control "
+                       f"(rejected: {rej or 'none'}). Per member: AUC, the AUC within tokens of the same id and "
+                       f"within the same distance from a segment start, the AUC of garbled vs clean text, and the "
+                       f"system-prompt ratio. Alert threshold {(g.threshold or {}).get('value')}: "
+                       f"{(g.threshold or {}).get('basis', '')}.")
+            if g.extra.get("layers"):
+                st.markdown("**Per layer** (each layer's best group, the same held-out tokens)")
+                st.dataframe(pd.DataFrame(g.extra["layers"]), hide_index=True, width="stretch", key="tbl_layers")
+        elif name == "circuit" and s:
             thr = g.threshold or {}
             params = g.extra.get("params") or {}
             st.caption(f"Rule {params.get('rule')} (AUC threshold used {params.get('threshold_used')}); "
@@ -184,11 +198,7 @@ if rep is not None:
             hm_vals = list(ema(v, rep.get("ema_alpha")) if rep.get("ema_alpha") else v)
             hm_label = f"resistance circuit · {note}"
         st.html(render_heatmap(toks, hm_vals, label=hm_label, colour=circuit.colour))
-    rows = []
-    for key, s in rep["summary"].items():
-        for lab, v in s["regions"].items():
-            rows.append({"group": key, "region": lab, "tokens": v["n_tokens"], "mean": v["mean"], "ratio vs prompt": v["ratio"]})
-        rows.append({"group": key, "region": "after correction (on-topic)", "tokens": s["after_correction"]["n_tokens"],
-                     "mean": s["after_correction"]["mean"], "ratio vs prompt": s["after_correction"]["ratio"]})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="rep_table")
+    st.dataframe(pd.DataFrame(rv.region_rows(rep["summary"])), hide_index=True, key="rep_table")
+    st.caption("Ratios are each region's mean over the group's mean on unsteered on-topic answers (the paper's "
+               "baseline: 4.4x off-topic, 2.1x after the correction), never over the prompt.")
     st.markdown(html.escape(rep.get("verdict", "")))

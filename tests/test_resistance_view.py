@@ -111,17 +111,35 @@ def test_episode_summary_ratios():
     regions = [{"label": "prompt", "start": 0, "end": 4}, {"label": "off-topic", "start": 4, "end": 6},
                {"label": "correction", "start": 6, "end": 7}, {"label": "on-topic", "start": 7, "end": 9}]
     act = np.array([100.0, 1, 1, 1, 4, 4, 9, 2, 2])  # position 0 (sink) must not count
-    s = rv.episode_summary(act, regions)
+    s = rv.episode_summary(act, regions, baseline="prompt")
     assert s["regions"]["prompt"]["mean"] == pytest.approx(1.0)
     assert s["regions"]["off-topic"]["ratio"] == pytest.approx(4.0)
     assert s["after_correction"]["ratio"] == pytest.approx(2.0)
     assert "4.0x" in rv.verdict(s) and "2.0x" in rv.verdict(s)
-    silent = rv.episode_summary(np.zeros(9), regions)
+    silent = rv.episode_summary(np.zeros(9), regions, baseline="prompt")
     assert silent["regions"]["off-topic"]["ratio"] is None
     fb = rv.episode_summary(np.array([0, 0, 0, 0, 4, 4, 9, 2, 2.0]), regions, baseline="on-topic answers",
                             baseline_value=0.5)
     assert fb["regions"]["off-topic"]["ratio"] == pytest.approx(8.0) and fb["baseline_mean"] == 0.5
-    assert "on-topic answers baseline" in rv.verdict(fb)
+    assert "mean on on-topic answers" in rv.verdict(fb)
+
+
+def test_replay_regions_are_against_on_topic_activity_never_the_prompt():
+    """A group that fires on the prompt no longer makes off-topic text look quiet (#13)."""
+    from esr_core.latents.groups import LatentGroup
+
+    regions = [{"label": "prompt", "start": 0, "end": 4}, {"label": "off-topic", "start": 4, "end": 6},
+               {"label": "correction", "start": 6, "end": 7}, {"label": "on-topic", "start": 7, "end": 9}]
+    act = np.array([0.0, 20, 20, 20, 4, 4, 9, 2, 2])  # loud on the prompt, as #1229 is on the system prompt
+    g = LatentGroup(name="c", members=[1], extra={"threshold": {"value": 3.0, "how": "sum", "on_topic_mean": 0.5}})
+    s = rv.region_summary(act, regions, g)
+    assert s["baseline"] == rv.ON_TOPIC_BASELINE
+    assert s["regions"]["off-topic"]["ratio"] == pytest.approx(8.0)  # against the prompt it would be 0.2
+    assert s["after_correction"]["ratio"] == pytest.approx(4.0)
+    rows = rv.region_rows({"circuit": s})
+    assert all("ratio vs unsteered on-topic answers" in r for r in rows)
+    bare = rv.region_summary(act, regions, LatentGroup(name="c", members=[1]))
+    assert bare["regions"]["off-topic"]["ratio"] is None  # no on-topic mean: no ratio, never the prompt
 
 
 def test_rank_auc_with_ties_and_derangements():

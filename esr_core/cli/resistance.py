@@ -70,6 +70,41 @@ def register(sub) -> None:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=run_replay)
 
+    t = dsub.add_parser("token-search", help="token-level detector search at one or more layers, with controls "
+                                             "(token id, segment position, garbling, system prompt) and held-out prompts")
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--sae", action="append", default=[], metavar="SPEC",
+                   help="an SAE to search (repeat for several layers; default: the model's own)")
+    t.add_argument("--inputs", default=None, help="detector inputs JSONL (default: assets/prompts/detector_inputs.jsonl)")
+    t.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts (a small sample)")
+    t.add_argument("--max-size", type=int, default=26)
+    t.add_argument("--baseline", default=None, metavar="GROUP_JSON",
+                   help="compare with this group on the same held-out tokens (default: the shipped circuit)")
+    t.add_argument("--report", default=None, help="write the full report (every candidate and control) here")
+    t.add_argument("--out", default=None, help="write the best layer's group here")
+    t.add_argument("--json", action="store_true", help="print the per-layer table as JSON")
+    t.set_defaults(func=run_token_search)
+
+    a = dsub.add_parser("attribute", help="latents that drive a run's restarts (gradient x activation), "
+                                          "confirmed by ablating them against random latents")
+    a.add_argument("--model", default="smollm2-135m-esr")
+    a.add_argument("--sae", default=None, help="steering SAE (default: the model's)")
+    a.add_argument("--read-sae", default=None, help="readout SAE to attribute to (default: the steering SAE)")
+    a.add_argument("--run", default="assets/experiments/tuned-reference", help="a run folder with restarts")
+    a.add_argument("--conditions", default="steering,meta_prompt")
+    a.add_argument("--limit", type=int, default=None, help="use at most this many restarts")
+    a.add_argument("--top-k", type=int, default=10)
+    a.add_argument("--random-draws", type=int, default=5)
+    a.add_argument("--report", default=None, help="write the full report here (default: <run>/attribution.json)")
+    a.add_argument("--group-out", default=None, help="also write the top latents as a group here")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=run_attribute)
+
+    i = dsub.add_parser("inputs", help="build the detector inputs file from `esr-lab finetune data` output")
+    i.add_argument("--data", required=True, help="the fine-tuning data folder (answers.jsonl, drifts.jsonl)")
+    i.add_argument("--out", default=None, help="default: assets/prompts/detector_inputs.jsonl")
+    i.set_defaults(func=run_inputs)
+
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -175,4 +210,102 @@ def run_replay(args) -> int:
         for reg in r["regions"]:
             print(f"  {reg['label']:<11} tokens {reg['start']}..{reg['end'] - 1}")
         print(r.get("verdict", ""))
+    return 0
+
+
+def run_inputs(args) -> int:
+    from esr_core.io import read_jsonl
+    from esr_core.resistance.token_detectors import INPUTS_PATH, build_detector_inputs
+
+    d = Path(args.data)
+    missing = [n for n in ("answers.jsonl", "drifts.jsonl") if not (d / n).exists()]
+    if missing:
+        raise BadInput(f"{d} lacks {', '.join(missing)} (run `esr-lab finetune data` first)")
+    info = build_detector_inputs(read_jsonl(d / "answers.jsonl"), read_jsonl(d / "drifts.jsonl"),
+                                 args.out or INPUTS_PATH)
+    print(f"{info['rows']} prompts, {info['with_drift']} with a steered drift -> {args.out or INPUTS_PATH}")
+    return 0
+
+
+def run_token_search(args) -> int:
+    from esr_core.latents.groups import member_descriptions, sae_identity
+    from esr_core.models.sae import load_sae
+    from esr_core.resistance.token_detectors import (
+        TokenSearchParams,
+        best_layer,
+        group_dict,
+        layer_table,
+        run_search,
+        save_report,
+    )
+    from esr_core.steering.engines import get_engine
+
+    params = TokenSearchParams(n_prompts=args.n_prompts, max_size=args.max_size).validate()
+    engine = get_engine(args.model, None)
+    saes = [load_sae(s) for s in args.sae] if args.sae else [engine.sae]
+    base = load_group(args.baseline) if args.baseline else shipped_group("circuit", args.model)
+    baselines = {}
+    if base is not None and (base.extra.get("sae") or {}).get("hook") and base.threshold_value("sum") is not None:
+        baselines[base.extra["sae"]["hook"]] = {"name": f"today's {base.name}", "members": base.members,
+                                                "threshold": base.threshold_value("sum")}
+    report = run_search(engine.model, saes, params, inputs_path=args.inputs, baselines=baselines,
+                        progress=None if args.json else StderrProgress(newline=True))
+    report["layer_table"] = layer_table(report)
+    report["command"] = "esr-lab detectors token-search " + " ".join(
+        [f"--model {args.model}"] + [f"--sae {s}" for s in args.sae]
+        + ([f"--n-prompts {args.n_prompts}"] if args.n_prompts else []))
+    if args.report:
+        save_report(report, args.report)
+    best = best_layer(report)
+    sae = next(s for s in saes if s.hook_name == best["hook"])
+
+    class _View:  # sae_identity / member_descriptions read an engine's model and SAE
+        def __init__(self):
+            self.model, self.sae, self.hook_name = engine.model, sae, sae.hook_name
+
+    view = _View()
+    group = LatentGroup.from_dict(group_dict(report, best, member_descriptions(view, best["members"]),
+                                             sae_identity(view)))
+    if args.out:
+        save_group(group, args.out)
+    if args.json:
+        print(json.dumps(report["layer_table"]))
+    else:
+        for row in report["layer_table"]:
+            print("  ".join(f"{k}={v}" for k, v in row.items() if k != "members"))
+        print(f"best: {best['hook']} ({len(best['members'])} latents: {best['members']})"
+              + (f"; group written to {args.out}" if args.out else ""))
+    return 0 if best["members"] else 1
+
+
+def run_attribute(args) -> int:
+    from esr_core.io import atomic_write_json
+    from esr_core.models.sae import load_sae
+    from esr_core.resistance.attribution import AttributionParams, attribution_group, run_attribution
+    from esr_core.steering.engines import get_engine
+
+    engine = get_engine(args.model, args.sae)
+    read = load_sae(args.read_sae) if args.read_sae else None
+    circuit = group_for(engine, "circuit")
+    params = AttributionParams(conditions=tuple(c for c in args.conditions.split(",") if c), limit=args.limit,
+                               top_k=args.top_k, random_draws=args.random_draws)
+    rep = run_attribution(engine, args.run, read, params, detectors=circuit.members if circuit else [],
+                          progress=None if args.json else StderrProgress(newline=True))
+    rep["command"] = (f"esr-lab detectors attribute --model {args.model} --run {args.run}"
+                      + (f" --read-sae {args.read_sae}" if args.read_sae else "") + f" --top-k {args.top_k}"
+                      + (f" --limit {args.limit}" if args.limit else ""))
+    out = Path(args.report) if args.report else Path(args.run) / "attribution.json"
+    atomic_write_json(out, rep)
+    if args.group_out:
+        save_group(attribution_group(rep, engine, read), args.group_out)
+    if args.json:
+        print(json.dumps({k: v for k, v in rep.items() if k != "rows"}))
+    else:
+        print(f"{rep['n_restarts']} restarts, top {len(rep['top'])} latents at {rep['read_hook']}: "
+              f"{[t['latent'] for t in rep['top']]}")
+        print(f"ablating them changes the restart token's log-probability by {rep['mean_delta_logp_top']:+.3f} "
+              f"(random latents: {rep['mean_delta_logp_random']:+.3f}); lower on "
+              f"{rep['share_top_lowers_more']:.0%} of restarts; overlap with the circuit: "
+              f"{rep['overlap_with_detectors'] or 'none'}")
+        print(f"report written to {out}")
     return 0

@@ -174,9 +174,12 @@ def capture(model, hook_names: Sequence[str] | str, input_ids, attention_mask=No
     return dict(got)
 
 
-def capture_batches(model, hook_name: str, seqs: list[list[int]], batch_size: int = 8, cancel=None,
+def capture_batches(model, hook_name: str | Sequence[str], seqs: list[list[int]], batch_size: int = 8, cancel=None,
                     on_batch: Callable[[int, int], None] | None = None):
     """Yield ``(index, activation [T_i, d])`` for many token sequences, batched by length.
+
+    With a list of hook names, one forward pass reads them all and each item is
+    ``(index, {hook: activation})``.
 
     Right padding with an attention mask keeps the real tokens exact under causal attention;
     ``cancel`` (a :class:`esr_core.jobs.Cancel`, Event or callable) stops between batches.
@@ -198,9 +201,12 @@ def capture_batches(model, hook_name: str, seqs: list[list[int]], batch_size: in
         for b, i in enumerate(idx):
             ids[b, :len(seqs[i])] = torch.tensor(seqs[i])
             att[b, :len(seqs[i])] = 1
-        h = capture(model, hook_name, ids.to(device), att.to(device))[hook_name].float()
+        got = capture(model, hook_name, ids.to(device), att.to(device))
         for b, i in enumerate(idx):
-            yield i, h[b, :len(seqs[i])]
+            if isinstance(hook_name, str):
+                yield i, got[hook_name][b, :len(seqs[i])].float()
+            else:
+                yield i, {n: got[n][b, :len(seqs[i])].float() for n in hook_name}
         done += len(idx)
         if on_batch is not None:
             on_batch(done, len(seqs))

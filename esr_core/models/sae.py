@@ -70,6 +70,9 @@ class SaeHandle:
     def encode(self, h):
         return self.sae.encode(h)
 
+    def decode(self, z):
+        return self.sae.decode(z)
+
     def check_latent(self, latent: int) -> int:
         try:
             i = int(latent)

@@ -181,7 +181,7 @@ def restart_markers(judgement: dict, token_offsets: Sequence[tuple[int, int]], p
     return out
 
 
-def episode_summary(activity, regions: Sequence[dict], baseline: str = "prompt", skip_first: bool = True,
+def episode_summary(activity, regions: Sequence[dict], baseline: str = "on-topic", skip_first: bool = True,
                     baseline_value: float | None = None) -> dict:
     """Mean activity per region and its ratio to the baseline region (paper: 4.4x off-topic, 2.1x after).
 
@@ -212,6 +212,35 @@ def episode_summary(activity, regions: Sequence[dict], baseline: str = "prompt",
     return out
 
 
+ON_TOPIC_BASELINE = "unsteered on-topic answers"
+
+
+def region_summary(series, regions: Sequence[dict], group: LatentGroup, how: str = "sum") -> dict:
+    """Region means against the group's unsteered on-topic activity, as the paper does.
+
+    The prompt is never the baseline: a latent that fires on the system prompt would make
+    every region look quiet (the first circuit read 0.4x during off-topic text that way). A
+    group without a recorded on-topic mean gets no ratios, and says so.
+    """
+    on = (group.threshold or {}).get("on_topic_mean")
+    if on and (group.threshold or {}).get("how", "sum") == how:
+        return episode_summary(series, regions, baseline=ON_TOPIC_BASELINE, baseline_value=float(on))
+    summ = episode_summary(series, regions, baseline="none (the group records no on-topic mean)", baseline_value=0.0)
+    return summ
+
+
+def region_rows(summaries: dict[str, dict]) -> list[dict]:
+    """The replay's region table: one row per (group, region), ratios vs unsteered on-topic activity."""
+    rows = []
+    for key, s in summaries.items():
+        col = f"ratio vs {s.get('baseline', ON_TOPIC_BASELINE)}"
+        for lab, v in s["regions"].items():
+            rows.append({"group": key, "region": lab, "tokens": v["n_tokens"], "mean": v["mean"], col: v["ratio"]})
+        rows.append({"group": key, "region": "after correction (on-topic)", "tokens": s["after_correction"]["n_tokens"],
+                     "mean": s["after_correction"]["mean"], col: s["after_correction"]["ratio"]})
+    return rows
+
+
 def verdict(summary: dict, judgement: dict | None = None) -> str:
     """One plain sentence on what the detectors did in this episode."""
     attempts = (judgement or {}).get("attempts") or []
@@ -230,12 +259,12 @@ def verdict(summary: dict, judgement: dict | None = None) -> str:
         else:
             parts.append("The judge found no attempt.")
     if off is not None:
-        parts.append(f"Detectors during off-topic text: {off:.1f}x the {summary.get('baseline', 'prompt')} baseline "
-                     f"(paper: 4.4x).")
+        parts.append(f"Detectors during off-topic text: {off:.1f}x their mean on "
+                     f"{summary.get('baseline', ON_TOPIC_BASELINE)} (paper: 4.4x).")
     if aft is not None:
         parts.append(f"After the correction: {aft:.1f}x (paper: 2.1x).")
     if off is None and aft is None:
-        parts.append("No baseline ratio (no off-topic region, or the detectors are silent on the prompt).")
+        parts.append("No ratio (no off-topic region, or the group records no on-topic baseline).")
     return " ".join(parts)
 
 
@@ -283,11 +312,7 @@ def replay_episode(engine, prompt: str, response: str, circuit: LatentGroup | No
         out["series"][key] = s
         out["members"] = out.get("members", {})
         out["members"][key] = member_matrix(z, g)
-        summ = episode_summary(s, regions)
-        fallback = (g.threshold or {}).get("on_topic_mean")
-        if not summ["baseline_mean"] and fallback and (g.threshold or {}).get("how", "sum") == how:
-            summ = episode_summary(s, regions, baseline="on-topic answers (search)", baseline_value=float(fallback))
-        out["summary"][key] = summ
+        out["summary"][key] = region_summary(s, regions, g, how)
     if circuit and circuit.members:
         thr = circuit.threshold_value(how)
         out["threshold"] = thr
