@@ -35,7 +35,10 @@ from esr_core.experiments.store import (
     load_spec,
     load_trials,
 )
+from esr_core.io import read_json_or
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.resistance.attribution import ATTRIBUTION_FILE, attribution_caption
+from esr_core.viz.result_plots import attribution_figure
 from pages import _ui
 from pages._exp_new_run import new_run_section, progress_section
 from pages._exp_overlay import overlay_section
@@ -162,6 +165,11 @@ def show_run(run_dir: str) -> None:
             st.caption(f"Same latents, prompts, boosts (calibrated on {other.get('model')}) and seeds; counts with "
                        "Wilson 95 % intervals. An interval that does not overlap the other model's is a real "
                        "difference at this n.")
+    attribution = read_json_or(d / ATTRIBUTION_FILE, None)
+    if attribution:
+        st.subheader("What drives the restarts (attribution, confirmed by ablation)")
+        st.plotly_chart(attribution_figure(attribution), key=f"attr_{d.name}")
+        st.caption(attribution_caption(attribution))
     st.subheader("Against the paper")
     pt = paper_table(summary)
     if len(pt):

@@ -103,3 +103,35 @@ def demo_candidates(run_dir: str | Path, engine, circuit: LatentGroup, condition
         return (not live, not ordered, c["first_attempt_words"] < 12, -gain)
 
     return sorted(out, key=rank)
+
+
+def circuit_separation(run_dir: str | Path, engine, circuit: LatentGroup, n: int = 12, off_topic_below: float = 30.0,
+                       progress: Progress | None = None, cancel=None) -> dict:
+    """How often the circuit crosses its threshold on a run's steered off-topic answers vs unsteered ones.
+
+    The first ``n`` steered trials whose first attempt the judge scored off-topic, and the first
+    ``n`` no-steering trials, each replayed with its own interventions (the live condition:
+    steering on), counted over response tokens only. The run's prompts are the evaluation
+    prompts, never those a token-level circuit was searched on.
+    """
+    spec = load_spec(run_dir)
+    t = load_trials(run_dir)
+    steered = t[(t["condition"] == "steering") & (t["first_score"] < off_topic_below)].head(n)
+    plain = t[t["condition"] == "no_steering"].head(n)
+    thr = circuit.threshold_value("sum")
+    out: dict = {"threshold": thr, "members": list(circuit.members)}
+    total = len(steered) + len(plain)
+    done = 0
+    for name, rows in (("steered_off_topic", steered), ("unsteered", plain)):
+        crossed = []
+        for _, r in rows.iterrows():
+            check_cancel(cancel, "Circuit separation")
+            ivs = trial_interventions(spec, trial_of(r.to_dict()))
+            rep = replay_episode(engine, str(r["prompt"]), str(r["response"]), circuit, steering=ivs,
+                                 judgement={"attempts": []})
+            first = int(rep["prompt_len"])
+            crossed.append(any(c >= first for c in rep.get("crossings", [])))
+            done += 1
+            report_fraction(progress, "separation", done / max(1, total), f"{done}/{total} answers")
+        out[name] = {"crossed": int(sum(crossed)), "n": len(crossed)}
+    return out

@@ -20,6 +20,7 @@ from plotly.subplots import make_subplots
 
 from esr_core.errors import EsrError
 from esr_core.io import atomic_write_bytes, atomic_write_text
+from esr_core.viz import palette
 
 # Okabe-Ito, without black (kept for text and the y = x line)
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"]
@@ -448,3 +449,38 @@ def export_figure(fig: go.Figure, path: str | os.PathLike, png: bool = True,
     _readable(png_path)
     written.append(png_path)
     return written
+
+
+def attribution_figure(report: Mapping | None) -> go.Figure:
+    """Restart drivers: mean attribution of the top latents, and what ablating them does.
+
+    Left: gradient x activation per latent (the off-topic circuit's members marked). Right:
+    per restart, the change in the restart token's log-probability when the top latents are
+    ablated, next to the mean over random draws of as many active latents.
+    """
+    if not report or not report.get("rows"):
+        return empty_figure("Restart drivers", "No attribution for this run: `esr-lab detectors attribute`.")
+    det = set(report.get("detectors") or [])
+    top = report["top"]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.12,
+                        subplot_titles=(f"Attribution to the restart token ({report['read_hook']})",
+                                        "Change in log p(restart) when ablated"))
+    labels = [f"#{t['latent']}" + (" (circuit)" if t["latent"] in det else "") for t in top]
+    fig.add_trace(go.Bar(x=labels, y=[t["attribution"] for t in top], name="attribution",
+                         marker_color=[palette.CIRCUIT if t["latent"] in det else palette.RESTART for t in top],
+                         hovertemplate="%{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
+    rows = report["rows"]
+    d_top = [r["logp_top_ablated"] - r["logp"] for r in rows]
+    d_rand = [float(np.mean(r["logp_random_ablated"])) - r["logp"] if r["logp_random_ablated"] else None for r in rows]
+    keys = [str(r["key"]) for r in rows]
+    fig.add_trace(go.Box(y=d_top, name=f"top {len(top)}", boxpoints="all", jitter=0.4, marker_color=palette.RESTART,
+                         text=keys, hovertemplate="%{text}: %{y:+.3f}<extra>top</extra>"), row=1, col=2)
+    fig.add_trace(go.Box(y=[x for x in d_rand if x is not None], name=f"{len(top)} random", boxpoints="all",
+                         jitter=0.4, marker_color=palette.LIGHT,
+                         hovertemplate="%{y:+.3f}<extra>random</extra>"), row=1, col=2)
+    fig.update_yaxes(title_text="mean gradient x activation", row=1, col=1)
+    fig.update_yaxes(title_text="Δ log p (0 = no effect)", row=1, col=2)
+    fig.update_layout(showlegend=False, height=380, margin=dict(t=50, l=50, r=20, b=60),
+                      title=dict(text=f"{report['n_restarts']} restarts of {Path(str(report['run'])).name}",
+                                 font=dict(size=13)))
+    return fig
