@@ -40,8 +40,8 @@ try:
     pg = navigation()
     with st.sidebar:
         st.subheader("Model and SAE")
-        model, sae = _sidebar.choice()
-        _sidebar.ensure_engine(model, sae)
+        model, sae, read_sae = _sidebar.choice()
+        _sidebar.ensure_engine(model, sae, read_sae)
         _sidebar.status()
     pg.run()
     _ui.sync_url()

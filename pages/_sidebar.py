@@ -1,4 +1,4 @@
-"""The sidebar: which model and SAE, loaded in the background, and what exactly is loaded."""
+"""The sidebar: which model, SAE and readout SAE, loaded in the background, and what exactly is loaded."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import streamlit as st
 from esr_core.app import engine_loader, workspace
 from esr_core.app import session as svc
 from esr_core.errors import EsrError
+from esr_core.models.hooks import parse_resid_hook
 from esr_core.models.registry import DEFAULT_MODEL
 from esr_core.models.sae import list_pretrained_releases
-from esr_core.paths import ASSETS_DIR
+from esr_core.paths import ASSETS_DIR, cache_dir
 
 OTHER_MODEL = "Other: HF id or local path…"
 SAE_DEFAULT = "default for this model"
 SAE_FOLDER = "local SAE folder…"
 SAE_RELEASE = "SAE-Lens pretrained release…"
+READ_SAME = "same as steering SAE"
 
 
 @st.cache_data(show_spinner=False)
@@ -31,11 +33,15 @@ def load_catalog(_engine, key: str):
 
 
 def _sae_label(s: str) -> str:
-    if s in (SAE_DEFAULT, SAE_FOLDER, SAE_RELEASE):
+    if s in (SAE_DEFAULT, SAE_FOLDER, SAE_RELEASE, READ_SAME):
         return s
     p = Path(s)
     try:
         return str(p.resolve().relative_to(ASSETS_DIR.resolve()))
+    except (ValueError, OSError):
+        pass
+    try:
+        return "cache: " + str(p.resolve().relative_to(cache_dir().resolve()))
     except (ValueError, OSError):
         return s
 
@@ -55,8 +61,9 @@ def request_model(name: str, names: list[str] | None = None) -> None:
         ss["w_model_other"] = name
 
 
-def choice() -> tuple[str, str | None]:
-    """The (model, SAE spec) the user asks for; None SAE = the model's default."""
+def choice() -> tuple[str, str | None, str | None]:
+    """The (model, SAE spec, readout SAE spec) the user asks for; None SAE = the model's default,
+    None readout SAE = read the steering SAE."""
     ss = st.session_state
     models = svc.model_options()
     names = [n for n, _ in models]
@@ -92,13 +99,26 @@ def choice() -> tuple[str, str | None]:
             sae = ss.get("sae_release_pick")
     elif sel != SAE_DEFAULT:
         sae = sel
-    return model, sae
+    return model, sae, read_choice(model)
+
+
+def read_choice(model: str) -> str | None:
+    """The optional readout SAE: latents are read at its hook (after the steering) instead of the
+    steering SAE's; the shipped SAE folders and the cached ones for this model's d_model."""
+    eng = st.session_state.get("engine")
+    d_model = eng.model.d_model if eng is not None and getattr(eng.model, "name", None) == model else None
+    opts = [READ_SAME] + svc.readout_sae_folders(d_model)
+    sel = st.selectbox("Readout SAE", opts, key="w_read_sae", format_func=_sae_label,
+                       help="Steer with the SAE above, read the watched and top latents from this SAE at its own "
+                            "hook (a later layer sees the steering's effect downstream; an earlier one sees none). "
+                            "Watched latent ids are this SAE's.")
+    return None if sel == READ_SAME else sel
 
 
 @st.fragment(run_every=1.0)
-def _loading(model: str, sae: str) -> None:
+def _loading(model: str, sae: str, read_sae: str | None = None) -> None:
     """Progress of the background load; the whole app reruns once the model is there."""
-    job = engine_loader.request(model, sae)
+    job = engine_loader.request(model, sae, read_sae)
     st.html(f'<div class="esr-loading" data-model="{html.escape(model, quote=True)}">Loading '
             f'<b>{html.escape(model)}</b>… {html.escape(job.step.message or job.step.stage)}</div>')
     st.progress(job.step.fraction)
@@ -106,54 +126,73 @@ def _loading(model: str, sae: str) -> None:
         st.rerun()
 
 
-def _try(model: str, sae: str | None, errors: list[str]):
+def _try(model: str, sae: str | None, errors: list[str], read_sae: str | None = None):
     """(engine or None while loading, sae spec) for a choice; errors are appended, never raised."""
+    reading = False  # an error from here on is the readout SAE's (or its load's)
     try:
         model = svc.check_model_choice(model)
         sae = svc.check_sae_choice(sae) or svc.default_sae_for(model)
         if sae is None or (model == DEFAULT_MODEL and svc.default_sae_missing(model)):
             raise EsrError(svc.default_sae_missing(model) or f"No SAE chosen for {model}")
-        return engine_loader.ready_engine(model, sae), sae
+        reading = bool(read_sae)
+        read_sae = svc.check_sae_choice(read_sae)
+        return engine_loader.ready_engine(model, sae, read_sae), sae
     except EsrError as exc:
-        errors.append(str(exc))
+        errors.append(f"Readout SAE {_sae_label(read_sae)}: {exc}" if reading else str(exc))
     except Exception as exc:  # anything else from a third-party loader: keep the app alive
         errors.append(f"Could not load {model} / {sae}: {type(exc).__name__}: {str(exc)[:200]}")
     return False, sae
 
 
-def ensure_engine(model: str, sae: str | None) -> None:
-    """The engine for the choice (or, if it fails, the default), loaded in the background.
+def ensure_engine(model: str, sae: str | None, read_sae: str | None = None) -> None:
+    """The engine for the choice (or, if it fails, the same without the readout SAE, then the
+    default), loaded in the background.
 
     While it loads, ``engine`` is None and ``engine_loading`` names it; pages that need a model
-    say so, the others draw at once. Switching the (model, SAE) switches the workspace.
+    say so, the others draw at once. Switching the (model, SAE, readout SAE) switches the
+    workspace (watched latent ids are the readout SAE's).
     """
     ss = st.session_state
     errors: list[str] = []
-    eng, spec = _try(model, sae, errors)
-    used = (model, spec)
+    eng, spec = _try(model, sae, errors, read_sae)
+    used, read_used = (model, spec), read_sae
+    if eng is False and read_sae:
+        eng, spec = _try(model, sae, errors)
+        used, read_used = (model, spec), None
     if eng is False and model != DEFAULT_MODEL:
         eng, spec = _try(DEFAULT_MODEL, None, errors)
-        used = (DEFAULT_MODEL, spec)
+        used, read_used = (DEFAULT_MODEL, spec), None
     ss.load_errors = errors
     if eng is None:  # loading in the background: the pages keep the model they had until it is ready
-        ss.engine_loading = used
+        ss.engine_loading = used + (read_used,)
         if ss.get("engine") is None:
             ss.engine_error = f"{used[0]} is loading…"
         return
     ss.engine_loading = None
     if eng is False:
         ss.engine, ss.engine_key, ss.catalog = None, None, None
+        ss.engine_read_sae = None
         ss.engine_error = " · ".join(errors) or "No model could be loaded"
         return
-    new_key = workspace.key_of(eng.model.name, eng.sae.source)
+    reads = getattr(eng, "has_readout_sae", False)
+    new_key = workspace.key_of(eng.model.name, eng.sae.source + (f"|read={eng.read_sae.source}" if reads else ""))
     if ss.get("workspace_key") != new_key:
         workspace.switch(ss, ss.get("workspace_key"), new_key)
         ss.workspace_key = new_key
     ss.engine, ss.engine_key, ss.engine_error = eng, used, None
+    ss.engine_read_sae = eng.read_sae.source if reads else None
     ss.catalog = load_catalog(eng, new_key)
     ss.builtin_groups, ss.group_errors = svc.builtin_groups(eng)
     ss.model_in_url = used[0] if used[0] != DEFAULT_MODEL else None
     ss.sae_in_url = sae if used == (model, spec) else None
+
+
+def _upstream(read_hook: str, steer_hook: str) -> bool:
+    """True when the residual at ``read_hook`` is computed before the one at ``steer_hook``."""
+    r, s = parse_resid_hook(read_hook), parse_resid_hook(steer_hook)
+    if r is None or s is None:
+        return False
+    return (r[0] if r[1] == "post" else r[0] - 1) < (s[0] if s[1] == "post" else s[0] - 1)
 
 
 def status() -> None:
@@ -173,6 +212,13 @@ def status() -> None:
     st.markdown(f"**Model** `{eng.model.name}`  \n{eng.model.n_layers} layers · d_model {eng.model.d_model}")
     st.markdown(f"**SAE** {info['architecture']} at `{info['hook']}`  \nd_sae **{info['d_sae']:,}** · "
                 f"from `{_sae_label(info['source'])}`")
+    read = svc.read_sae_info(eng)
+    if read is not None:
+        st.markdown(f"**Readout SAE** {read['architecture']}, reads `{read['hook']}`  \n"
+                    f"d_sae **{read['d_sae']:,}** · from `{_sae_label(read['source'])}`")
+        st.caption(f"Steers at {info['hook']}, reads {read['hook']}: watched and top latents are the readout "
+                   "SAE's" + (" (it is upstream of the steering, so it sees none of it)."
+                              if _upstream(read["hook"], info["hook"]) else "."))
     extra = {k: v for k, v in info.items() if k not in ("source", "hook", "d_sae", "d_in", "architecture", "layer",
                                                          "fit_note", "fit_degraded")}
     if extra:

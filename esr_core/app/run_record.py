@@ -1,8 +1,9 @@
 """One steering run as a self-contained JSON record (download, re-open, replay).
 
 A record carries what is needed to understand and replay the run: prompt and rendered prompt,
-model, SAE, the full GenerationSpec (interventions, sampling settings, seed, watch list), the
-steered and default RunResults (tokens, activations, top latents) and the groups in use.
+model, SAE (and the readout SAE when the readout came from a second one), the full
+GenerationSpec (interventions, sampling settings, seed, watch list), the steered and default
+RunResults (tokens, activations, top latents) and the groups in use.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RunRecord:
     status: str = "done"  # "done" | "stopped" | "running"
     note: str = ""
     compare_model: str = ""  # the second model whose steered run is results["compare"], if any
+    read_sae: str | None = None  # the readout SAE the acts and top latents came from; None = the steering SAE
 
     def run_title(self, run: str) -> str:
         """How a run is named on screen: the compare run by its model."""
@@ -61,6 +63,7 @@ class RunRecord:
             "results": {k: v.to_dict() for k, v in self.results.items()},
             "groups": [g.to_dict() for g in self.groups],
             **({"compare_model": self.compare_model} if self.compare_model else {}),
+            **({"read_sae": self.read_sae} if self.read_sae else {}),
         }
 
     def to_json(self) -> str:
@@ -90,6 +93,9 @@ class RunRecord:
         status = d.get("status", "done")
         if status not in STATUSES:
             raise BadInput(f"The run record's status must be one of {', '.join(STATUSES)}")
+        read_sae = d.get("read_sae")  # records made before readout SAEs have none
+        if read_sae is not None and not isinstance(read_sae, str):
+            raise BadInput("The run record's 'read_sae' must be text (an SAE folder or release:sae_id)")
         rid = str(d.get("id") or "")
         groups = [LatentGroup.from_dict(g) for g in d.get("groups") or []]
         try:
@@ -100,7 +106,7 @@ class RunRecord:
                    rendered_prompt=str(d.get("rendered_prompt", "")), groups=groups, created=created,
                    id=rid if _ID.fullmatch(rid) else uuid.uuid4().hex[:12],
                    status="stopped" if status == "running" else status,
-                   note=str(d.get("note", "")), compare_model=compare_model)
+                   note=str(d.get("note", "")), compare_model=compare_model, read_sae=read_sae or None)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "RunRecord":

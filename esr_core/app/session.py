@@ -94,6 +94,39 @@ def local_sae_folders(root: Path = ASSETS_DIR / "sae") -> list[str]:
     return out
 
 
+def cached_sae_folders(d_in: int | None = None, root: Path | None = None) -> list[str]:
+    """SAE-Lens folders in the user cache (``esr-lab sae train`` writes them to
+    ``~/.cache/esr-lab/sae/<model>-L<layer>``), those whose cfg.json reads ``d_in`` if given."""
+    root = Path(root) if root is not None else cache_dir() / "sae"
+    out = []
+    if root.is_dir():
+        for p in sorted(root.glob("*/cfg.json")):
+            if not (p.parent / "sae_weights.safetensors").exists():
+                continue
+            if d_in is not None:
+                cfg = read_json_or(p, {})
+                if not isinstance(cfg, dict) or cfg.get("d_in") != d_in:
+                    continue
+            out.append(str(p.parent))
+    return out
+
+
+def readout_sae_folders(d_model: int | None = None) -> list[str]:
+    """The SAEs the sidebar offers as a readout SAE: the shipped folders, and the user cache's
+    folders for this d_model (all of them when the d_model is not known yet)."""
+    shipped = local_sae_folders()
+    return shipped + [f for f in cached_sae_folders(d_model) if f not in shipped]
+
+
+def read_sae_info(engine) -> dict[str, Any] | None:
+    """The readout SAE when the engine reads a second SAE (None when it reads the steering SAE)."""
+    if not getattr(engine, "has_readout_sae", False):
+        return None
+    s = engine.read_sae
+    return {"source": s.source, "hook": engine.read_hook_name, "d_sae": s.d_sae, "architecture": s.architecture,
+            "layer": s.layer}
+
+
 def sae_info(engine) -> dict[str, Any]:
     """What the sidebar shows about the loaded SAE: hook, size, L0 and other recorded metrics."""
     s = engine.sae

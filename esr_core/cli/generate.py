@@ -14,6 +14,7 @@ from esr_core.models.loading import check_model
 from esr_core.models.registry import DEFAULT_MODEL
 from esr_core.models.sae import load_sae
 from esr_core.steering.interventions import Intervention, parse_cli_pair
+from esr_core.steering.interventions import validate as validate_intervention
 from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
 
 
@@ -41,7 +42,11 @@ def register(sub) -> None:
     p.add_argument("--only", choices=["steered", "default"], help="run only one of the two")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--sae", default=None, help="SAE folder or release:sae_id (default: the model's)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--read-sae", default=None, metavar="PATH",
+                   help="read the watched and top latents from this second SAE (folder or release:sae_id) at its "
+                        "own hook, after the steering; --watch ids are its latents (default: the steering SAE)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (first: the model, SAE and readout SAE with their hooks)")
     p.set_defaults(func=run)
 
 
@@ -82,9 +87,18 @@ def run(args) -> int:
     spec = spec_from_args(args).validate()
     sae = sae_spec(args)  # an unknown model fails here, before anything loads
     check_model(args.model)
-    spec.validate(load_sae(sae).d_sae)  # bad latent ids fail before the model loads
-    eng = get_engine(args.model, sae)
+    steer = load_sae(sae)
+    read = load_sae(args.read_sae) if args.read_sae else steer
+    # bad latent ids fail before the model loads: interventions name steering latents, --watch readout ones
+    for iv in list(spec.interventions) + list(spec.default_interventions):
+        validate_intervention(iv, steer.d_sae)
+    bad = [i for i in spec.watch if not 0 <= int(i) < read.d_sae]
+    if bad:
+        which = f"the readout SAE {read.source}" if read is not steer else "this SAE"
+        raise BadInput(f"Watched latent {bad[0]} is out of range: {which} has latents 0..{read.d_sae - 1}")
+    eng = get_engine(args.model, sae, args.read_sae)
     if args.json:
+        print(json.dumps(header(eng), ensure_ascii=False), flush=True)
         for ev in eng.stream(spec):
             if isinstance(ev, (TokenEvent, RunDone)):
                 print(json.dumps(ev.to_json(), ensure_ascii=False), flush=True)
@@ -92,11 +106,19 @@ def run(args) -> int:
     return _print_side_by_side(eng, spec)
 
 
+def header(eng) -> dict:
+    """What the run used: the model, the steering SAE and the readout SAE, each with its hook."""
+    return {"model": eng.model.name, "sae": {"source": str(eng.sae.source), "hook": eng.hook_name},
+            "read_sae": {"source": str(eng.read_sae.source), "hook": eng.read_hook_name,
+                         "same_as_sae": not eng.has_readout_sae}}
+
+
 def _print_side_by_side(eng, spec: GenerationSpec) -> int:
     """Readable stream: tokens as they come, tagged by run; then both answers in two columns."""
     width = max(40, shutil.get_terminal_size((120, 20)).columns // 2 - 2)
     final = {}
-    print(f"model {eng.model.name} | SAE {eng.sae.source} @ {eng.hook_name}")
+    read = f" | readout SAE {eng.read_sae.source} @ {eng.read_hook_name}" if eng.has_readout_sae else ""
+    print(f"model {eng.model.name} | SAE {eng.sae.source} @ {eng.hook_name}{read}")
     for iv in spec.interventions:
         print("  " + iv.label())
     for ev in eng.stream(spec):

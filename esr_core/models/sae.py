@@ -73,13 +73,13 @@ class SaeHandle:
     def decode(self, z):
         return self.sae.decode(z)
 
-    def check_latent(self, latent: int) -> int:
+    def check_latent(self, latent: int, what: str = "this SAE") -> int:
         try:
             i = int(latent)
         except (TypeError, ValueError):
             raise BadInput(f"Latent id must be an integer, got {latent!r}") from None
         if not 0 <= i < self.d_sae:
-            raise BadInput(f"Latent {i} is out of range: this SAE has latents 0..{self.d_sae - 1}")
+            raise BadInput(f"Latent {i} is out of range: {what} has latents 0..{self.d_sae - 1}")
         return i
 
 

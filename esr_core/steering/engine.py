@@ -23,7 +23,7 @@ import torch
 
 from esr_core.errors import BadInput, EsrError
 from esr_core.io import atomic_write_json, read_json_or
-from esr_core.models.hooks import capture, on_output
+from esr_core.models.hooks import capture, hook_module, on_output
 from esr_core.models.loading import LoadedModel
 from esr_core.models.sae import SaeHandle, norm_cache_path
 from esr_core.steering.interventions import (
@@ -66,7 +66,7 @@ class ActsResult:
     token_ids: list[int]
     tokens: list[str]
     offsets: list[tuple[int, int]]
-    z: torch.Tensor  # [T, d_sae] SAE code at the hook (after any interventions)
+    z: torch.Tensor  # [T, d_sae] readout SAE's code at the readout hook (after any interventions upstream)
     text: str
 
 
@@ -87,24 +87,34 @@ class _Ctx:
         self.pad_left = pad_left
         self.prompt_len = [len(r.prompt_ids) for r in rows]
         self.pos: torch.Tensor | None = None  # [B, T] position of each column within its row (-1 = pad)
-        self.last_z: torch.Tensor | None = None
+        self.last_z: torch.Tensor | None = None  # the readout code of the last forward
         self.need_z = True
 
 
 class Engine:
-    """A model and an SAE with steering and per-token SAE readout. Thread-safe."""
-    def __init__(self, model: LoadedModel, sae: SaeHandle):
-        if sae.d_in != model.d_model:
-            raise EsrError(f"SAE input width {sae.d_in} does not match {model.name}'s d_model {model.d_model}")
-        self.model = model
-        self.sae = sae
-        self.hook_name = sae.hook_name
+    """A model and an SAE with steering and per-token SAE readout. Thread-safe.
+
+    ``sae`` steers; ``read_sae`` (optional, any hook) is read by a second, encode-only hook: watched
+    ids, top-k and :meth:`activations` are then its code at ``read_hook_name``, in the same forward
+    (after the steering; a hook before the steering's is allowed and sees none). Else ``read_sae is sae``.
+    """
+    def __init__(self, model: LoadedModel, sae: SaeHandle, read_sae: SaeHandle | None = None):
+        for role, s in (("SAE", sae), ("Readout SAE", read_sae)):
+            if s is not None and s.d_in != model.d_model:
+                raise EsrError(f"{role} input width {s.d_in} does not match {model.name}'s d_model {model.d_model}")
+        same = read_sae is None or read_sae is sae or (read_sae.hook_name, read_sae.key) == (sae.hook_name, sae.key)
+        self.model, self.sae, self.hook_name = model, sae, sae.hook_name
+        self.read_sae, self.has_readout_sae = (sae, False) if same else (read_sae, True)
+        self.read_hook_name = self.read_sae.hook_name
         self.device = next(model.hf_model.parameters()).device
         W = sae.W_dec.detach().to(self.device, torch.float32)
         self._W_dec = W
         self._dec_norm = W.norm(dim=1)
         self._median_norm = sae.median_resid_norm
-        self._handle = on_output(model, self.hook_name, self._hook)
+        if not same:
+            hook_module(model, self.read_hook_name)  # a missing hook fails before any hook is on
+        self._handle = on_output(model, self.hook_name, self._hook)  # first: a readout at its hook reads after it
+        self._read_handle = None if same else on_output(model, self.read_hook_name, self._read_hook)
         self._busy = 0
         self._busy_lock = threading.Lock()
         self.closed = False
@@ -158,9 +168,9 @@ class Engine:
         """Unsteered residual at the hook for one sequence, [T, d_model]."""
         return capture(self.model, self.hook_name, input_ids)[self.hook_name][0].float()
 
-    # ------------------------------------------------------------------ the hook
+    # ------------------------------------------------------------------ the hooks
     def _hook(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Apply the calling request's interventions to the residual ``h`` [B, T, d] and read its code."""
+        """Apply the request's interventions to the residual ``h`` [B, T, d] (and read it, if no readout SAE)."""
         ctx: _Ctx | None = getattr(_TLS, "ctx", None)
         if ctx is None or ctx.engine is not self:
             return None
@@ -172,15 +182,22 @@ class Engine:
                     add_direction(h[b], position_mask(pos[b], ctx.prompt_len[b], iv.positions), coef,
                                   self._W_dec[iv.latent])
         z = None
-        if ctx.need_z or any(iv.mode != "add" for r in ctx.rows for iv, _ in r.ivs):
+        if (ctx.need_z and not self.has_readout_sae) or any(iv.mode != "add" for r in ctx.rows for iv, _ in r.ivs):
             z = self.sae.encode(h).float()
             for b, row in enumerate(ctx.rows):
                 for iv, coef in row.ivs:
                     if iv.mode != "add":
                         edit_code(h[b], z[b], position_mask(pos[b], ctx.prompt_len[b], iv.positions), iv.mode,
                                   coef, iv.latent, self._W_dec[iv.latent])
-        ctx.last_z = z
+        if not self.has_readout_sae:
+            ctx.last_z = z
         return h
+
+    def _read_hook(self, h: torch.Tensor) -> None:
+        """The readout SAE's code of the residual at the readout hook (never edits it)."""
+        ctx: _Ctx | None = getattr(_TLS, "ctx", None)
+        if ctx is not None and ctx.engine is self and ctx.need_z:
+            ctx.last_z = self.read_sae.encode(h).float()
 
     def _forward(self, ctx: _Ctx, **kw):
         if self.closed:
@@ -241,7 +258,8 @@ class Engine:
         return out
 
     def _check_watch(self, watch: list[int]) -> list[int]:
-        return [self.sae.check_latent(i) for i in watch]
+        what = f"the readout SAE at {self.read_hook_name}" if self.has_readout_sae else "this SAE"
+        return [self.read_sae.check_latent(i, what) for i in watch]  # watched ids are the readout SAE's
 
     # ------------------------------------------------------------------ generation
     def stream(self, spec: GenerationSpec, cancel: threading.Event | None = None) -> Iterator:
@@ -427,7 +445,7 @@ class Engine:
     def activations(self, text: str | None = None, messages: list[dict] | None = None,
                     interventions: list[Intervention] | tuple = (), add_generation_prompt: bool = False,
                     ) -> ActsResult:
-        """SAE code at the hook for every token of ``text`` or a chat ``messages`` list (one forward)."""
+        """Readout SAE code at ``read_hook_name`` for every token of ``text`` or chat ``messages`` (one forward)."""
         tok = self.model.tokenizer
         if messages is not None:
             if not self.model.has_chat_template:
@@ -474,6 +492,8 @@ class Engine:
             self._busy -= 1
 
     def close(self) -> None:
-        """Remove the steering hook (the engine can no longer steer; a new one must be made)."""
+        """Remove the steering and readout hooks (the engine can no longer steer; a new one must be made)."""
         self.closed = True
         self._handle.remove()
+        if self._read_handle is not None:
+            self._read_handle.remove()

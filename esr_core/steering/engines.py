@@ -1,4 +1,4 @@
-"""The engines of this process: one per (model, SAE), shared by every caller, bounded in number.
+"""The engines of this process: one per (model, SAE[, readout SAE]), shared by every caller, bounded in number.
 
 Why bounded: a browser visitor can try models; each engine holds a model and an SAE in memory,
 so only the most recently used ones stay, and a released engine gives back its hook and model.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from esr_core.models.loading import check_model, forget_model, load_model
 from esr_core.models.registry import DEFAULT_MODEL, default_sae_spec
@@ -27,26 +28,58 @@ def _max_engines(default: int = 3) -> int:
 
 
 MAX_ENGINES = _max_engines()
-_ENGINES: "OrderedDict[tuple[str, str], Engine]" = OrderedDict()
+_ENGINES: "OrderedDict[tuple[str, ...], Engine]" = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None) -> Engine:
-    """The process-wide engine for (model, SAE); created once, safe to share between threads.
+def _same_spec(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
+def readout_spec(sae: str, read_sae: str | None) -> str | None:
+    """The readout SAE spec that makes a difference: None when none is given or it is the steering SAE."""
+    if read_sae is None or not str(read_sae).strip():
+        return None
+    read_sae = str(read_sae).strip()
+    return None if _same_spec(str(sae), read_sae) else read_sae
+
+
+def engine_key(model: str, sae: str | None = None, read_sae: str | None = None) -> tuple[str, ...]:
+    """The cache key of an engine: (model, SAE), plus the readout SAE when one is used.
+
+    Two requests with different readout choices never share an engine; one without a readout
+    SAE (or with the steering SAE as readout) keeps the plain (model, SAE) key.
+    """
+    sae_spec = str(sae or default_sae_spec(model))
+    read = readout_spec(sae_spec, read_sae)
+    return (model, sae_spec) if read is None else (model, sae_spec, read)
+
+
+def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None, read_sae: str | None = None) -> Engine:
+    """The process-wide engine for (model, SAE, readout SAE); created once, safe to share between threads.
+
+    ``read_sae`` (a folder or ``release:sae_id``, like ``sae``) is an optional second SAE the
+    engine reads its readout from (see :class:`Engine`); None reads the steering SAE.
 
     At most :data:`MAX_ENGINES` stay loaded: asking for another releases the least recently
     used one that is not generating (its hook is removed and its model forgotten), so a
     visitor trying models cannot grow memory without bound. The SAE loads first: a missing or
     corrupt SAE fails before the (slower) model load.
     """
-    sae_spec = sae or default_sae_spec(model)
-    key = (model, str(sae_spec))
+    key = engine_key(model, sae, read_sae)
     with _ENGINES_LOCK:
         eng = _ENGINES.pop(key, None)
         if eng is None:
-            handle = load_sae(sae_spec)
+            handle = load_sae(key[1])
+            read_handle = load_sae(key[2]) if len(key) > 2 else None
             check_model(model)
-            eng = Engine(load_model(model), handle)
+            eng = Engine(load_model(model), handle, read_handle)
         _ENGINES[key] = eng
         for old_key in [k for k in _ENGINES if k != key]:
             if len(_ENGINES) <= MAX_ENGINES:
@@ -59,10 +92,12 @@ def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None) -> Engine:
             if all(e.model.name != old.model.name for e in _ENGINES.values()):
                 forget_model(old.model.name)
             forget_sae(old_key[1])
+            if len(old_key) > 2 and all(old_key[2] not in k[1:] for k in _ENGINES):
+                forget_sae(old_key[2])
         return eng
 
 
-def loaded_engines() -> list[tuple[str, str]]:
-    """The (model, SAE) pairs loaded now, least recently used first."""
+def loaded_engines() -> list[tuple[str, ...]]:
+    """The keys of the engines loaded now (see :func:`engine_key`), least recently used first."""
     with _ENGINES_LOCK:
         return list(_ENGINES)
