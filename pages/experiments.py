@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from esr_core.errors import EsrError
+from esr_core.experiments.attribution import ATTRIBUTION_FILE, attribution_caption
 from esr_core.experiments.cases import MAX_DESCRIBED, esr_cases, lab_setup
 from esr_core.experiments.metrics import trial_table_flags
 from esr_core.experiments.report import (
@@ -37,7 +38,6 @@ from esr_core.experiments.store import (
 )
 from esr_core.io import read_json_or
 from esr_core.models.registry import DEFAULT_MODEL
-from esr_core.resistance.attribution import ATTRIBUTION_FILE, attribution_caption
 from esr_core.viz.result_plots import attribution_figure
 from pages import _ui
 from pages._exp_new_run import new_run_section, progress_section

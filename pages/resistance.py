@@ -18,7 +18,7 @@ from esr_core.experiments.conditions import BASE_CONDITIONS, CONDITIONS, build_c
 from esr_core.latents.groups import LatentGroup, group_for, shipped_group
 from esr_core.resistance import view as rv
 from esr_core.resistance.signals import ema
-from esr_core.resistance.token_detectors import evidence_rows
+from esr_core.resistance.token_report import evidence_rows
 from esr_core.steering.interventions import Intervention
 from esr_core.steering.spec import GenerationSpec
 from esr_core.viz import palette
@@ -189,6 +189,7 @@ if rep is not None:
     markers = [Marker(m["token"], "restart") for m in rep["markers"]]
     markers += [Marker(t, "crossing", palette.CIRCUIT) for t in rep.get("crossings", [])[:10]]
     st.plotly_chart(timeline_figure(series, regions=regions, markers=markers), key="rep_chart")
+    st.html(rv.replay_hooks_html(rep))
     if "circuit" in rep["series"]:
         hm_vals, hm_label = list(rep["series"]["circuit"]), "resistance circuit"
         mem = (rep.get("members") or {}).get("circuit")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("browser_fixtures",)  # server / browser / screenshot_on_failure, for the browser journeys
+
 from esr_core.paths import ASSETS_DIR
 
 DEFAULT_SAE_DIR = ASSETS_DIR / "sae" / "smollm2-135m-instruct"

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from browser_util import ARTEFACTS, Browser, StreamlitServer, chromium_available, shot, wait_app_idle
+from browser_util import ARTEFACTS, chromium_available, shot, wait_app_idle
 from playwright.sync_api import expect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,34 +24,12 @@ DEFAULT_SAE = REPO / "assets" / "sae" / "smollm2-135m-instruct"
 EXAMPLE = json.loads((REPO / "assets" / "examples.json").read_text())["examples"][0]
 LONG = 180_000  # ms; the model is slow on a loaded 2-core machine
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures("screenshot_on_failure")]
 
 if not chromium_available():
     pytest.skip("Debian chromium is not installed at /usr/bin/chromium (make browser)", allow_module_level=True)
 if not (DEFAULT_SAE / "cfg.json").exists() and not os.environ.get("ESR_LAB_DEFAULT_SAE"):
     pytest.skip(f"the default SAE is not in {DEFAULT_SAE} yet", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with StreamlitServer(timeout=120) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with Browser() as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request, browser):
-    """A failed journey leaves a screenshot of each of its pages in test-artefacts/FAILED-<test>-<k>.png."""
-    browser.pages = []
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        browser.shoot_open_pages(f"FAILED-{request.node.name}")
 
 
 def steering_url(server, **params) -> str:

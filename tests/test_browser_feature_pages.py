@@ -4,36 +4,15 @@
 from __future__ import annotations
 
 import pytest
-from browser_util import Browser, StreamlitServer, chromium_available, shot, wait_app_idle
+from browser_util import chromium_available, shot, wait_app_idle
 from playwright.sync_api import expect
 
 LONG = 300_000  # ms; a 2-core machine generating 2 x 128 tokens is slow
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures("screenshot_on_failure")]
 
 if not chromium_available():
     pytest.skip("Debian chromium is not installed at /usr/bin/chromium (make browser)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with StreamlitServer(timeout=120) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with Browser() as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request, browser):
-    browser.pages = []
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        browser.shoot_open_pages(f"FAILED-{request.node.name}")
 
 
 def test_latent_page_has_values_bands_and_described_neighbours(server, browser):
@@ -80,3 +59,31 @@ def test_resistance_condition_shows_heatmap_and_timeline(server, browser):
     expect(block.locator(".js-plotly-plot")).to_be_attached(timeout=LONG)
     expect(block.get_by_role("button", name="Open in the steering lab")).to_be_visible()
     shot(page, "first-use-resistance-condition")
+
+
+def test_the_replay_of_the_shipped_recovery_crosses_only_in_the_off_topic_span(server, browser):
+    """#13: the circuit crosses its threshold on the transcript's off-topic span, not on the prompt or
+    the on-topic start, and the region table is against unsteered on-topic activity."""
+    page = browser.new_page()
+    page.goto(f"{server.url}/resistance")
+    wait_app_idle(page, LONG)
+    shot(page, "circuit-resistance-page")
+    page.get_by_role("button", name="Replay", exact=True).click()
+    hooks = page.locator(".esr-replay")
+    hooks.wait_for(state="attached", timeout=LONG)
+    wait_app_idle(page, LONG)
+    regions = {}
+    for part in hooks.get_attribute("data-regions").split(";"):
+        label, span = part.rsplit(":", 1)
+        a, b = (int(x) for x in span.split("-"))
+        regions.setdefault(label, []).append((a, b))
+    crossings = [int(x) for x in hooks.get_attribute("data-crossings").split(",") if x]
+    first = int(hooks.get_attribute("data-prompt-len"))
+    response_crossings = [c for c in crossings if c >= first]
+    assert response_crossings, "the circuit never crossed on the off-topic span"
+    off = regions["off-topic"]
+    assert any(a <= response_crossings[0] < b + 3 for a, b in off), (response_crossings, regions)
+    assert not [c for c in crossings if c < first], "the circuit crossed on the prompt"
+    expect(page.get_by_text("never over the prompt").first).to_be_attached()
+    page.locator(".esr-replay").scroll_into_view_if_needed()
+    shot(page, "circuit-replay")

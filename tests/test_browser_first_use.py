@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from browser_util import Browser, StreamlitServer, chromium_available, shot, wait_app_idle
+from browser_util import StreamlitServer, chromium_available, shot, wait_app_idle
 from playwright.sync_api import expect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,31 +21,10 @@ EXAMPLE = json.loads((REPO / "assets" / "examples.json").read_text())["examples"
 LONG = 240_000  # ms; a loaded 2-core machine is slow
 IV = f"{EXAMPLE['latent']}:add:0.8:norm:all"
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.usefixtures("screenshot_on_failure")]
 
 if not chromium_available():
     pytest.skip("Debian chromium is not installed at /usr/bin/chromium (make browser)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with StreamlitServer(timeout=120) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with Browser() as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request, browser):
-    browser.pages = []
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        browser.shoot_open_pages(f"FAILED-{request.node.name}")
 
 
 def lab(server, **params) -> str:

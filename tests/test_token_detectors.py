@@ -15,6 +15,8 @@ from scipy import sparse
 
 from esr_core.errors import BadInput
 from esr_core.resistance import token_detectors as td
+from esr_core.resistance import token_inputs as ti
+from esr_core.resistance import token_report as tr
 from esr_core.resistance.signals import ema, rank_auc
 
 
@@ -53,7 +55,7 @@ def _synthetic_codes(n_chats: int = 40, T: int = 30, seed: int = 0) -> td.TokenC
     for r in range(n_chats):
         for kind in kinds:
             c = len(chats)
-            chats.append(td.Chat(r, kind, "p", "x", []))
+            chats.append(ti.Chat(r, kind, "p", "x", []))
             for t in range(T):
                 lab = {"on": "on", "drift": "drift", "shuffle": "shuffle", "repeat": "repeat"}.get(kind)
                 if kind == "recovery":
@@ -69,7 +71,7 @@ def _synthetic_codes(n_chats: int = 40, T: int = 30, seed: int = 0) -> td.TokenC
                 z[3] = rng.exponential(3.0) if (off or garbled) and rng.random() < 0.6 else 0.0
                 z[4] = rng.exponential(3.0) if off and rng.random() < 0.6 else 0.0
                 rows_codes.append(z)
-                cls.append(td.CLASSES.index(lab))
+                cls.append(ti.CLASSES.index(lab))
                 tok.append(token)
                 seg.append(sp)
                 chat_ix.append(c)
@@ -115,7 +117,7 @@ def test_chats_label_every_span_and_garbling_keeps_the_words():
     rows = [{"id": f"p{i}", "prompt": f"How do I do task {i}?",
              "answer": f"First step {i} is easy. Then do step two of task {i}. Finally finish it."} for i in range(6)]
     rows[0]["drift"] = "Penguins live in the Antarctic and eat fish."
-    chats = td.make_chats(rows)
+    chats = ti.make_chats(rows)
     kinds = [c.kind for c in chats]
     assert kinds.count("on") == 6 and kinds.count("recovery") == 6 and kinds.count("drift") == 1
     rec = next(c for c in chats if c.kind == "recovery")
@@ -124,42 +126,42 @@ def test_chats_label_every_span_and_garbling_keeps_the_words():
     off = next(rec.response[a:b] for a, b, lab in rec.spans if lab == "off")
     assert "task 0" not in off and "task" in off  # another prompt's answer
     restart = next(rec.response[a:b] for a, b, lab in rec.spans if lab == "restart")
-    assert restart in td.RESTARTS
+    assert restart in ti.RESTARTS
     words = rows[1]["answer"].split()
-    assert sorted(td.garble(rows[1]["answer"], "shuffle", 3).split()) == sorted(words)
-    rep = td.garble(rows[1]["answer"], "repeat", 3).split()
+    assert sorted(ti.garble(rows[1]["answer"], "shuffle", 3).split()) == sorted(words)
+    rep = ti.garble(rows[1]["answer"], "repeat", 3).split()
     assert len(rep) == len(words) and rep[:6] == words[:6] and rep[6:12] == words[:6]
 
 
 def test_split_is_by_prompt_and_stable_under_reordering():
     rows = [{"id": f"p{i}", "prompt": "q", "answer": "a"} for i in range(60)]
-    s, h = td.split_prompts(rows, 0.3, 0)
+    s, h = ti.split_prompts(rows, 0.3, 0)
     assert not set(s) & set(h) and len(s) + len(h) == 60 and 8 < len(h) < 30
-    s2, h2 = td.split_prompts(list(reversed(rows)), 0.3, 0)
+    s2, h2 = ti.split_prompts(list(reversed(rows)), 0.3, 0)
     assert {rows[i]["id"] for i in h} == {list(reversed(rows))[i]["id"] for i in h2}
 
 
 def test_inputs_file_errors_are_clear(tmp_path):
     with pytest.raises(BadInput, match="do not exist"):
-        td.load_detector_inputs(tmp_path / "none.jsonl")
+        ti.load_detector_inputs(tmp_path / "none.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "q"}\n', encoding="utf-8")
     with pytest.raises(BadInput, match="'id', 'prompt' and 'answer'"):
-        td.load_detector_inputs(bad)
+        ti.load_detector_inputs(bad)
     torn = tmp_path / "torn.jsonl"
     torn.write_text('{"id": "a", "prompt": "q", "answer": "x"}\n{"id": ', encoding="utf-8")
     with pytest.raises(BadInput, match="line 2 is not JSON"):
-        td.load_detector_inputs(torn)
+        ti.load_detector_inputs(torn)
     few = tmp_path / "few.jsonl"
     few.write_text(json.dumps({"id": "a", "prompt": "q", "answer": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(BadInput, match="at least 6"):
-        td.load_detector_inputs(few)
+        ti.load_detector_inputs(few)
 
 
 def test_shipped_inputs_hold_no_evaluation_prompt():
     """The search reads training-split prompts only: the 50 evaluation prompts stay held out."""
-    rows = td.load_detector_inputs()
-    shipped = json.loads((td.ASSETS_DIR / "prompts" / "howto_prompts.json").read_text())
+    rows = ti.load_detector_inputs()
+    shipped = json.loads((ti.ASSETS_DIR / "prompts" / "howto_prompts.json").read_text())
     eval_prompts = {p["prompt"] for p in (shipped["prompts"] if isinstance(shipped, dict) else shipped)}
     assert len(rows) >= 300 and not eval_prompts & {r["prompt"] for r in rows}
     assert sum(1 for r in rows if r.get("drift")) >= 100
@@ -169,7 +171,7 @@ def test_evidence_rows_put_the_new_circuit_next_to_the_old():
     extra = {"evidence": {"heldout": {"token_auc_off_topic": 0.8, "crossing_rate_unsteered": 0.03},
                           "baseline": {"name": "today's circuit",
                                        "heldout": {"token_auc_off_topic": 0.7, "crossing_rate_unsteered": 0.2}}}}
-    rows = td.evidence_rows(extra)
+    rows = tr.evidence_rows(extra)
     assert [r["this circuit"] for r in rows] == [0.8, 0.03]
     assert [r["today's circuit"] for r in rows] == [0.7, 0.2]
     assert rows[1]["a detector should show"] == "<= 5 %"

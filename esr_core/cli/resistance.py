@@ -7,19 +7,26 @@ from pathlib import Path
 
 from esr_core.cli.common import StderrProgress
 from esr_core.errors import BadInput
-from esr_core.io import read_text_arg
+from esr_core.experiments.attribution import AttributionParams, attribution_group, run_attribution
+from esr_core.io import atomic_write_json, read_jsonl, read_text_arg
 from esr_core.latents.groups import (
     GroupUnavailable,
     LatentGroup,
     cached_group_path,
     group_for,
     load_group,
+    member_descriptions,
+    sae_identity,
     save_group,
     shipped_group,
 )
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
+from esr_core.resistance.token_detectors import TokenSearchParams, run_search
+from esr_core.resistance.token_inputs import INPUTS_PATH, build_detector_inputs
+from esr_core.resistance.token_report import best_layer, group_dict, layer_table, save_report
 from esr_core.resistance.view import replay_episode
 from esr_core.steering.interventions import Intervention, parse_cli_pair
 
@@ -214,8 +221,6 @@ def run_replay(args) -> int:
 
 
 def run_inputs(args) -> int:
-    from esr_core.io import read_jsonl
-    from esr_core.resistance.token_detectors import INPUTS_PATH, build_detector_inputs
 
     d = Path(args.data)
     missing = [n for n in ("answers.jsonl", "drifts.jsonl") if not (d / n).exists()]
@@ -228,17 +233,7 @@ def run_inputs(args) -> int:
 
 
 def run_token_search(args) -> int:
-    from esr_core.latents.groups import member_descriptions, sae_identity
-    from esr_core.models.sae import load_sae
-    from esr_core.resistance.token_detectors import (
-        TokenSearchParams,
-        best_layer,
-        group_dict,
-        layer_table,
-        run_search,
-        save_report,
-    )
-    from esr_core.steering.engines import get_engine
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     params = TokenSearchParams(n_prompts=args.n_prompts, max_size=args.max_size).validate()
     engine = get_engine(args.model, None)
@@ -279,10 +274,7 @@ def run_token_search(args) -> int:
 
 
 def run_attribute(args) -> int:
-    from esr_core.io import atomic_write_json
-    from esr_core.models.sae import load_sae
-    from esr_core.resistance.attribution import AttributionParams, attribution_group, run_attribution
-    from esr_core.steering.engines import get_engine
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     engine = get_engine(args.model, args.sae)
     read = load_sae(args.read_sae) if args.read_sae else None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,17 +34,13 @@ from typing import Sequence
 import numpy as np
 
 from esr_core.errors import BadInput
-from esr_core.io import atomic_write_json
 from esr_core.jobs import Progress, report_fraction
-from esr_core.paths import ASSETS_DIR
-from esr_core.resistance.episodes import derangement, sentences, splice
-from esr_core.viz import palette
+from esr_core.models.hooks import capture_batches
+from esr_core.resistance.episodes import render_pair
+from esr_core.resistance.signals import rank_auc
+from esr_core.resistance.token_inputs import CLASSES, Chat, load_detector_inputs, make_chats, split_prompts
 
-INPUTS_PATH = ASSETS_DIR / "prompts" / "detector_inputs.jsonl"
 SEG_CAP = 12  # distance-from-segment-start strata: 0..11 and "12 or more"
-RESTARTS = ("Wait, that's not what you asked.", "Actually, I got off track.", "Let me start over.",
-            "Back to your question.")
-CLASSES = ("on", "ctx", "off", "restart", "after", "drift", "shuffle", "repeat")
 
 
 @dataclass
@@ -77,115 +72,6 @@ class TokenSearchParams:
         if self.n_prompts is not None and self.n_prompts < 6:
             raise BadInput("The token-level search needs at least 6 prompts")
         return self
-
-
-# ---------------------------------------------------------------------------- inputs
-def load_detector_inputs(path: str | Path | None = None, n_prompts: int | None = None) -> list[dict]:
-    """Rows ``{id, prompt, answer, drift?, drift_latent?}`` (JSONL); a clear error when unusable."""
-    p = Path(path or INPUTS_PATH)
-    if not p.exists():
-        raise BadInput(f"Detector inputs {p} do not exist (build them with `esr-lab resistance inputs`)")
-    rows = []
-    for k, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{p} line {k + 1} is not JSON: {exc}") from None
-        if not isinstance(r, dict) or not all(isinstance(r.get(f), str) and r[f].strip()
-                                              for f in ("id", "prompt", "answer")):
-            raise BadInput(f"{p} line {k + 1}: every row needs non-empty string 'id', 'prompt' and 'answer'")
-        rows.append(r)
-    if n_prompts:
-        rows = rows[: int(n_prompts)]
-    if len(rows) < 6:
-        raise BadInput(f"{p}: the token-level search needs at least 6 prompts, found {len(rows)}")
-    return rows
-
-
-def build_detector_inputs(answers: Sequence[dict], drifts: Sequence[dict], out: str | Path,
-                          max_answer_chars: int = 600, off_topic_below: float = 30.0) -> dict:
-    """Write the inputs file from the fine-tuning data's unsteered answers and steered drifts.
-
-    ``answers``: ``{key, prompt, text}`` (the base model's own answers to training prompts);
-    ``drifts``: ``{pid, text, latent, score}`` (its continuations under a distractor latent),
-    kept only where the judge scored them off-topic (score below ``off_topic_below``).
-    """
-    drift_of: dict[str, dict] = {}
-    for d in drifts:
-        if float(d.get("score", 100)) < off_topic_below and d.get("text", "").strip():
-            drift_of.setdefault(str(d["pid"]), d)
-    rows = []
-    for a in answers:
-        if not a.get("text", "").strip():
-            continue
-        d = drift_of.get(str(a["key"]))
-        rows.append({"id": str(a["key"]), "prompt": a["prompt"], "answer": a["text"][:max_answer_chars],
-                     **({"drift": d["text"], "drift_latent": int(d["latent"]), "drift_score": float(d["score"])}
-                        if d else {})})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(out) + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
-    return {"rows": len(rows), "with_drift": sum(1 for r in rows if "drift" in r)}
-
-
-def garble(answer: str, how: str, seed: int) -> str:
-    """On-topic text made degenerate: its words shuffled, or its first words repeated."""
-    words = answer.split()
-    if how == "shuffle":
-        random.Random(seed).shuffle(words)
-        return " ".join(words)
-    if how == "repeat":
-        head = words[: max(1, min(6, len(words)))]
-        return " ".join((head * (len(words) // len(head) + 1))[: len(words)])
-    raise BadInput(f"Unknown garbling {how!r}")
-
-
-def split_prompts(rows: Sequence[dict], frac: float, seed: int) -> tuple[list[int], list[int]]:
-    """(search, held-out) row indices, split by a hash of the prompt id (stable under reordering)."""
-    def h(r):
-        return int(hashlib.sha1(f"{seed}:{r['id']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    held = [i for i, r in enumerate(rows) if h(r) < frac]
-    search = [i for i, r in enumerate(rows) if h(r) >= frac]
-    if len(held) < 3 or len(search) < 3:
-        raise BadInput("Too few prompts on one side of the search / held-out split")
-    return search, held
-
-
-@dataclass
-class Chat:
-    """One [user, assistant] chat and the class of every character span of the response."""
-    row: int
-    kind: str  # on | recovery | drift | shuffle | repeat
-    prompt: str
-    response: str
-    spans: list[tuple[int, int, str]]  # (start char, end char, class) within the response
-
-
-def make_chats(rows: Sequence[dict], seed: int = 0) -> list[Chat]:
-    """The on-topic, off-topic and garbled chats of every row (see the module docstring)."""
-    n = len(rows)
-    d = derangement(n, seed)
-    chats = []
-    for i, r in enumerate(rows):
-        ans = r["answer"].strip()
-        chats.append(Chat(i, "on", r["prompt"], ans, [(0, len(ans), "on")]))
-        other = rows[int(d[i])]["answer"].strip()
-        if sentences(ans) and sentences(other):
-            restart = RESTARTS[i % len(RESTARTS)]
-            text, (r0, r1) = splice(ans, other, restart, start_sentences=1, drift_sentences=3)
-            start = len(sentences(ans)[0]) + 1
-            chats.append(Chat(i, "recovery", r["prompt"], text,
-                              [(0, start, "ctx"), (start, r0, "off"), (r0, r1, "restart"), (r1, len(text), "after")]))
-        if r.get("drift", "").strip():
-            dr = r["drift"].strip()
-            chats.append(Chat(i, "drift", r["prompt"], dr, [(0, len(dr), "drift")]))
-        for how in ("shuffle", "repeat"):
-            g = garble(ans, how, seed + i)
-            chats.append(Chat(i, how, r["prompt"], g, [(0, len(g), how)]))
-    return chats
 
 
 # ---------------------------------------------------------------------------- reading codes
@@ -226,10 +112,7 @@ def read_codes(model, saes: Sequence, chats: Sequence[Chat], batch_size: int = 8
                progress: Progress | None = None) -> TokenCodes:
     """Unsteered SAE codes of every response and system token, all hooks in one forward pass."""
     import torch  # heavy: torch, only when a model runs
-    from scipy import sparse
-
-    from esr_core.models.hooks import capture_batches
-    from esr_core.resistance.episodes import render_pair
+    from scipy import sparse  # heavy: scipy, only when codes are read
 
     tok = model.tokenizer
     rendered = [render_pair(tok, c.prompt, c.response, True) for c in chats]
@@ -300,7 +183,7 @@ def stratified_auc(x: np.ndarray, is_pos: np.ndarray, strata: np.ndarray) -> np.
     A latent that fires on one token id regardless of topic scores 0.5 when the strata are
     token ids: within that token's stratum on- and off-topic tokens fire alike.
     """
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # heavy: scipy.stats takes ~1 s to import
 
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
@@ -325,7 +208,7 @@ def dense_cols(M, rows: np.ndarray, cols: Sequence[int]) -> np.ndarray:
 
 def ema_by_chat(x: np.ndarray, chat: np.ndarray, alpha: float) -> np.ndarray:
     """The live signal: EMA (s_0 = x_0) restarted at every chat, vectorised per chat."""
-    from scipy.signal import lfilter
+    from scipy.signal import lfilter  # heavy: scipy
 
     x = np.asarray(x, dtype=np.float64)
     out = np.empty_like(x)
@@ -355,8 +238,6 @@ def _cls_mask(codes: TokenCodes, names: Sequence[str]) -> np.ndarray:
 def evaluate_group(codes: TokenCodes, hook: str, members: Sequence[int], rows_mask: np.ndarray,
                    threshold: float, alpha: float = 0.5) -> dict:
     """Per-token AUCs, crossing rates and region ratios of a group on the tokens in ``rows_mask``."""
-    from esr_core.resistance.signals import rank_auc
-
     M = codes.codes[hook]
     s = np.asarray(M[:, list(members)].sum(axis=1)).ravel() if members else np.zeros(M.shape[0])
     smooth = ema_by_chat(s, codes.chat, alpha)
@@ -419,8 +300,6 @@ def search_layer(codes: TokenCodes, hook: str, search_rows: set[int], params: To
     tok_auc = stratified_auc(X, is_pos, codes.token[both])
     seg_auc = stratified_auc(X, is_pos, codes.seg[both])
     G = dense_cols(M, np.concatenate([garbled, on]), order)
-    from esr_core.resistance.signals import rank_auc
-
     garb_auc = rank_auc(G[: len(garbled)], G[len(garbled):])
     sys_m = codes.sys_codes.get(hook)
     sys_mean = (np.asarray(sys_m[:, order].mean(axis=0)).ravel() if sys_m is not None else np.zeros(len(order)))
@@ -515,113 +394,3 @@ def run_search(model, saes: Sequence, params: TokenSearchParams | None = None, r
             "layers": layers, "seconds": round(time.time() - t0, 1)}
 
 
-def best_layer(report: dict) -> dict:
-    """The layer whose group separates best on held-out tokens within the crossing goal (<= 5 %)."""
-    def key(layer):
-        h = layer["heldout"]
-        ok = (h.get("crossing_rate_unsteered") or 1.0) <= 0.05 + 1e-9
-        return (ok, h.get("token_auc_off_topic") or 0.0)
-    usable = [la for la in report["layers"] if la["members"]]
-    if not usable:
-        raise BadInput("No layer produced a group that passes the controls")
-    return max(usable, key=key)
-
-
-def group_dict(report: dict, layer: dict, descriptions: dict[str, str], sae_identity: dict) -> dict:
-    """The shipped circuit group (LatentGroup format) with its evidence and controls."""
-    from esr_core.latents.groups import GROUP_FORMAT
-
-    cand = {c["latent"]: c for c in layer["candidates"]}
-    h = layer["heldout"]
-    return {
-        "format": GROUP_FORMAT, "name": "resistance circuit", "kind": "off-topic detectors",
-        "colour": palette.CIRCUIT, "members": layer["members"], "weights": [1.0] * len(layer["members"]),
-        "description": (f"Latents active during off-topic spans of answers and quiet on on-topic answers, chosen per "
-                        f"response token at {layer['hook']} on {report['n_search']} prompts and measured on "
-                        f"{report['n_heldout']} held-out prompts; each passes the token-id, segment-position, "
-                        f"garbling and system-prompt controls (see evidence)."),
-        "stats": {str(j): {k: cand[j][k] for k in ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc",
-                                                    "system_ratio", "on_mean", "off_mean")} for j in layer["members"]},
-        "descriptions": descriptions,
-        "threshold": {"value": layer["threshold"], "how": "sum", "ema_alpha": report["params"]["ema_alpha"],
-                      "rule": "unsteered quantile",
-                      "basis": (f"{report['params']['unsteered_quantile']:.0%} quantile of the peak smoothed activity "
-                                f"of on-topic answers (search split); held out it alerts on "
-                                f"{h.get('crossing_rate_unsteered', 0):.0%} of unsteered answers"),
-                      "on_topic_mean": h.get("on_topic_mean")},
-        "evidence": {"heldout": h, "baseline": layer.get("baseline"), "rejected": layer["rejected"],
-                     "n_candidates": layer["n_candidates"], "n_passing": layer["n_passing"],
-                     "search_token_auc": layer["search_token_auc"]},
-        "params": report["params"],
-        "layers": [{k: v for k, v in r.items() if k != "members"} for r in report.get("layer_table") or []],
-        "summary": {"n_prompts": report["n_prompts"], "n_heldout": report["n_heldout"],
-                    "inputs_sha1": report["inputs_sha1"], "n_tokens": report["n_tokens"],
-                    "method": "token-level search (esr_core.resistance.token_detectors)"},
-        "model": report["model"], "sae": sae_identity,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def layer_table(report: dict) -> list[dict]:
-    """One row per layer: the group and its held-out numbers, and the baseline's where given."""
-    rows = []
-    for la in report["layers"]:
-        h = la["heldout"]
-        row = {"hook": la["hook"], "group": "searched", "size": len(la["members"]), "members": la["members"],
-               "token_auc": h.get("token_auc_off_topic"), "token_auc_steered_drift": h.get("token_auc_steered_drift"),
-               "garbled_auc": h.get("token_auc_garbled"), "unsteered_crossing": h.get("crossing_rate_unsteered"),
-               "steered_drift_crossing": h.get("crossing_rate_steered_drift"),
-               "garbled_crossing": max(h.get("crossing_rate_shuffled") or 0, h.get("crossing_rate_repeated") or 0),
-               "ratio_off_topic": h.get("ratio_off_topic"), "ratio_after_correction": h.get("ratio_after_correction"),
-               "threshold": la["threshold"], "passing_controls": la["n_passing"]}
-        rows.append(row)
-        b = la.get("baseline")
-        if b:
-            bh = b["heldout"]
-            rows.append({**{k: None for k in row}, "hook": la["hook"], "group": b["name"], "size": len(b["members"]),
-                         "members": b["members"], "token_auc": bh.get("token_auc_off_topic"),
-                         "token_auc_steered_drift": bh.get("token_auc_steered_drift"),
-                         "garbled_auc": bh.get("token_auc_garbled"),
-                         "unsteered_crossing": bh.get("crossing_rate_unsteered"),
-                         "steered_drift_crossing": bh.get("crossing_rate_steered_drift"),
-                         "garbled_crossing": max(bh.get("crossing_rate_shuffled") or 0,
-                                                 bh.get("crossing_rate_repeated") or 0),
-                         "ratio_off_topic": bh.get("ratio_off_topic"),
-                         "ratio_after_correction": bh.get("ratio_after_correction"), "threshold": b["threshold"]})
-    return rows
-
-
-def save_report(report: dict, path: str | Path) -> Path:
-    """The full report (every candidate and control), written atomically."""
-    atomic_write_json(Path(path), report)
-    return Path(path)
-
-
-EVIDENCE_ROWS = (  # (key in the held-out block, label, what a detector should show)
-    ("token_auc_off_topic", "per-token AUC, off-topic vs on-topic (EMA signal)", "high"),
-    ("token_auc_steered_drift", "per-token AUC, the model's own steered drift", "high"),
-    ("token_auc_garbled", "per-token AUC, garbled vs clean on-topic (control)", "about 0.5"),
-    ("crossing_rate_unsteered", "unsteered answers that cross the alert threshold", "<= 5 %"),
-    ("crossing_rate_steered_drift", "steered drifts that cross", "high"),
-    ("crossing_rate_recovery_drift", "off-topic spans of synthetic recoveries that cross", "high"),
-    ("crossing_rate_shuffled", "shuffled on-topic answers that cross (control)", "low"),
-    ("crossing_rate_repeated", "repetitive on-topic answers that cross (control)", "low"),
-    ("ratio_off_topic", "off-topic span vs unsteered on-topic activity", "paper 4.4x"),
-    ("ratio_after_correction", "after the correction vs unsteered on-topic", "paper 2.1x"),
-    ("ratio_garbled", "garbled vs unsteered on-topic (control)", "about 1x"),
-)
-
-
-def evidence_rows(group_extra: dict) -> list[dict]:
-    """The held-out evidence of a token-level group next to the previous circuit's, for the app."""
-    ev = group_extra.get("evidence") or {}
-    h = ev.get("heldout") or {}
-    b = ((ev.get("baseline") or {}).get("heldout")) or {}
-    bname = (ev.get("baseline") or {}).get("name", "previous circuit")
-    rows = []
-    for key, label, want in EVIDENCE_ROWS:
-        if key not in h:
-            continue
-        rows.append({"measure (held-out prompts)": label, "this circuit": h.get(key),
-                     bname: b.get(key) if b else None, "a detector should show": want})
-    return rows

@@ -9,6 +9,7 @@ steering lab and the Resistance page both draw from them, the tests check them.
 
 from __future__ import annotations
 
+import html
 from typing import Sequence
 
 import numpy as np
@@ -328,3 +329,21 @@ def replay_episode(engine, prompt: str, response: str, circuit: LatentGroup | No
 def region_rgba(label: str, alpha: float = 0.18) -> str:
     """The region's shading colour as a CSS rgba() string."""
     return palette.rgba(palette.REGIONS.get(label, "#888888"), alpha)
+
+
+def replay_hooks_html(rep: dict) -> str:
+    """An invisible element carrying the replay's crossings, regions and markers as data-* attributes.
+
+    Why: a browser test (and a user's own tooling) reads what the replay found from the page
+    itself, not from pixels of a chart.
+    """
+    def attr(v) -> str:
+        return html.escape(str(v), quote=True)
+
+    regions = ";".join(f"{r['label']}:{int(r['start'])}-{int(r['end'])}" for r in rep.get("regions", []))
+    crossings = ",".join(str(int(c)) for c in rep.get("crossings", []))
+    markers = ",".join(str(int(m["token"])) for m in rep.get("markers", []))
+    return (f'<div class="esr-replay" style="display:none" data-prompt-len="{attr(rep.get("prompt_len", 0))}" '
+            f'data-threshold="{attr(rep.get("threshold"))}" data-crossings="{attr(crossings)}" '
+            f'data-regions="{attr(regions)}" data-restarts="{attr(markers)}" '
+            f'data-steering="{attr("on" if rep.get("steering_on") else "off")}"></div>')

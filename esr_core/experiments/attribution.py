@@ -20,10 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from esr_core.errors import BadInput
+from esr_core.experiments.cases import trial_of
+from esr_core.experiments.spec import trial_interventions
+from esr_core.experiments.store import load_spec, load_trials
 from esr_core.jobs import Progress, check_cancel, report_fraction
+from esr_core.judge.scoring import judge_response
+from esr_core.latents.groups import GROUP_FORMAT, LatentGroup, member_descriptions, sae_identity
 from esr_core.models.hooks import on_output
 from esr_core.resistance.episodes import render_pair
 from esr_core.steering.interventions import add_direction, position_mask
+from esr_core.viz import palette
 
 
 @dataclass
@@ -37,11 +43,6 @@ class AttributionParams:
 
 def restart_cases(run_dir: str | Path, conditions, limit: int | None = None) -> list[dict]:
     """Trials with a restart phrase: prompt (as sent), response, interventions and the restart char."""
-    from esr_core.experiments.cases import trial_of
-    from esr_core.experiments.spec import trial_interventions
-    from esr_core.experiments.store import load_spec, load_trials
-    from esr_core.judge.scoring import judge_response
-
     spec = load_spec(run_dir)
     t = load_trials(run_dir)
     t = t[t["condition"].isin(list(conditions)) & (t["restart_phrases"] > 0)]
@@ -195,9 +196,6 @@ def run_attribution(engine, run_dir: str | Path, read_sae=None, params: Attribut
 
 def attribution_group(report: dict, engine, read_sae=None):
     """The attributed restart drivers as a group (with the ablation evidence) for the app."""
-    from esr_core.latents.groups import GROUP_FORMAT, LatentGroup, member_descriptions, sae_identity
-    from esr_core.viz import palette
-
     class _View:  # the readout SAE's identity, not the steering one's
         model, sae = engine.model, read_sae or engine.sae
         hook_name = (read_sae or engine.sae).hook_name

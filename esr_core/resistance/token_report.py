@@ -1,0 +1,122 @@
+"""The token-level search's report: the best layer, the shipped group with its evidence, the
+per-layer table and the evidence rows the Resistance page shows next to the circuit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from esr_core.errors import BadInput
+from esr_core.io import atomic_write_json
+from esr_core.latents.groups import GROUP_FORMAT
+from esr_core.viz import palette
+
+
+def best_layer(report: dict) -> dict:
+    """The layer whose group separates best on held-out tokens within the crossing goal (<= 5 %)."""
+    def key(layer):
+        h = layer["heldout"]
+        ok = (h.get("crossing_rate_unsteered") or 1.0) <= 0.05 + 1e-9
+        return (ok, h.get("token_auc_off_topic") or 0.0)
+    usable = [la for la in report["layers"] if la["members"]]
+    if not usable:
+        raise BadInput("No layer produced a group that passes the controls")
+    return max(usable, key=key)
+
+
+def group_dict(report: dict, layer: dict, descriptions: dict[str, str], sae_identity: dict) -> dict:
+    """The shipped circuit group (LatentGroup format) with its evidence and controls."""
+    cand = {c["latent"]: c for c in layer["candidates"]}
+    h = layer["heldout"]
+    return {
+        "format": GROUP_FORMAT, "name": "resistance circuit", "kind": "off-topic detectors",
+        "colour": palette.CIRCUIT, "members": layer["members"], "weights": [1.0] * len(layer["members"]),
+        "description": (f"Latents active during off-topic spans of answers and quiet on on-topic answers, chosen per "
+                        f"response token at {layer['hook']} on {report['n_search']} prompts and measured on "
+                        f"{report['n_heldout']} held-out prompts; each passes the token-id, segment-position, "
+                        f"garbling and system-prompt controls (see evidence)."),
+        "stats": {str(j): {k: cand[j][k] for k in ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc",
+                                                    "system_ratio", "on_mean", "off_mean")} for j in layer["members"]},
+        "descriptions": descriptions,
+        "threshold": {"value": layer["threshold"], "how": "sum", "ema_alpha": report["params"]["ema_alpha"],
+                      "rule": "unsteered quantile",
+                      "basis": (f"{report['params']['unsteered_quantile']:.0%} quantile of the peak smoothed activity "
+                                f"of on-topic answers (search split); held out it alerts on "
+                                f"{h.get('crossing_rate_unsteered', 0):.0%} of unsteered answers"),
+                      "on_topic_mean": h.get("on_topic_mean")},
+        "evidence": {"heldout": h, "baseline": layer.get("baseline"), "rejected": layer["rejected"],
+                     "n_candidates": layer["n_candidates"], "n_passing": layer["n_passing"],
+                     "search_token_auc": layer["search_token_auc"]},
+        "params": report["params"],
+        "layers": [{k: v for k, v in r.items() if k != "members"} for r in report.get("layer_table") or []],
+        "summary": {"n_prompts": report["n_prompts"], "n_heldout": report["n_heldout"],
+                    "inputs_sha1": report["inputs_sha1"], "n_tokens": report["n_tokens"],
+                    "method": "token-level search (esr_core.resistance.token_detectors)"},
+        "model": report["model"], "sae": sae_identity,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def layer_table(report: dict) -> list[dict]:
+    """One row per layer: the group and its held-out numbers, and the baseline's where given."""
+    rows = []
+    for la in report["layers"]:
+        h = la["heldout"]
+        row = {"hook": la["hook"], "group": "searched", "size": len(la["members"]), "members": la["members"],
+               "token_auc": h.get("token_auc_off_topic"), "token_auc_steered_drift": h.get("token_auc_steered_drift"),
+               "garbled_auc": h.get("token_auc_garbled"), "unsteered_crossing": h.get("crossing_rate_unsteered"),
+               "steered_drift_crossing": h.get("crossing_rate_steered_drift"),
+               "garbled_crossing": max(h.get("crossing_rate_shuffled") or 0, h.get("crossing_rate_repeated") or 0),
+               "ratio_off_topic": h.get("ratio_off_topic"), "ratio_after_correction": h.get("ratio_after_correction"),
+               "threshold": la["threshold"], "passing_controls": la["n_passing"]}
+        rows.append(row)
+        b = la.get("baseline")
+        if b:
+            bh = b["heldout"]
+            rows.append({**{k: None for k in row}, "hook": la["hook"], "group": b["name"], "size": len(b["members"]),
+                         "members": b["members"], "token_auc": bh.get("token_auc_off_topic"),
+                         "token_auc_steered_drift": bh.get("token_auc_steered_drift"),
+                         "garbled_auc": bh.get("token_auc_garbled"),
+                         "unsteered_crossing": bh.get("crossing_rate_unsteered"),
+                         "steered_drift_crossing": bh.get("crossing_rate_steered_drift"),
+                         "garbled_crossing": max(bh.get("crossing_rate_shuffled") or 0,
+                                                 bh.get("crossing_rate_repeated") or 0),
+                         "ratio_off_topic": bh.get("ratio_off_topic"),
+                         "ratio_after_correction": bh.get("ratio_after_correction"), "threshold": b["threshold"]})
+    return rows
+
+
+def save_report(report: dict, path: str | Path) -> Path:
+    """The full report (every candidate and control), written atomically."""
+    atomic_write_json(Path(path), report)
+    return Path(path)
+
+
+EVIDENCE_ROWS = (  # (key in the held-out block, label, what a detector should show)
+    ("token_auc_off_topic", "per-token AUC, off-topic vs on-topic (EMA signal)", "high"),
+    ("token_auc_steered_drift", "per-token AUC, the model's own steered drift", "high"),
+    ("token_auc_garbled", "per-token AUC, garbled vs clean on-topic (control)", "about 0.5"),
+    ("crossing_rate_unsteered", "unsteered answers that cross the alert threshold", "<= 5 %"),
+    ("crossing_rate_steered_drift", "steered drifts that cross", "high"),
+    ("crossing_rate_recovery_drift", "off-topic spans of synthetic recoveries that cross", "high"),
+    ("crossing_rate_shuffled", "shuffled on-topic answers that cross (control)", "low"),
+    ("crossing_rate_repeated", "repetitive on-topic answers that cross (control)", "low"),
+    ("ratio_off_topic", "off-topic span vs unsteered on-topic activity", "paper 4.4x"),
+    ("ratio_after_correction", "after the correction vs unsteered on-topic", "paper 2.1x"),
+    ("ratio_garbled", "garbled vs unsteered on-topic (control)", "about 1x"),
+)
+
+
+def evidence_rows(group_extra: dict) -> list[dict]:
+    """The held-out evidence of a token-level group next to the previous circuit's, for the app."""
+    ev = group_extra.get("evidence") or {}
+    h = ev.get("heldout") or {}
+    b = ((ev.get("baseline") or {}).get("heldout")) or {}
+    bname = (ev.get("baseline") or {}).get("name", "previous circuit")
+    rows = []
+    for key, label, want in EVIDENCE_ROWS:
+        if key not in h:
+            continue
+        rows.append({"measure (held-out prompts)": label, "this circuit": h.get(key),
+                     bname: b.get(key) if b else None, "a detector should show": want})
+    return rows
