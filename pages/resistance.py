@@ -122,7 +122,11 @@ distractor = Intervention(latent=int(dlat), mode="add", strength=float(dstr), un
 watch = sorted(set((circuit.members if circuit else []) + (backtrack.members if backtrack else []) + [int(dlat)]))
 base = GenerationSpec(prompt=cprompt or " ", watch=watch, max_new_tokens=int(ntok), seed=int(seed),
                       temperature=0.6, repetition_penalty=1.1, top_k=0)
-avail = [k for k in BASE_CONDITIONS if circuit is not None or not CONDITIONS[k].ablates]
+ablatable = circuit is not None and circuit.matches(eng, steering=True)  # ablation edits the steering SAE's code
+avail = [k for k in BASE_CONDITIONS if ablatable or not CONDITIONS[k].ablates]
+if circuit is not None and not ablatable:
+    st.caption("The circuit lives on the readout SAE, not the steering SAE: ablating it needs an edit at the "
+               "readout hook, which the one-click conditions do not make; the ablation conditions are left out.")
 cols = st.columns(3) + st.columns(3)  # two rows: every label fits
 res_store = ss.setdefault("res_conditions", {})
 groups = [g for g in (circuit, backtrack) if g is not None]

@@ -174,14 +174,19 @@ class LatentGroup:
             rows.append(row)
         return rows
 
-    def matches(self, engine) -> bool:
-        """True when the group was found on this engine's model and SAE (same decoder weights)."""
+    def matches(self, engine, steering: bool = False) -> bool:
+        """True when the group was found on this engine's model and readout SAE (same decoder weights).
+
+        Groups are read (watched, shaded, thresholded) from the readout SAE's code; with
+        ``steering`` the question is whether its members can be *edited* (ablated), which only
+        the steering SAE can do.
+        """
         sae = self.extra.get("sae") or {}
         model = self.extra.get("model")
         if model and model != engine.model.name:
             return False
         want = sae.get("weights_hash") if isinstance(sae, dict) else None
-        return True if not want else want == sae_weights_hash(engine.sae)
+        return True if not want else want == sae_weights_hash(engine.sae if steering else readout_sae(engine))
 
     # -- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -224,21 +229,27 @@ def parse_members(text: str) -> tuple[list[int], list[float]]:
     return members, weights
 
 
+def readout_sae(engine):
+    """The SAE whose code an engine's readouts come from (its steering SAE unless it has a readout SAE)."""
+    return getattr(engine, "read_sae", None) or engine.sae
+
+
 def sae_identity(engine) -> dict:
-    """Which SAE a group belongs to: content hash of the decoder plus where it came from."""
-    src = str(engine.sae.source)
+    """Which SAE a group belongs to (the readout SAE): content hash of the decoder plus its source."""
+    sae = readout_sae(engine)
+    src = str(sae.source)
     try:
         src = str(Path(src).resolve().relative_to(REPO_ROOT))
     except (ValueError, OSError):
         pass
-    return {"weights_hash": sae_weights_hash(engine.sae), "fingerprint": engine.sae.key, "source": src,
-            "hook": engine.hook_name, "d_sae": int(engine.sae.d_sae)}
+    return {"weights_hash": sae_weights_hash(sae), "fingerprint": sae.key, "source": src,
+            "hook": sae.hook_name, "d_sae": int(sae.d_sae)}
 
 
 def member_descriptions(engine, members: Sequence[int]) -> dict[str, str]:
     """Catalog descriptions of the members when a catalog already exists (never builds one here)."""
     try:
-        cat = load_catalog_for_names(engine.model.name, engine.sae)
+        cat = load_catalog_for_names(engine.model.name, readout_sae(engine))
         if cat is None:
             return {}
         return {str(i): str(cat.description(int(i)) or "") for i in members}
@@ -355,7 +366,14 @@ def group_for(engine, which: str = "circuit") -> LatentGroup | None:
     g = shipped_group(which, engine.model.name)
     if g is not None and g.matches(engine):
         return g
-    p = cached_group_path(engine.model.name, engine.sae.key, which)
+    for path in sorted(SHIPPED[which].parent.glob(f"{SHIPPED[which].stem}.*.json")):  # per model / readout SAE
+        try:
+            g = load_group(path)
+        except GroupUnavailable:
+            continue
+        if g.matches(engine):
+            return g
+    p = cached_group_path(engine.model.name, readout_sae(engine).key, which)
     if p.exists():
         try:
             g = load_group(p)
