@@ -26,7 +26,7 @@ def interventions_editor(d_sae: int) -> None:
     for k, d in enumerate(list(ss.ivs)):
         c1, c2 = st.columns([5, 1])
         iv = Intervention.from_dict(d)
-        c1.html(iv_chip(iv.label(), _ui.describe(iv.latent)))
+        c1.html(iv_chip(iv.label(), _ui.describe(iv.latent, steering=True)))
         if c2.button("✕", key=f"rm_iv_{k}", help="remove"):
             ss.ivs = [x for j, x in enumerate(ss.ivs) if j != k]
             st.rerun()

@@ -23,7 +23,7 @@ def judged(rec) -> dict:
     """Judge each finished answer once per record (offline judge), kept in the session."""
     cache = st.session_state.setdefault("_judged", {})
     if rec.id not in cache:
-        out, err = lab_views.judge_runs(rec, _ui.describe)
+        out, err = lab_views.judge_runs(rec, lambda i: _ui.describe(i, steering=True))
         if err:
             st.caption(err)
         cache[rec.id] = out
@@ -57,7 +57,7 @@ def heatmaps(rec, eng, sel) -> None:
                         help="Normalised: each member ÷ its max activation in the catalog (the max in these runs "
                              "where the catalog lacks it), then the weighted sum. Raw: the plain weighted sum.")
         same_sae = rec.sae == eng.sae.source
-        views, note = group_heatmap_values(rec.results, group, _ui.catalog() if same_sae else None,
+        views, note = group_heatmap_values(rec.results, group, _ui.read_catalog() if same_sae else None,
                                            normalise=norm != "raw sum", include_prompt=with_prompt)
         label = f"{label} · {note}"
     else:
@@ -148,7 +148,7 @@ def compact_view(rec, eng, key: str) -> None:
     circuit = lab_views.circuit_of(list(rec.groups))
     res = rec.results.get("steered") or next(iter(rec.results.values()))
     if circuit is not None:
-        views, note = group_heatmap_values(rec.results, circuit, _ui.catalog(), normalise=True)
+        views, note = group_heatmap_values(rec.results, circuit, _ui.read_catalog(), normalise=True)
         pieces, vals, special, tops = views.get("steered") or next(iter(views.values()))
         st.html(render_heatmap(pieces, vals, special=special, tops=tops, label=f"{circuit.name} · {note}",
                                colour=circuit.colour, describe=_ui.describe))

@@ -182,6 +182,7 @@ def ensure_engine(model: str, sae: str | None, read_sae: str | None = None) -> N
     ss.engine, ss.engine_key, ss.engine_error = eng, used, None
     ss.engine_read_sae = eng.read_sae.source if reads else None
     ss.catalog = load_catalog(eng, new_key)
+    ss.read_catalog = svc.load_catalog(eng, readout=True) if reads else ss.catalog
     ss.builtin_groups, ss.group_errors = svc.builtin_groups(eng)
     ss.model_in_url = used[0] if used[0] != DEFAULT_MODEL else None
     ss.sae_in_url = sae if used == (model, spec) else None

@@ -188,7 +188,13 @@ def engine():
 
 
 def catalog():
+    """The steering SAE's catalog (search, latent pages)."""
     return st.session_state.get("catalog")
+
+
+def read_catalog():
+    """The readout SAE's catalog (descriptions of watched and top latents, group heatmaps)."""
+    return st.session_state.get("read_catalog", st.session_state.get("catalog"))
 
 
 def interventions() -> list[Intervention]:
@@ -234,8 +240,9 @@ def add_to_group(name: str, latent: int, colour: str = "#009E73") -> LatentGroup
     return g
 
 
-def describe(latent: int) -> str:
-    return description(catalog(), latent)
+def describe(latent: int, steering: bool = False) -> str:
+    """A latent's description from the readout catalog (or the steering one, for an intervention's latent)."""
+    return description(catalog() if steering else read_catalog(), latent)
 
 
 def show_url_errors() -> None:

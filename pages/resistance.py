@@ -136,7 +136,7 @@ for col, key in zip(cols, avail):
             cond = build_conditions(base, distractor, circuit, d_sae, keys=[key])[0]
             with st.spinner(f"Running {cond.label}…"):
                 results = eng.generate(cond.spec)
-            res_store[key] = {"note": cond.note, "rec": RunRecord(spec=cond.spec, model=eng.model.name,
+            res_store[key] = {"note": cond.note, "rec": RunRecord(spec=cond.spec, model=eng.model.name, read_sae=ss.get("engine_read_sae"),
                                                                    sae=eng.sae.source, results=results, groups=groups)}
         except EsrError as exc:
             st.error(str(exc))
@@ -199,7 +199,7 @@ if rep is not None:
         mem = (rep.get("members") or {}).get("circuit")
         if mem is not None and len(circuit.members) > 1:
             # several latents on one colour: each ÷ its own scale, never one shared raw scale
-            v, note = normalised_member_series(mem, circuit, _ui.catalog(), how=rep.get("how", "sum"))
+            v, note = normalised_member_series(mem, circuit, _ui.read_catalog(), how=rep.get("how", "sum"))
             hm_vals = list(ema(v, rep.get("ema_alpha")) if rep.get("ema_alpha") else v)
             hm_label = f"resistance circuit · {note}"
         st.html(render_heatmap(toks, hm_vals, label=hm_label, colour=circuit.colour))

@@ -40,6 +40,7 @@ class LiveRun:
     rendered_prompt: str = ""
     status: str = "running"
     compare_model: str = ""  # a second model streaming the same steering as run "compare"
+    read_sae: str | None = None  # the readout SAE's source when it is not the steering SAE
 
     def add(self, ev) -> str | None:
         """Record one event; returns the run it belongs to."""
@@ -69,7 +70,7 @@ class LiveRun:
                 r.stop_reason = "cancelled" if st == "stopped" else ""
         return RunRecord(spec=self.spec, model=self.model, sae=self.sae, results=res,
                          rendered_prompt=self.rendered_prompt, groups=list(self.groups), status=st,
-                         compare_model=self.compare_model if "compare" in res else "")
+                         compare_model=self.compare_model if "compare" in res else "", read_sae=self.read_sae)
 
 
 # ------------------------------------------------------------------ views of a finished run

@@ -18,7 +18,7 @@ from esr_core.io import read_json_or
 from esr_core.jobs import Progress
 from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names
-from esr_core.latents.groups import LatentGroup, load_builtin_groups
+from esr_core.latents.groups import LatentGroup, load_builtin_groups, readout_sae
 from esr_core.latents.search import embed_query, warm_search
 from esr_core.models.adapters import check_adapter
 from esr_core.models.embeddings import embedding_model
@@ -181,10 +181,13 @@ def sae_fit_on(model: str) -> tuple[str, bool] | None:
 
 
 # ------------------------------------------------------------------ catalog
-def load_catalog(engine):
-    """The shipped or cached catalog for this (model, SAE), or None (then ids still work)."""
+def load_catalog(engine, readout: bool = False):
+    """The shipped or cached catalog for this (model, SAE), or None (then ids still work).
+
+    ``readout``: the catalog of the SAE the views read (the readout SAE when the engine has one),
+    for descriptions of watched and top latents; the default is the steering SAE's, for search."""
     try:
-        cat = load_catalog_for_names(engine.model.name, engine.sae)
+        cat = load_catalog_for_names(engine.model.name, readout_sae(engine) if readout else engine.sae)
     except EsrError:
         return None
     if cat is not None:
