@@ -8,7 +8,7 @@ from pathlib import Path
 from esr_core.cli.common import StderrProgress
 from esr_core.errors import BadInput
 from esr_core.experiments.attribution import AttributionParams, attribution_group, run_attribution
-from esr_core.io import atomic_write_json, read_jsonl, read_text_arg
+from esr_core.io import atomic_write_json, read_json, read_jsonl, read_text_arg
 from esr_core.latents.groups import (
     GroupUnavailable,
     LatentGroup,
@@ -26,7 +26,7 @@ from esr_core.resistance.backtracking import BacktrackingParams, find_backtracki
 from esr_core.resistance.detectors import DetectorParams, find_detectors
 from esr_core.resistance.token_detectors import TokenSearchParams, run_search
 from esr_core.resistance.token_inputs import INPUTS_PATH, build_detector_inputs
-from esr_core.resistance.token_report import best_layer, group_dict, layer_table, save_report
+from esr_core.resistance.token_report import annotate_group, best_layer, group_dict, layer_table, save_report
 from esr_core.resistance.view import replay_episode
 from esr_core.steering.interventions import Intervention, parse_cli_pair
 
@@ -106,6 +106,23 @@ def register(sub) -> None:
     a.add_argument("--group-out", default=None, help="also write the top latents as a group here")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=run_attribute)
+
+    sp = dsub.add_parser("separation", help="how often a circuit crosses its threshold on a run's steered "
+                                            "off-topic answers vs its unsteered ones (replayed with their steering)")
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--read-sae", default=None, help="readout SAE the group belongs to (default: the steering SAE)")
+    sp.add_argument("--run", default="assets/experiments/reference")
+    sp.add_argument("--group", action="append", default=[], metavar="GROUP_JSON",
+                    help="a circuit file (repeat to compare; default: the circuit for this engine)")
+    sp.add_argument("-n", type=int, default=12, help="answers of each kind")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=run_separation)
+
+    an = dsub.add_parser("annotate", help="add a token-search report's evidence and controls to a group file")
+    an.add_argument("--report", required=True)
+    an.add_argument("--group", required=True, help="the group the report compared with (its baseline)")
+    an.add_argument("--out", default=None, help="default: overwrite --group")
+    an.set_defaults(func=run_annotate)
 
     i = dsub.add_parser("inputs", help="build the detector inputs file from `esr-lab finetune data` output")
     i.add_argument("--data", required=True, help="the fine-tuning data folder (answers.jsonl, drifts.jsonl)")
@@ -300,4 +317,35 @@ def run_attribute(args) -> int:
               f"{rep['share_top_lowers_more']:.0%} of restarts; overlap with the circuit: "
               f"{rep['overlap_with_detectors'] or 'none'}")
         print(f"report written to {out}")
+    return 0
+
+
+def run_separation(args) -> int:
+    from esr_core.experiments.mechanism import circuit_separation  # heavy: pandas (the run's trial table)
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
+
+    engine = get_engine(args.model, None, read_sae=args.read_sae)
+    groups = [load_group(g) for g in args.group] or [group_for(engine, "circuit")]
+    out = []
+    for g in groups:
+        if g is None or not g.matches(engine):
+            raise BadInput("The circuit does not belong to this model's readout SAE (pass --read-sae)")
+        res = circuit_separation(args.run, engine, g, n=args.n)
+        out.append({"group": g.name, "members": g.members, **res})
+        if not args.json:
+            print(f"{g.name} {g.members[:8]}{'...' if len(g.members) > 8 else ''}: crosses on "
+                  f"{res['steered_off_topic']['crossed']}/{res['steered_off_topic']['n']} steered off-topic answers, "
+                  f"{res['unsteered']['crossed']}/{res['unsteered']['n']} unsteered")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def run_annotate(args) -> int:
+    group = load_group(args.group).to_dict()
+    out = annotate_group(group, read_json(args.report))
+    save_group(LatentGroup.from_dict(out), args.out or args.group)
+    ev = out["evidence"]
+    print(f"{args.out or args.group}: {ev['n_passing']} of {len(out['members'])} members pass the controls "
+          f"(failed: {ev['rejected'] or 'none'})")
     return 0

@@ -120,3 +120,48 @@ def evidence_rows(group_extra: dict) -> list[dict]:
         rows.append({"measure (held-out prompts)": label, "this circuit": h.get(key),
                      bname: b.get(key) if b else None, "a detector should show": want})
     return rows
+
+
+def annotate_group(group: dict, report: dict) -> dict:
+    """Add a token-level report's evidence to an existing group (the one it was compared with).
+
+    The group's own held-out numbers become its evidence, the controlled search's group at the
+    same hook the comparison column, and each member gets its control statistics; a member the
+    controls reject says by what. Nothing about the group's membership or threshold changes.
+    """
+    hook = (group.get("sae") or {}).get("hook")
+    layer = next((la for la in report["layers"] if la["hook"] == hook and la.get("baseline")), None)
+    if layer is None:
+        raise BadInput(f"The report has no comparison with this group at {hook}")
+    cand = {c["latent"]: c for c in layer["candidates"]}
+    out = dict(group)
+    stats = {k: dict(v) for k, v in (group.get("stats") or {}).items()}
+    rejected: dict[str, int] = {}
+    for j in group["members"]:
+        c = cand.get(int(j))
+        if c is None:
+            continue
+        stats.setdefault(str(j), {}).update({f"token_{k}" if k == "auc" else k: c[k] for k in (
+            "auc", "token_matched_auc", "position_matched_auc", "garbled_auc", "system_ratio", "off_rate", "on_rate")})
+        stats[str(j)]["controls_failed"] = ", ".join(c["rejected_by"]) or "none"
+        for w in c["rejected_by"]:
+            rejected[w] = rejected.get(w, 0) + 1
+    out["stats"] = stats
+    out["evidence"] = {
+        "heldout": layer["baseline"]["heldout"],
+        "baseline": {"name": f"controlled search at {hook} ({len(layer['members'])} latents)",
+                     "members": layer["members"], "heldout": layer["heldout"]},
+        "rejected": rejected, "n_candidates": len(group["members"]),
+        "n_passing": sum(1 for j in group["members"] if cand.get(int(j)) and not cand[int(j)]["rejected_by"]),
+        "report": "assets/resistance/token_search.json", "command": report.get("command"),
+    }
+    out["layers"] = [{k: v for k, v in r.items() if k != "members"} for r in report.get("layer_table") or []]
+    h = layer["baseline"]["heldout"]
+    fails = ", ".join(sorted(rejected)) or "none"
+    out["description"] = (str(group.get("description", "")).split(" Token-level check")[0]
+                          + f" Token-level check at {hook} on held-out prompts: {out['evidence']['n_passing']} of "
+                            f"{len(group['members'])} members pass the controls (failed: {fails}); it crosses its "
+                            f"threshold on {h.get('crossing_rate_unsteered', 0):.0%} of unsteered answers and on "
+                            f"{max(h.get('crossing_rate_shuffled') or 0, h.get('crossing_rate_repeated') or 0):.0%} of "
+                            f"garbled on-topic answers: it marks odd text, off-topic or not.")
+    return out
