@@ -83,7 +83,7 @@ def test_the_replay_of_the_shipped_recovery_crosses_only_in_the_off_topic_span(s
     assert response_crossings, "the circuit never crossed on the off-topic span"
     off = regions["off-topic"]
     assert any(a <= response_crossings[0] < b + 3 for a, b in off), (response_crossings, regions)
-    assert not [c for c in crossings if c < first], "the circuit crossed on the prompt"
+    assert not [c for c in crossings if c < first], "a crossing on the prompt was reported"
     expect(page.get_by_text("never over the prompt").first).to_be_attached()
     page.locator(".esr-replay").scroll_into_view_if_needed()
     shot(page, "circuit-replay")

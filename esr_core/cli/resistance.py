@@ -302,6 +302,7 @@ def run_attribute(args) -> int:
                           progress=None if args.json else StderrProgress(newline=True))
     rep["command"] = (f"esr-lab detectors attribute --model {args.model} --run {args.run}"
                       + (f" --read-sae {args.read_sae}" if args.read_sae else "") + f" --top-k {args.top_k}"
+                      + f" --random-draws {args.random_draws}"
                       + (f" --limit {args.limit}" if args.limit else ""))
     out = Path(args.report) if args.report else Path(args.run) / "attribution.json"
     atomic_write_json(out, rep)

@@ -317,7 +317,10 @@ def replay_episode(engine, prompt: str, response: str, circuit: LatentGroup | No
     if circuit and circuit.members:
         thr = circuit.threshold_value(how)
         out["threshold"] = thr
-        out["crossings"] = threshold_crossings(out["series"]["circuit"], thr) if thr is not None else []
+        # the alert is about the answer: crossings on the prompt (a system prompt the group fires on) never count
+        # (the smoothing restarts at the answer, so prompt activity does not carry into its first tokens)
+        resp = circuit_activity(z[first:], circuit, how=how, ema_alpha=ema_alpha)
+        out["crossings"] = [first + c for c in threshold_crossings(resp, thr)] if thr is not None else []
         out["verdict"] = verdict(out["summary"]["circuit"], judgement)
     out["distractor_series"] = {}
     for iv in steering:
