@@ -25,6 +25,10 @@ def test_latent_page_has_values_bands_and_described_neighbours(server, browser):
     assert {"Sea", "Ocean"} & set(tokens[:5]), tokens
     expect(page.locator('.esr-logits[data-kind="promoted"]')).to_contain_text("\u2423Sea")
     assert float(promoted.first.get_attribute("data-v")) > 0
+    try:  # the bands render after the logits: wait for them rather than count mid-render
+        page.wait_for_function("() => document.querySelectorAll('.esr-context').length >= 10", timeout=LONG)
+    except Exception:  # noqa: BLE001 - playwright's timeout: the assertion below says what was there
+        pass
     assert page.locator(".esr-context").count() >= 10  # top contexts and three lower bands
     expect(page.get_by_text("Sampled from 0%–25% of max")).to_be_visible()
     rows = page.locator(".esr-neighbour")
@@ -85,5 +89,5 @@ def test_the_replay_of_the_shipped_recovery_crosses_only_in_the_off_topic_span(s
     assert any(a <= response_crossings[0] < b + 3 for a, b in off), (response_crossings, regions)
     assert not [c for c in crossings if c < first], "a crossing on the prompt was reported"
     expect(page.get_by_text("never over the prompt").first).to_be_attached()
-    page.locator(".esr-replay").scroll_into_view_if_needed()
+    page.locator(".js-plotly-plot").last.scroll_into_view_if_needed()
     shot(page, "circuit-replay")
