@@ -78,3 +78,28 @@ def test_gemma_lab_watches_no_group_found_on_another_sae_and_generates():
     assert not at.exception, [e.value for e in at.exception]
     rec = at.session_state.history[-1]
     assert rec.model == "gemma3-270m" and not rec.groups and len(rec.results["steered"].token_ids) == 3
+
+
+READ_L20 = REPO_ROOT / "assets" / "sae" / "smollm2-135m-instruct-L20"
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_with_the_shipped_block_20_readout_sae(page):
+    """#13: steering at block 15 and reading at block 20 (the sidebar's Readout SAE) on every page."""
+    from esr_core.app import engine_loader, session as svc
+    from esr_core.models.registry import DEFAULT_MODEL
+
+    read = str(READ_L20)
+    assert read in svc.readout_sae_folders(576)
+    engine_loader.request(DEFAULT_MODEL, svc.default_sae_for(DEFAULT_MODEL), read).join()
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=600).run()
+    at.selectbox(key="w_read_sae").select(read).run()
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    eng = at.session_state.engine
+    assert eng.has_readout_sae and eng.read_hook_name == "blocks.20.hook_resid_post"
+    assert PAGES[page] in " ".join(t.value for t in at.title) or page == "pages/home.py"
+    if page == "pages/resistance.py":
+        shown = " ".join(m.value for m in at.markdown)
+        assert "9 latents" in shown  # the block-20 circuit, not #1229 of the block-15 SAE
+        assert any("lives on the readout SAE" in c.value for c in at.caption)

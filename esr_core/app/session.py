@@ -114,7 +114,11 @@ def cached_sae_folders(d_in: int | None = None, root: Path | None = None) -> lis
 def readout_sae_folders(d_model: int | None = None) -> list[str]:
     """The SAEs the sidebar offers as a readout SAE: the shipped folders, and the user cache's
     folders for this d_model (all of them when the d_model is not known yet)."""
-    shipped = local_sae_folders()
+    def fits(folder: str) -> bool:
+        cfg = read_json_or(Path(folder) / "cfg.json", {})
+        return d_model is None or (isinstance(cfg, dict) and cfg.get("d_in") == d_model)
+
+    shipped = [f for f in local_sae_folders() if fits(f)]
     return shipped + [f for f in cached_sae_folders(d_model) if f not in shipped]
 
 
