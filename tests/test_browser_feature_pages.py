@@ -71,7 +71,12 @@ def test_the_replay_of_the_shipped_recovery_crosses_only_in_the_off_topic_span(s
     page = browser.new_page()
     page.goto(f"{server.url}/resistance")
     wait_app_idle(page, LONG)
-    shot(page, "circuit-resistance-page")
+    evidence = page.get_by_text("Evidence and controls").first
+    evidence.wait_for(timeout=LONG)  # the circuit's token-level evidence, next to the group
+    evidence.scroll_into_view_if_needed()
+    wait_app_idle(page, LONG)
+    page.locator('[data-testid="stDataFrame"]').nth(1).wait_for(timeout=LONG)
+    shot(page, "circuit-evidence")
     page.get_by_role("button", name="Replay", exact=True).click()
     hooks = page.locator(".esr-replay")
     hooks.wait_for(state="attached", timeout=LONG)
