@@ -166,3 +166,15 @@ def test_summary_of_a_run_whose_last_log_line_is_torn(tmp_path):
     res = esr_lab(["experiment", "summary", str(run), "--json"], tmp_path)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert json.loads(res.stdout)["n_trials"] == 20
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["detectors", "token-search", "--inputs", "missing.jsonl"], ["do not exist", "esr-lab detectors inputs"]),
+    (["detectors", "token-search", "--n-prompts", "2"], ["at least 6 prompts"]),
+    (["detectors", "attribute", "--run", "."], ["not an experiment run folder"]),
+    (["detectors", "inputs", "--data", "."], ["lacks answers.jsonl", "esr-lab finetune data"]),
+])
+def test_detector_commands_check_their_input_before_loading_a_model(tmp_path, args, needles):
+    """#13's commands: one clear line, exit status 2, and no model loaded for bad input."""
+    one_clear_line(esr_lab(args, tmp_path), *needles)
+    nothing_loaded(tmp_path)

@@ -25,7 +25,7 @@ from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
 from esr_core.resistance.token_detectors import TokenSearchParams, run_search
-from esr_core.resistance.token_inputs import INPUTS_PATH, build_detector_inputs
+from esr_core.resistance.token_inputs import INPUTS_PATH, build_detector_inputs, load_detector_inputs
 from esr_core.resistance.token_report import annotate_group, best_layer, group_dict, layer_table, save_report
 from esr_core.resistance.view import replay_episode
 from esr_core.steering.interventions import Intervention, parse_cli_pair
@@ -253,6 +253,7 @@ def run_token_search(args) -> int:
     from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
     params = TokenSearchParams(n_prompts=args.n_prompts, max_size=args.max_size).validate()
+    rows = load_detector_inputs(args.inputs, params.n_prompts)  # bad input fails before a model loads
     engine = get_engine(args.model, None)
     saes = [load_sae(s) for s in args.sae] if args.sae else [engine.sae]
     base = load_group(args.baseline) if args.baseline else shipped_group("circuit", args.model)
@@ -260,7 +261,7 @@ def run_token_search(args) -> int:
     if base is not None and (base.extra.get("sae") or {}).get("hook") and base.threshold_value("sum") is not None:
         baselines[base.extra["sae"]["hook"]] = {"name": f"today's {base.name}", "members": base.members,
                                                 "threshold": base.threshold_value("sum")}
-    report = run_search(engine.model, saes, params, inputs_path=args.inputs, baselines=baselines,
+    report = run_search(engine.model, saes, params, rows=rows, baselines=baselines,
                         progress=None if args.json else StderrProgress(newline=True))
     report["layer_table"] = layer_table(report)
     report["command"] = "esr-lab detectors token-search " + " ".join(
@@ -293,6 +294,8 @@ def run_token_search(args) -> int:
 def run_attribute(args) -> int:
     from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
+    if not (Path(args.run) / "spec.json").exists():
+        raise BadInput(f"{args.run} is not an experiment run folder (no spec.json)")
     engine = get_engine(args.model, args.sae)
     read = load_sae(args.read_sae) if args.read_sae else None
     circuit = group_for(engine, "circuit")

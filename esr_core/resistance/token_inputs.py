@@ -28,7 +28,7 @@ def load_detector_inputs(path: str | Path | None = None, n_prompts: int | None =
     """Rows ``{id, prompt, answer, drift?, drift_latent?}`` (JSONL); a clear error when unusable."""
     p = Path(path or INPUTS_PATH)
     if not p.exists():
-        raise BadInput(f"Detector inputs {p} do not exist (build them with `esr-lab resistance inputs`)")
+        raise BadInput(f"Detector inputs {p} do not exist (build them with `esr-lab detectors inputs`)")
     rows = []
     for k, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
