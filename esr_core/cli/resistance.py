@@ -272,13 +272,8 @@ def run_token_search(args) -> int:
     best = best_layer(report)
     sae = next(s for s in saes if s.hook_name == best["hook"])
 
-    class _View:  # sae_identity / member_descriptions read an engine's model and SAE
-        def __init__(self):
-            self.model, self.sae, self.hook_name = engine.model, sae, sae.hook_name
-
-    view = _View()
-    group = LatentGroup.from_dict(group_dict(report, best, member_descriptions(view, best["members"]),
-                                             sae_identity(view)))
+    group = LatentGroup.from_dict(group_dict(report, best, member_descriptions(engine, best["members"], sae),
+                                             sae_identity(engine, sae)))
     if args.out:
         save_group(group, args.out)
     if args.json:

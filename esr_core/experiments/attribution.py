@@ -196,10 +196,7 @@ def run_attribution(engine, run_dir: str | Path, read_sae=None, params: Attribut
 
 def attribution_group(report: dict, engine, read_sae=None):
     """The attributed restart drivers as a group (with the ablation evidence) for the app."""
-    class _View:  # the readout SAE's identity, not the steering one's
-        model, sae = engine.model, read_sae or engine.sae
-        hook_name = (read_sae or engine.sae).hook_name
-
+    sae = read_sae or engine.sae  # the group belongs to the SAE it was attributed to
     members = [t["latent"] for t in report["top"]]
     return LatentGroup.from_dict({
         "format": GROUP_FORMAT, "name": "restart drivers", "kind": "attributed (gradient x activation)",
@@ -210,11 +207,11 @@ def attribution_group(report: dict, engine, read_sae=None):
                         f"{report['mean_delta_logp_top']:+.2f} (random active latents: "
                         f"{report['mean_delta_logp_random']:+.2f})."),
         "stats": {str(t["latent"]): {"attribution": t["attribution"]} for t in report["top"]},
-        "descriptions": member_descriptions(_View(), members),
+        "descriptions": member_descriptions(engine, members, sae),
         "evidence": {k: report[k] for k in ("n_restarts", "mean_delta_logp_top", "mean_delta_logp_random",
                                             "share_top_lowers_more", "overlap_with_detectors",
                                             "detector_attribution_rank", "median_peak_lead_tokens")},
-        "model": engine.model.name, "sae": sae_identity(_View()),
+        "model": engine.model.name, "sae": sae_identity(engine, sae),
     })
 
 

@@ -234,9 +234,9 @@ def readout_sae(engine):
     return getattr(engine, "read_sae", None) or engine.sae
 
 
-def sae_identity(engine) -> dict:
-    """Which SAE a group belongs to (the readout SAE): content hash of the decoder plus its source."""
-    sae = readout_sae(engine)
+def sae_identity(engine, sae=None) -> dict:
+    """Which SAE a group belongs to (``sae``, else the engine's readout SAE): decoder hash plus source."""
+    sae = sae or readout_sae(engine)
     src = str(sae.source)
     try:
         src = str(Path(src).resolve().relative_to(REPO_ROOT))
@@ -246,10 +246,10 @@ def sae_identity(engine) -> dict:
             "hook": sae.hook_name, "d_sae": int(sae.d_sae)}
 
 
-def member_descriptions(engine, members: Sequence[int]) -> dict[str, str]:
+def member_descriptions(engine, members: Sequence[int], sae=None) -> dict[str, str]:
     """Catalog descriptions of the members when a catalog already exists (never builds one here)."""
     try:
-        cat = load_catalog_for_names(engine.model.name, readout_sae(engine))
+        cat = load_catalog_for_names(engine.model.name, sae or readout_sae(engine))
         if cat is None:
             return {}
         return {str(i): str(cat.description(int(i)) or "") for i in members}
