@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +48,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def save_pretrained_atomically(out: str | os.PathLike, *parts: Any) -> Path:
+    """Save Hugging Face objects (model, tokenizer) into a sibling temp folder, then swap it in,
+    so a crash mid-save never leaves a half-written model folder behind."""
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier save must not leak files into this one
+    try:
+        for part in parts:
+            part.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
 
 
 def read_json(path: str | os.PathLike, what: str | None = None, error: type[Exception] = BadInput) -> Any:

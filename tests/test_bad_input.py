@@ -178,3 +178,28 @@ def test_detector_commands_check_their_input_before_loading_a_model(tmp_path, ar
     """#13's commands: one clear line, exit status 2, and no model loaded for bad input."""
     one_clear_line(esr_lab(args, tmp_path), *needles)
     nothing_loaded(tmp_path)
+
+
+def test_a_model_folder_save_that_crashes_leaves_the_old_folder_whole(tmp_path):
+    """save_pretrained_atomically writes into a temp sibling: a part that fails mid-save leaves
+    the previous folder as it was, and a good save replaces it whole."""
+    from esr_core.io import save_pretrained_atomically
+
+    class Part:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / self.name).write_text(self.name)
+            if self.fail:
+                raise OSError("disk full")
+
+    out = tmp_path / "model"
+    save_pretrained_atomically(out, Part("weights"), Part("tokenizer"))
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer", "weights"]
+    with pytest.raises(OSError):
+        save_pretrained_atomically(out, Part("new-weights"), Part("new-tokenizer", fail=True))
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer", "weights"]
+    save_pretrained_atomically(out, Part("v2"))
+    assert [p.name for p in out.iterdir()] == ["v2"]

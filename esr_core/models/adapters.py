@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from esr_core.errors import ModelUnavailable
+from esr_core.io import save_pretrained_atomically
 from esr_core.paths import ASSETS_DIR, cache_subdir
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,4 @@ def merged_dir(name: str, base_dir: str | Path, adapter: str | Path, base: str) 
     except Exception as exc:  # noqa: BLE001 - peft/safetensors raise many types for a torn or foreign adapter
         raise ModelUnavailable(f"The adapter in {adapter_dir(adapter)} does not fit {base}: "
                                f"{str(exc).splitlines()[0][:200]}") from None
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    merged.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return save_pretrained_atomically(out, merged, tok)

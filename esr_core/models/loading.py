@@ -18,13 +18,13 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from esr_core.errors import ModelUnavailable
+from esr_core.io import save_pretrained_atomically
 from esr_core.models.adapters import check_adapter, merged_dir
 from esr_core.models.registry import DEFAULT_MODEL, ModelEntry, get_entry
 from esr_core.paths import cache_subdir, offline_env
@@ -123,13 +123,7 @@ def _dequantised_dir(entry: ModelEntry) -> Path:
     for attr in ("is_quantized", "quantization_method"):
         if attr in model.__dict__:
             del model.__dict__[attr]
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return save_pretrained_atomically(out, model, tok)
 
 
 def check_model(name_or_path: str) -> None:
