@@ -226,3 +226,31 @@ def test_the_shipped_adapter_loads_merges_and_does_not_restart_unsteered():
         res = eng.generate(GenerationSpec(prompt=prompt, temperature=0.0, max_new_tokens=96, runs=("default",)))
         text = res["default"].text
         assert len(text) > 40 and not find_restart_phrases(text), text
+
+
+def test_training_levers_filter_and_mix_the_examples_as_asked():
+    """The sweep's levers (mixing ratio, drift sources, noticing variety) pick exactly the
+    examples they say, seeded, and reject settings that leave nothing to learn."""
+    from esr_core.finetune.noticing import NOTICING
+    from esr_core.finetune.train import LoraTrainConfig, apply_levers, trained_mix
+
+    sources = ("steered", "other_answer", "corpus")
+    ex = [{"id": f"sc{i}", "kind": "self_correction", "prompt_id": f"p{i}", "drift_source": sources[i % 3],
+           "noticing": NOTICING[i % len(NOTICING)]} for i in range(60)]
+    ex += [{"id": f"n{i}", "kind": "normal", "prompt_id": f"q{i}"} for i in range(30)]
+    assert trained_mix(apply_levers(ex, LoraTrainConfig()))["self_correction_share"] == round(60 / 90, 3)
+    mixed = apply_levers(ex, LoraTrainConfig(self_correction_share=0.9))
+    assert trained_mix(mixed) == {**trained_mix(mixed), "n_self_correction": 60, "n_normal": 7}
+    low = apply_levers(ex, LoraTrainConfig(self_correction_share=0.2))  # too few normals: fewer corrections
+    assert trained_mix(low)["n_normal"] == 30 and trained_mix(low)["n_self_correction"] == 8
+    assert [e["id"] for e in mixed] == [e["id"] for e in apply_levers(ex, LoraTrainConfig(self_correction_share=0.9))]
+    steered = apply_levers(ex, LoraTrainConfig(drift_sources=("steered",)))
+    assert trained_mix(steered)["drift_sources"] == {"steered": 20}
+    few = apply_levers(ex, LoraTrainConfig(noticing_variants=4))
+    assert {e["noticing"] for e in few if e["kind"] == "self_correction"} == set(NOTICING[:4])
+    for bad in ({"self_correction_share": 0.0}, {"self_correction_share": float("nan")},
+                {"drift_sources": ("nowhere",)}, {"noticing_variants": 0}, {"noticing_variants": 99}):
+        with pytest.raises(BadInput):
+            LoraTrainConfig(**bad).validate()
+    with pytest.raises(BadInput, match="No self-correction"):
+        apply_levers([e for e in ex if e["kind"] == "normal"], LoraTrainConfig())

@@ -331,3 +331,22 @@ def test_the_wheel_holds_every_subpackage_and_the_assets_the_app_needs(tmp_path)
     assert str(site) in subprocess.run([sys.executable, "-c", "import esr_core.paths as p; print(p.ASSETS_DIR)"],
                                        cwd=tmp_path, env={"PYTHONPATH": str(site)}, capture_output=True,
                                        text=True).stdout
+
+
+def test_fixed_lists_of_pages_and_command_groups_fail_loudly_when_a_part_is_missing(monkeypatch):
+    """Every page file is in app.py's menu and every CLI module is a listed command group; a
+    listed part that is missing is an error, never a silently shorter menu or help."""
+    import esr_core.cli as cli
+
+    tree = ast.parse((ROOT / "app.py").read_text(encoding="utf-8"))
+    pages = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "PAGES")
+    on_disk = sorted(f"pages/{p.name}" for p in (ROOT / "pages").glob("*.py") if not p.name.startswith("_"))
+    assert sorted(f for f, _, _ in pages) == on_disk
+    modules = sorted(p.stem for p in (PKG / "cli").glob("*.py") if p.stem not in ("__init__", "__main__", "common"))
+    assert sorted(cli.COMMAND_GROUPS) == modules
+    helptext = cli.build_parser().format_help()
+    assert all(g in helptext for g in cli.COMMAND_GROUPS)
+    monkeypatch.setattr(cli, "COMMAND_GROUPS", cli.COMMAND_GROUPS + ("not_built",))
+    with pytest.raises(ModuleNotFoundError, match="not_built"):
+        cli.build_parser()

@@ -50,7 +50,10 @@ def cmd_train(args) -> int:
     cfg = LoraTrainConfig(base_model=args.model, r=args.r, alpha=args.alpha, dropout=args.dropout, lr=args.lr,
                           epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len, seed=args.seed,
                           steer=args.steer, bf16=not args.no_bf16, max_steps=args.max_steps,
-                          validation_prompts=args.validation_prompts, max_examples=args.max_examples).validate()
+                          validation_prompts=args.validation_prompts, max_examples=args.max_examples,
+                          self_correction_share=args.self_correction_share, noticing_variants=args.noticing_variants,
+                          drift_sources=tuple(s.strip() for s in args.drift_sources.split(",") if s.strip())
+                          if args.drift_sources else None).validate()
     if args.threads:
         import torch  # heavy: torch, only to set the thread count
 
@@ -140,6 +143,10 @@ def register(subparsers) -> None:
     t.add_argument("--validation-prompts", type=int, default=0,
                    help="keep this many training prompts out of training, to compare settings on (finetune validate)")
     t.add_argument("--max-examples", type=int, help="train on a seeded subset of this many examples")
+    t.add_argument("--self-correction-share", type=float,
+                   help="mixing ratio: subsample so self-corrections are this fraction (default: the data's)")
+    t.add_argument("--drift-sources", help="keep self-corrections whose drift came from these, e.g. steered,corpus")
+    t.add_argument("--noticing-variants", type=int, help="keep self-corrections using the first N noticing sentences")
     t.add_argument("--no-bf16", action="store_true", help="float32 only (default: bf16 autocast where the CPU has it)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

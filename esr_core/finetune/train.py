@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from esr_core.errors import BadInput
-from esr_core.finetune.data import encode_example, load_examples
+from esr_core.finetune.data import DRIFT_SOURCES, encode_example, load_examples
+from esr_core.finetune.noticing import NOTICING
 from esr_core.io import atomic_write_json
 from esr_core.jobs import Progress, check_cancel, report_fraction
 from esr_core.models.adapters import META_FILE
@@ -51,6 +52,11 @@ class LoraTrainConfig:
     max_steps: int | None = None  # stop early (tests, timing); None = all epochs
     validation_prompts: int = 0  # training prompts kept out of training (seeded) to compare settings on
     max_examples: int | None = None  # train on a seeded subset of the examples (small-scale comparisons)
+    # levers over one data folder, applied before max_examples (the issue's mixing ratio, drift
+    # sources and noticing variety), so a sweep need not rebuild the data for each setting
+    self_correction_share: float | None = None  # fraction of self-correction examples (the rest normal)
+    drift_sources: tuple[str, ...] | None = None  # keep self-corrections whose drift came from these
+    noticing_variants: int | None = None  # keep self-corrections using the first N noticing sentences
 
     def validate(self) -> LoraTrainConfig:
         for name, lo in (("r", 1), ("alpha", 1), ("epochs", 1), ("batch_size", 1), ("max_len", 16),
@@ -66,6 +72,17 @@ class LoraTrainConfig:
             raise BadInput(f"validation_prompts must be an integer >= 0, got {self.validation_prompts!r}")
         if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
             raise BadInput(f"max_examples must be a positive integer or None, got {self.max_examples!r}")
+        s = self.self_correction_share
+        if s is not None and not (isinstance(s, (int, float)) and math.isfinite(s) and 0 < s <= 1):
+            raise BadInput(f"self_correction_share must be in (0, 1], got {s!r}")
+        if self.drift_sources is not None:
+            self.drift_sources = tuple(self.drift_sources)
+            bad = [d for d in self.drift_sources if d not in DRIFT_SOURCES]
+            if bad or not self.drift_sources:
+                raise BadInput(f"drift_sources must be some of {', '.join(DRIFT_SOURCES)}, got {list(self.drift_sources)}")
+        nv = self.noticing_variants
+        if nv is not None and (not isinstance(nv, int) or isinstance(nv, bool) or not 1 <= nv <= len(NOTICING)):
+            raise BadInput(f"noticing_variants must be an integer in 1..{len(NOTICING)}, got {nv!r}")
         if parse_resid_hook(self.hook_name) is None:
             raise BadInput(f"hook_name must be a residual hook (blocks.L.hook_resid_post), got {self.hook_name!r}")
         return self
@@ -94,11 +111,35 @@ def split_examples(examples: list[dict], cfg: LoraTrainConfig) -> tuple[list[dic
     """The examples to train on and the validation prompt ids kept out (both seeded by ``cfg.seed``)."""
     pids = sorted({str(e["prompt_id"]) for e in examples})
     val = sorted(random.Random(cfg.seed).sample(pids, min(cfg.validation_prompts, max(0, len(pids) - 1))))
-    keep = [e for e in examples if str(e["prompt_id"]) not in set(val)]
+    keep = apply_levers([e for e in examples if str(e["prompt_id"]) not in set(val)], cfg)
     if cfg.max_examples is not None and cfg.max_examples < len(keep):
         idx = sorted(random.Random(cfg.seed + 1).sample(range(len(keep)), cfg.max_examples))
         keep = [keep[i] for i in idx]
     return keep, val
+
+
+def apply_levers(examples: list[dict], cfg: LoraTrainConfig) -> list[dict]:
+    """Filter self-corrections by drift source and noticing sentence, then subsample one kind
+    (seeded) so self-corrections make up ``self_correction_share`` of what is left."""
+    sc = [e for e in examples if e.get("kind") == "self_correction"]
+    normal = [e for e in examples if e.get("kind") != "self_correction"]
+    if cfg.drift_sources is not None:
+        sc = [e for e in sc if e.get("drift_source") in cfg.drift_sources]
+    if cfg.noticing_variants is not None:
+        allowed = set(NOTICING[: cfg.noticing_variants])
+        sc = [e for e in sc if e.get("noticing") in allowed]
+    if not sc:
+        raise BadInput("No self-correction examples are left after the drift-source and noticing filters")
+    share = cfg.self_correction_share
+    if share is not None:
+        rng = random.Random(cfg.seed + 2)
+        want_normal = round(len(sc) * (1 - share) / share)
+        if want_normal <= len(normal):
+            normal = rng.sample(normal, want_normal)
+        else:  # too few normal examples: keep them all and drop self-corrections instead
+            sc = rng.sample(sc, max(1, round(len(normal) * share / (1 - share))))
+    order = {id(e): i for i, e in enumerate(examples)}
+    return sorted(sc + normal, key=lambda e: order[id(e)])
 
 
 def bf16_supported() -> bool:
@@ -220,6 +261,7 @@ def train_adapter(data_dir: str | Path, out_dir: str | Path, cfg: LoraTrainConfi
     model.save_pretrained(str(out))
     _to_float16(out / "adapter_model.safetensors")
     meta = {"base_model": cfg.base_model, "config": asdict(cfg), "n_examples": len(encoded), "n_tokens": n_tokens,
+            "trained_mix": trained_mix(examples),
             "trainable_parameters": int(n_trainable), "validation_prompt_ids": validation_ids, "steps": step, "train_seconds": round(seconds, 1),
             "tokens_per_s": round(tokens_seen / max(seconds, 1e-6), 1), "bf16": use_bf16, "device": dev,
             "final_loss": history[-1][1] if history else None,
@@ -237,6 +279,17 @@ def train_adapter(data_dir: str | Path, out_dir: str | Path, cfg: LoraTrainConfi
         meta["command"] = prev.get("command")
     atomic_write_json(out / META_FILE, meta)
     return meta
+
+
+def trained_mix(examples: list[dict]) -> dict:
+    """What the adapter actually trained on: counts by kind, drift source and noticing sentence."""
+    sc = [e for e in examples if e.get("kind") == "self_correction"]
+    by_source: dict[str, int] = {}
+    for e in sc:
+        by_source[str(e.get("drift_source"))] = by_source.get(str(e.get("drift_source")), 0) + 1
+    return {"n_self_correction": len(sc), "n_normal": len(examples) - len(sc),
+            "self_correction_share": round(len(sc) / max(1, len(examples)), 3), "drift_sources": by_source,
+            "n_noticing_variants": len({e.get("noticing") for e in sc})}
 
 
 def _save_checkpoint(path, model, opt, sched, step, history, seconds, tokens_seen, cfg, n, get_state) -> None:
