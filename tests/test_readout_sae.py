@@ -347,3 +347,54 @@ def test_sidebar_readout_sae_picker(read_dir, monkeypatch):
     assert at.session_state.engine_key[0] == DEFAULT_MODEL and at.session_state.engine_read_sae == str(read_dir)
     at.selectbox(key="w_read_sae").select("same as steering SAE").run()
     assert not at.session_state.engine.has_readout_sae and at.session_state.engine_read_sae is None
+
+
+SHIPPED_L20 = Path(__file__).resolve().parent.parent / "assets" / "sae" / "smollm2-135m-instruct-L20"
+
+
+@pytest.mark.skipif(not (SHIPPED_L20 / "cfg.json").exists(), reason="needs the shipped block-20 SAE")
+def test_the_correction_overlay_reads_the_readout_sae(sae_spec, tmp_path, capsys):
+    """With a readout SAE the overlay reads its circuit there: the batched unsteered replay gives
+    the same per-token circuit activity as the engine's own readout of the same chat, the
+    block-20 circuit is the one used, the distractor lane is left out, and the file says so."""
+    from esr_core.cli import main
+    from esr_core.experiments import overlay as co
+    from esr_core.experiments.overlay_summary import describe
+    from esr_core.steering.engines import get_engine
+
+    eng = get_engine(MODEL, sae_spec, str(SHIPPED_L20))
+    params = co.OverlayParams(n_synthetic=1, window=6, n_baseline=2)
+    circuit, bt, _ = co.resolve_groups(eng, params)
+    assert circuit.matches(eng) and not circuit.matches(eng, steering=True)
+    item = {"id": "x", "source": "baseline", "key": "k", "prompt": PROMPT, "distractor": 5,
+            "response": "Put the egg in boiling water for about nine minutes, then cool it in cold water."}
+    got = []
+    co._replay(eng, [item], {"circuit": circuit, "backtracking": bt}, params, got.append, None, lambda: None)
+    acts = eng.activations(messages=[{"role": "user", "content": PROMPT},
+                                     {"role": "assistant", "content": item["response"]}])
+    direct = co._episode_record(item, acts.text, acts.offsets, acts.z, {"circuit": circuit, "backtracking": bt},
+                                same_sae=False)
+    assert got[0]["n"] == direct["n"] > 10
+    assert got[0]["circuit"] == pytest.approx(direct["circuit"], abs=2e-3)
+    assert got[0]["distractor"] is None  # a steering-SAE id means nothing in the readout's code
+
+    out = tmp_path / "syn"
+    assert main(["experiment", "overlay", str(out), "--synthetic", "2", "--baseline", "3", "--window", "6",
+                 "--read-sae", str(SHIPPED_L20), "--json"]) == 0
+    ov = json.loads(capsys.readouterr().out)
+    assert ov["read_sae"]["hook"] == "blocks.20.hook_resid_post" and ov["hook"] == "blocks.15.hook_resid_post"
+    assert ov["groups"]["circuit"]["members"] == list(circuit.members)
+    assert "readout SAE at blocks.20.hook_resid_post" in describe(ov)
+    assert main(["experiment", "overlay", str(tmp_path / "bad"), "--synthetic", "1",
+                 "--read-sae", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.skipif(not (SHIPPED_L20 / "cfg.json").exists(), reason="needs the shipped block-20 SAE")
+def test_leads_read_the_circuit_of_the_readout_sae(sae_spec, capsys):
+    """`experiment leads --read-sae` uses the readout SAE's circuit, and refuses a group of another SAE."""
+    from esr_core.cli import main
+
+    ref = Path(__file__).resolve().parent.parent / "assets" / "experiments" / "reference"
+    circuit15 = Path(__file__).resolve().parent.parent / "assets" / "groups" / "resistance_circuit.json"
+    assert main(["experiment", "leads", str(ref), "--read-sae", str(SHIPPED_L20), "--group", str(circuit15)]) == 2
+    assert "another model or readout SAE" in capsys.readouterr().err

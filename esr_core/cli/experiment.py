@@ -96,6 +96,8 @@ def register(subparsers) -> None:
     ov.add_argument("--baseline", type=int, metavar="N", help="on-topic answers for the baseline (default: all)")
     ov.add_argument("--force", action="store_true", help="recompute even if the inputs are unchanged")
     ov.add_argument("--plot", action="store_true", help="also export the figures to RUN_DIR/plots (HTML, PNG)")
+    ov.add_argument("--read-sae", metavar="PATH", help="read the circuit from this readout SAE (another hook); "
+                                                      "steering still goes through the run's SAE")
     ov.add_argument("--threads", type=int, help="torch CPU threads")
     ov.add_argument("--json", action="store_true", help="print overlay.json")
     ov.set_defaults(func=cmd_overlay)
@@ -104,6 +106,7 @@ def register(subparsers) -> None:
                                       "(saved as RUN_DIR/leads.json)")
     ld.add_argument("run_dir")
     ld.add_argument("--group", help="the circuit group file (default: the shipped circuit for the run's model)")
+    ld.add_argument("--read-sae", metavar="PATH", help="read the circuit from this readout SAE (default: the run's)")
     ld.add_argument("--demo", type=int, default=0, metavar="N",
                     help="also rerun the recoveries as the lab does and save the best N as demo candidates")
     ld.add_argument("--json", action="store_true")
@@ -300,10 +303,15 @@ def cmd_leads(args) -> int:
 
     folder = Path(args.run_dir)
     spec = load_spec(folder)
-    eng = get_engine(spec.model, spec.sae)
+    eng = get_engine(spec.model, spec.sae, args.read_sae)
     circuit = load_group(args.group) if args.group else group_for(eng, "circuit")
     if circuit is None:
-        raise BadInput(f"No resistance circuit for {spec.model}: pass --group FILE or run `esr-lab detectors find`")
+        raise BadInput(f"No resistance circuit for {spec.model}"
+                       + (f" read from {args.read_sae}" if args.read_sae else "")
+                       + ": pass --group FILE or run `esr-lab detectors find`")
+    if not circuit.matches(eng):
+        raise BadInput(f"The group {args.group} was found on another model or readout SAE: pass --read-sae "
+                       "with the SAE it belongs to")
     out = recovery_leads(folder, eng, circuit, progress=StderrProgress(every=5.0, newline=True))
     out["circuit"] = {"name": circuit.name, "members": list(circuit.members), "threshold": circuit.threshold_value()}
     atomic_write_json(folder / "leads.json", out)
@@ -333,7 +341,15 @@ def cmd_overlay(args) -> int:
         folder = default_run_dir(args.run_dir)
     params = OverlayParams(window=args.window, n_synthetic=args.synthetic, include_trials=not args.no_trials,
                            n_baseline=args.baseline)
-    ov = compute_overlay(folder, params=params, progress=StderrProgress(every=2.0, newline=True), force=args.force)
+    engine = None
+    if args.read_sae:
+        from esr_core.steering.engines import get_engine  # heavy: torch, transformers
+
+        load_sae(args.read_sae)  # a missing or corrupt SAE fails before the model loads
+        spec = load_spec(folder) if (folder / SPEC_FILE).exists() else None
+        engine = get_engine(spec.model, spec.sae, args.read_sae) if spec else get_engine(read_sae=args.read_sae)
+    ov = compute_overlay(folder, engine=engine, params=params, progress=StderrProgress(every=2.0, newline=True),
+                         force=args.force)
     if args.plot:
         for s in ov.get("sources", {}):
             try:

@@ -67,7 +67,7 @@ from esr_core.io import append_jsonl, atomic_write_json, read_jsonl
 from esr_core.jobs import BackgroundJob, CancelLike, Progress, check_cancel, report
 from esr_core.judge.restart_phrases import find_restart_phrases
 from esr_core.latents.catalog.store import sae_weights_hash
-from esr_core.latents.groups import LatentGroup, allowed_group_file, group_for, load_group
+from esr_core.latents.groups import LatentGroup, allowed_group_file, group_for, load_group, readout_sae
 from esr_core.models.hooks import capture_batches
 from esr_core.paths import REPO_ROOT
 from esr_core.resistance.backtracking import BacktrackingParams
@@ -229,9 +229,15 @@ def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[LatentGrou
                     circuit, src["circuit"] = g, rel(p)
     if circuit is None or not circuit.members:
         raise BadInput("No resistance circuit for this SAE: find one first (esr-lab detectors find) or pass a group")
+    if params.circuit_path and not circuit.matches(engine):
+        raise BadInput(f"The circuit {rel(params.circuit_path)} was found on another model or readout SAE "
+                       "than this one: its latent ids would read other latents")
     if params.backtracking_path:
         bt = load_group(params.backtracking_path)
         src["backtracking"] = rel(params.backtracking_path)
+        if not bt.matches(engine):
+            raise BadInput(f"The backtracking group {rel(params.backtracking_path)} belongs to another model or "
+                           "readout SAE than this one")
     else:
         bt = group_for(engine, "backtracking")
         src["backtracking"] = "shipped or cached backtracking group for this SAE" if bt else None
@@ -258,10 +264,12 @@ def _read_z(z, groups: dict, distractor: int | None, first: int, last: int) -> d
     return out
 
 
-def _episode_record(item: dict, text: str, offsets, z, groups: dict) -> dict:
+def _episode_record(item: dict, text: str, offsets, z, groups: dict, same_sae: bool = True) -> dict:
+    """One replayed chat's per-token signals; with a readout SAE other than the steering SAE
+    (``same_sae`` False) the distractor's id means nothing in ``z``, so its lane is left out."""
     base, first, last = locate_response(text, offsets, item["response"])
     rec = {"id": item["id"], "source": item["source"], "key": item["key"], "n": last - first}
-    rec.update(_read_z(z, groups, item.get("distractor"), first, last))
+    rec.update(_read_z(z, groups, item.get("distractor") if same_sae else None, first, last))
     if item["source"] != "baseline":
         corr = char_token(offsets, base, first, last, item["corr_char"])
         _, corr_end = span_tokens(offsets, base, first, last, item["corr_char"], item["corr_end_char"])
@@ -272,7 +280,8 @@ def _episode_record(item: dict, text: str, offsets, z, groups: dict) -> dict:
             if k in item:
                 rec[k] = item[k]
         ablated = {int(iv["latent"]) for iv in item.get("interventions", []) if iv.get("mode") == "ablate"}
-        rec["circuit_ablated"] = bool(ablated & set(groups["circuit"].members))
+        # ablations are steering-SAE ids: they hit the circuit only when it is on that SAE
+        rec["circuit_ablated"] = same_sae and bool(ablated & set(groups["circuit"].members))
     return rec
 
 
@@ -286,21 +295,23 @@ def _replay(engine, items: list[dict], groups: dict, params: OverlayParams, sink
 
     check()
     tok = engine.model.tokenizer
+    read = readout_sae(engine)
+    same = not getattr(engine, "has_readout_sae", False)
     plain = [it for it in items if not it.get("interventions")]
     steered = [it for it in items if it.get("interventions")]
     if plain:
         rendered = [render_pair(tok, it["prompt"], it["response"], response_only=True) for it in plain]
-        for i, h in capture_batches(engine.model, engine.hook_name, [r[0] for r in rendered], params.batch_size):
+        for i, h in capture_batches(engine.model, read.hook_name, [r[0] for r in rendered], params.batch_size):
             check()
             ids, offs, text, _ = rendered[i]
-            sink(_episode_record(plain[i], text, offs, encode(engine, h), groups))
+            sink(_episode_record(plain[i], text, offs, encode(engine, h, read), groups, same))
             tick()
     for it in steered:
         check()
         acts = engine.activations(messages=[{"role": "user", "content": it["prompt"]},
                                             {"role": "assistant", "content": it["response"]}],
                                   interventions=[Intervention.from_dict(d) for d in it["interventions"]])
-        sink(_episode_record(it, acts.text, acts.offsets, acts.z, groups))
+        sink(_episode_record(it, acts.text, acts.offsets, acts.z, groups, same))
         tick()
 
 
@@ -337,7 +348,12 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
     circuit, bt, group_src = resolve_groups(eng, params, spec)
     groups = {"circuit": circuit, "backtracking": bt}
     sae_hash = sae_weights_hash(eng.sae)
+    read = readout_sae(eng)
+    read_info = ({"weights_hash": sae_weights_hash(read), "key": read.key, "source": str(read.source),
+                  "hook": read.hook_name} if getattr(eng, "has_readout_sae", False) else None)
     ident = [sae_hash, eng.hook_name, _group_summary(circuit, ""), _group_summary(bt, "")]
+    if read_info is not None:  # another readout SAE is another computation (kept apart from old files' ids)
+        ident.append([read_info["weights_hash"], read_info["hook"]])
 
     wanted: dict[str, list[dict]] = {}
     skipped: list[dict] = []
@@ -409,7 +425,7 @@ def compute_overlay(folder: str | Path, engine=None, params: OverlayParams | Non
         sources[s] = block
     out = {
         "format": FORMAT, "model": eng.model.name, "sae": {"weights_hash": sae_hash, "key": eng.sae.key},
-        "hook": eng.hook_name, "ema_alpha": params.ema_alpha, "window": [-params.window, params.window],
+        "hook": eng.hook_name, "read_sae": read_info, "ema_alpha": params.ema_alpha, "window": [-params.window, params.window],
         "offset_zero": "first token of the restart phrase (start of the second attempt for trials)",
         "groups": {"circuit": _group_summary(circuit, group_src["circuit"]),
                    "backtracking": _group_summary(bt, group_src.get("backtracking") or "")},

@@ -220,6 +220,10 @@ def describe(overlay: dict | None) -> str:
             if b.get("n_circuit_ablated"):
                 txt += f"; the circuit was ablated (reads 0) in {b['n_circuit_ablated']} of them"
         parts.append(txt + ".")
+    read = overlay.get("read_sae")
+    if read:
+        parts.append(f"Read from the readout SAE at {read.get('hook')} (steering at {overlay.get('hook')}); the "
+                     "distractor's own activation is not shown, its id belongs to the steering SAE.")
     base = overlay.get("baseline") or {}
     parts.append(f"Baseline: {base.get('n_answers', 0)} unsteered on-topic answers. Paper "
                  f"({PAPER['n_episodes']} episodes, steering off): {PAPER['off_topic']}x and "

@@ -106,12 +106,13 @@ class PairActs:
     per_token: list = field(default_factory=list)  # residuals [T_i, d_model] (torch) when keep_tokens
 
 
-def encode(engine, h):
-    """SAE code of residuals ``h`` [T, d_model] as a float32 torch tensor [T, d_sae]."""
+def encode(engine, h, sae=None):
+    """SAE code (``sae``, default the engine's steering SAE) of residuals ``h`` [T, d_model] as a
+    float32 torch tensor [T, d_sae]."""
     import torch  # heavy: torch, only when a model runs
 
     with torch.inference_mode():
-        return engine.sae.encode(h.to(engine.device)).float().cpu()
+        return (sae or engine.sae).encode(h.to(engine.device)).float().cpu()
 
 
 def pooled_pairs(engine, pairs: list[tuple[str, str]], response_only: bool = True, batch_size: int = 8,
