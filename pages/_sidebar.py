@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from esr_core.app import engine_loader, workspace
+from esr_core.app import engine_loader, url_state, workspace
 from esr_core.app import session as svc
 from esr_core.errors import EsrError
 from esr_core.models.hooks import parse_resid_hook
@@ -186,6 +186,7 @@ def ensure_engine(model: str, sae: str | None, read_sae: str | None = None) -> N
     ss.builtin_groups, ss.group_errors = svc.builtin_groups(eng)
     ss.model_in_url = used[0] if used[0] != DEFAULT_MODEL else None
     ss.sae_in_url = sae if used == (model, spec) else None
+    ss.read_in_url = url_state.link_folder(ss.engine_read_sae)
 
 
 def _upstream(read_hook: str, steer_hook: str) -> bool:

@@ -11,7 +11,6 @@ import streamlit as st
 
 from esr_core.app import run_store, url_state, workspace
 from esr_core.app.latent_view import description
-from esr_core.app.session import check_model_choice, check_sae_choice
 from esr_core.errors import BadInput
 from esr_core.experiments.conditions import DEFAULT_META_VARIANT
 from esr_core.latents.groups import LatentGroup
@@ -80,44 +79,7 @@ def init_state() -> None:
             ss[k] = list(v) if isinstance(v, list) else v
     if not ss.get("_url_loaded"):
         ss["_url_loaded"] = True
-        vs = url_state.from_params(st.query_params.to_dict())
-        ss["_url_errors"] = vs.errors
-        if vs.prompt:
-            ss.prompt = vs.prompt
-        if vs.interventions:
-            ss.ivs = [iv.to_dict() for iv in vs.interventions]
-        if vs.watch:
-            ss.watch = vs.watch
-            ss.watch_text = ",".join(str(i) for i in vs.watch)
-        if vs.groups:
-            names = {g.name for g in ss.user_groups}
-            ss.user_groups = ss.user_groups + [g for g in vs.groups if g.name not in names]
-            ss.sel_groups = [g.name for g in vs.groups]
-        if vs.seed is not None:
-            ss.seed = vs.seed
-        if vs.temperature is not None:
-            ss.temperature = min(max(vs.temperature, 0.0), 2.0)
-        if vs.max_new_tokens is not None:
-            ss.max_new_tokens = min(max(vs.max_new_tokens, 1), 512)
-        if vs.latent is not None:
-            ss.latent = vs.latent
-        if vs.query:
-            ss.query = vs.query
-        for run_id in list(vs.recent) + ([vs.run] if vs.run else []):  # runs the link names, from the server
-            rec = run_store.load(run_id)
-            if rec is not None and rec.id not in {r.id for r in ss.history}:
-                ss.history = ss.history + [rec]
-        if vs.run and any(r.id == vs.run for r in ss.history):
-            ss.view_run = vs.run
-        elif vs.run:
-            ss["_url_errors"] = list(ss["_url_errors"]) + ["The run this link names is no longer kept on the server"]
-        for name, value, check in (("model_choice", vs.model, check_model_choice),
-                                   ("sae_choice", vs.sae, check_sae_choice)):
-            if value:
-                try:
-                    ss[name] = check(value)
-                except BadInput as exc:  # a shared URL may not make the server open any local file
-                    ss["_url_errors"] = list(ss["_url_errors"]) + [f"Ignored from the URL: {exc}"]
+        url_state.apply_link(ss, url_state.from_params(st.query_params.to_dict()))
 
 
 def view_state() -> url_state.ViewState:
@@ -126,7 +88,8 @@ def view_state() -> url_state.ViewState:
         prompt=ss.prompt, interventions=interventions(), watch=list(ss.watch),
         groups=[g for g in ss.user_groups if g.name in ss.sel_groups], seed=ss.seed,
         temperature=ss.temperature, max_new_tokens=ss.max_new_tokens, latent=ss.latent, query=ss.query or None,
-        model=ss.get("model_in_url"), sae=ss.get("sae_in_url"), run=ss.get("view_run"),
+        model=ss.get("model_in_url"), sae=ss.get("sae_in_url"), read_sae=ss.get("read_in_url"),
+        run=ss.get("view_run"),
         recent=[r.id for r in ss.history if r.id != ss.get("view_run") and r.status != "running"])
 
 

@@ -398,3 +398,33 @@ def test_leads_read_the_circuit_of_the_readout_sae(sae_spec, capsys):
     circuit15 = Path(__file__).resolve().parent.parent / "assets" / "groups" / "resistance_circuit.json"
     assert main(["experiment", "leads", str(ref), "--read-sae", str(SHIPPED_L20), "--group", str(circuit15)]) == 2
     assert "another model or readout SAE" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (SHIPPED_L20 / "cfg.json").exists(), reason="needs the shipped block-20 SAE")
+def test_a_shared_link_carries_the_readout_sae():
+    """The readout SAE travels in the URL (``read``, relative to the checkout for shipped SAEs):
+    opening the link loads the engine that reads it; a folder the server may not open is
+    refused with a message, and the steering SAE is kept."""
+    from conftest import warm_app_engine
+    from streamlit.testing.v1 import AppTest
+
+    from esr_core.app import engine_loader
+    from esr_core.app import session as svc
+    from esr_core.models.registry import DEFAULT_MODEL
+
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+    warm_app_engine()
+    engine_loader.request(DEFAULT_MODEL, svc.default_sae_for(DEFAULT_MODEL), str(SHIPPED_L20)).join()
+    at = AppTest.from_file(app, default_timeout=600)
+    at.query_params["read"] = "assets/sae/smollm2-135m-instruct-L20"
+    at.switch_page("pages/steering.py").run()
+    assert not at.exception, [x.value for x in at.exception]
+    eng = at.session_state.engine
+    assert eng.has_readout_sae and eng.read_hook_name == "blocks.20.hook_resid_post"
+    assert at.query_params["read"] in ("assets/sae/smollm2-135m-instruct-L20", ["assets/sae/smollm2-135m-instruct-L20"])
+    bad = AppTest.from_file(app, default_timeout=600)
+    bad.query_params["read"] = "/etc"
+    bad.switch_page("pages/steering.py").run()
+    assert not bad.exception, [x.value for x in bad.exception]
+    assert not bad.session_state.engine.has_readout_sae
+    assert any("readout" in w.value.lower() or "outside" in w.value for w in bad.warning), [w.value for w in bad.warning]

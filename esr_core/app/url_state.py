@@ -3,7 +3,7 @@
 Interventions: ``iv=123:add:4:norm:all,7:ablate:0:raw:generated``; watch: ``w=1,2,3``;
 groups: ``g=`` (see latent_groups.encode_groups); prompt ``p``, seed ``seed``, temperature
 ``t``, max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``,
-the run shown ``run`` and the session's other recent runs ``h`` (ids of the server's run store).
+readout SAE ``read``, the run shown ``run`` and the session's other recent runs ``h`` (ids of the server's run store).
 Decoding never raises: bad pieces are dropped and reported in ``errors`` so a mangled link
 still opens.
 """
@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
+from esr_core.app import run_store, session
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups
+from esr_core.paths import REPO_ROOT
 from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
 
 MAX_PROMPT_IN_URL = 4000
@@ -37,6 +40,7 @@ class ViewState:
     query: str | None = None
     model: str | None = None
     sae: str | None = None
+    read_sae: str | None = None
     run: str | None = None
     recent: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -104,6 +108,8 @@ def to_params(vs: ViewState) -> dict[str, str]:
         d["model"] = vs.model
     if vs.sae:
         d["sae"] = vs.sae
+    if vs.read_sae:
+        d["read"] = vs.read_sae
     if vs.run:
         d["run"] = vs.run
     if vs.recent:
@@ -143,7 +149,81 @@ def from_params(params: Mapping[str, Any]) -> ViewState:
     vs.query = get("q")
     vs.model = get("model")
     vs.sae = get("sae")
+    vs.read_sae = get("read")
     run = get("run")
     vs.run = run if run and _RUN_ID.match(run) else None
     vs.recent = [r for r in (get("h") or "").split(",") if _RUN_ID.match(r)][-MAX_RECENT_IN_URL:]
     return vs
+
+
+def apply_link(ss, vs: ViewState) -> None:
+    """Put a shared link's state into a session (``ss``: Streamlit's session state or any mapping
+    with attribute access). What cannot be honoured is added to ``ss["_url_errors"]``."""
+    errors = list(vs.errors)
+    if vs.prompt:
+        ss.prompt = vs.prompt
+    if vs.interventions:
+        ss.ivs = [iv.to_dict() for iv in vs.interventions]
+    if vs.watch:
+        ss.watch = vs.watch
+        ss.watch_text = ",".join(str(i) for i in vs.watch)
+    if vs.groups:
+        names = {g.name for g in ss.user_groups}
+        ss.user_groups = ss.user_groups + [g for g in vs.groups if g.name not in names]
+        ss.sel_groups = [g.name for g in vs.groups]
+    if vs.seed is not None:
+        ss.seed = vs.seed
+    if vs.temperature is not None:
+        ss.temperature = min(max(vs.temperature, 0.0), 2.0)
+    if vs.max_new_tokens is not None:
+        ss.max_new_tokens = min(max(vs.max_new_tokens, 1), 512)
+    if vs.latent is not None:
+        ss.latent = vs.latent
+    if vs.query:
+        ss.query = vs.query
+    for run_id in list(vs.recent) + ([vs.run] if vs.run else []):  # runs the link names, from the server
+        rec = run_store.load(run_id)
+        if rec is not None and rec.id not in {r.id for r in ss.history}:
+            ss.history = ss.history + [rec]
+    if vs.run and any(r.id == vs.run for r in ss.history):
+        ss.view_run = vs.run
+    elif vs.run:
+        errors.append("The run this link names is no longer kept on the server")
+    for name, value, check in (("model_choice", vs.model, session.check_model_choice),
+                               ("sae_choice", vs.sae, session.check_sae_choice)):
+        if value:
+            try:
+                ss[name] = check(value)
+            except BadInput as exc:  # a shared URL may not make the server open any local file
+                errors.append(f"Ignored from the URL: {exc}")
+    if vs.read_sae:
+        try:
+            read = session.check_sae_choice(vs.read_sae)
+        except BadInput as exc:
+            errors.append(f"Ignored from the URL: {exc}")
+        else:
+            match = [f for f in session.readout_sae_folders() if _same_folder(f, read)]
+            if match:
+                ss["w_read_sae"] = match[0]  # the sidebar's readout picker
+            else:
+                errors.append(f"Ignored from the URL: the readout SAE '{read}' is not available here")
+    ss["_url_errors"] = errors
+
+
+def link_folder(folder: str | None) -> str | None:
+    """A folder as a link names it: relative to the checkout for shipped assets (so a link works
+    on another server), else as it is."""
+    if not folder:
+        return None
+    try:
+        return str(Path(folder).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(folder)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    def full(p: str) -> Path:
+        q = Path(p)
+        return (q if q.is_absolute() else REPO_ROOT / q).resolve()
+
+    return full(a) == full(b)
