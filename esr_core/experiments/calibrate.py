@@ -78,6 +78,29 @@ def calibration_settings(spec: ExperimentSpec) -> dict:
             "repetition_penalty": spec.repetition_penalty, "base_seed": spec.base_seed}
 
 
+def calibration_key(spec: ExperimentSpec, lat: int, cache: CalibrationCache):
+    return cache.key(spec.model, spec.sae_key, spec.hook, lat, spec.calib_target, spec.judge_id)
+
+
+def cached_calibrations(spec: ExperimentSpec, cache: CalibrationCache | None = None) -> dict[int, dict]:
+    """The spec's latents whose calibration is cached with the same settings and SAE weights."""
+    cache = cache or CalibrationCache()
+    settings = calibration_settings(spec)
+    out: dict[int, dict] = {}
+    for lat in spec.latents:
+        hit = cache.get(calibration_key(spec, lat, cache))
+        if hit and hit.get("settings") == settings and hit.get("sae_weights_hash") == spec.sae_weights_hash:
+            out[lat] = hit
+    return out
+
+
+def store_calibrations(spec: ExperimentSpec, results: dict[int, dict], cache: CalibrationCache | None = None) -> None:
+    """Put calibrations made elsewhere (a Ray actor's own cache) into this machine's cache."""
+    cache = cache or CalibrationCache()
+    for lat, rec in results.items():
+        cache.put(calibration_key(spec, int(lat), cache), rec)
+
+
 def calibrate_latents(spec: ExperimentSpec, eng, judge_fn, prompts: dict[str, str],
                       progress: RunProgress | None = None, cancel: threading.Event | None = None,
                       cache=None) -> dict[int, dict]:
@@ -91,15 +114,8 @@ def calibrate_latents(spec: ExperimentSpec, eng, judge_fn, prompts: dict[str, st
 
     cache = cache or CalibrationCache()
     settings = calibration_settings(spec)
-    out: dict[int, dict] = {}
-    todo = []
-    for lat in spec.latents:
-        key = cache.key(spec.model, spec.sae_key, spec.hook, lat, spec.calib_target, spec.judge_id)
-        hit = cache.get(key)
-        if hit and hit.get("settings") == settings and hit.get("sae_weights_hash") == spec.sae_weights_hash:
-            out[lat] = hit
-        else:
-            todo.append((lat, key))
+    out = cached_calibrations(spec, cache)
+    todo = [(lat, calibration_key(spec, lat, cache)) for lat in spec.latents if lat not in out]
     total = len(todo) * max(spec.calib_steps, 1)
     state = {"done": 0}
     if progress:

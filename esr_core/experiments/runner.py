@@ -17,10 +17,9 @@ Why it is built this way (arXiv 2602.06941; ESR_METHOD.md sec. 1-7):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -32,9 +31,9 @@ from esr_core.experiments.boost import boost_sweep_levels
 from esr_core.experiments.calibrate import calibrate_latents
 from esr_core.experiments.conditions import GROUP_PREFIX
 from esr_core.experiments.distractors import clean_label, select_distractors
-from esr_core.experiments.metrics import degraded_output, trial_flags
+from esr_core.experiments.executors import EXECUTORS, BatchJob, InProcessExecutor, environment_of
 from esr_core.experiments.report import finalize
-from esr_core.experiments.spec import ExperimentSpec, Trial, batches, plan_trials, prompt_for, trial_interventions
+from esr_core.experiments.spec import ExperimentSpec, batches, plan_trials
 from esr_core.experiments.store import (
     GEN_FILE,
     PROGRESS_FILE,
@@ -54,7 +53,6 @@ from esr_core.judge.scoring import get_judge
 from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
 from esr_core.latents.groups import find_group
-from esr_core.steering.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +77,11 @@ def _catalog(engine, build: bool):
 
 
 def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: RunProgress | None = None,
-                 cancel: CancelLike = None, catalog=None) -> ExperimentSpec:
-    """Fill in everything a trial needs (idempotent: a resolved spec is returned as is)."""
+                 cancel: CancelLike = None, catalog=None, calibrate=None) -> ExperimentSpec:
+    """Fill in everything a trial needs (idempotent: a resolved spec is returned as is).
+
+    ``calibrate`` (an executor's, same signature as :func:`calibrate_latents`) spreads the boost
+    calibration; by default it runs here."""
     if spec.resolved:
         return spec
 
@@ -157,7 +158,7 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
             raw = float(spec.boost) if spec.boost_units == "raw" else spec.boost_raw(lat, float(spec.boost))
             spec.boosts[str(lat)] = [raw]
     else:
-        cal = calibrate_latents(spec, eng, judge_fn, prompts, progress=progress, cancel=cancel)
+        cal = (calibrate or calibrate_latents)(spec, eng, judge_fn, prompts, progress=progress, cancel=cancel)
         if is_cancelled(cancel):
             raise Cancelled("Experiment cancelled during boost calibration")
         spec.calibration = {str(k): v for k, v in cal.items()}
@@ -168,7 +169,7 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
             levels = boost_sweep_levels(list(spec.thresholds.values()), n_levels=spec.sweep_levels,
                                         span_sd=spec.sweep_span_sd)
             spec.boosts = {str(k): [float(x) for x in levels] for k in spec.latents}
-    spec.environment = _environment(eng)
+    spec.environment = environment_of(eng)
     spec.resolved = True
     return spec
 
@@ -192,32 +193,8 @@ def draw_random_sets(spec: ExperimentSpec, det_members: list[int], d_sae: int, d
         spec.random_sets[str(s)] = sorted(int(x) for x in rng.choice(pool, size=k, replace=False))
 
 
-def _environment(eng) -> dict:
-    import torch  # heavy: torch
-
-    dev = str(getattr(eng, "device", "cpu"))
-    env = {"device": dev, "torch": torch.__version__, "python": platform.python_version(),
-           "host_cpus": os.cpu_count()}
-    if dev.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import transformers  # heavy: transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return env
-
-
 def _judge(spec: ExperimentSpec):
     return get_judge(spec.judge)
-
-
-def _strip_judgement(j: dict) -> list[dict]:
-    out = []
-    for a in j.get("attempts") or []:
-        out.append({k: a[k] for k in ("attempt_text", "score", "start_char", "end_char") if k in a})
-    return out
 
 
 def prepare_run(spec: ExperimentSpec, run_dir: str | Path, resume: bool = False) -> tuple[ExperimentSpec, Path]:
@@ -255,22 +232,37 @@ def run_experiment(spec: ExperimentSpec, run_dir: str | Path, **kw) -> dict:
 
 
 def _run(spec: ExperimentSpec, run_dir: Path, *, engine=None, judge_fn=None,
-                   resume: bool = False, judge: bool = True, progress: Progress | None = None,
-                   cancel: CancelLike = None, stop_after: int | None = None,
-                   finalize_at_end: bool = True) -> dict:
+         resume: bool = False, judge: bool = True, progress: Progress | None = None,
+         cancel: CancelLike = None, stop_after: int | None = None,
+         finalize_at_end: bool = True, executor=None) -> dict:
     spec, run_dir = prepare_run(spec, run_dir, resume)
     prog = RunProgress(run_dir, progress)
     judge_fn = judge_fn or (_judge(spec) if judge else None)
-    eng = None
-    if not spec.resolved:
-        eng = engine_for(spec, engine)
-        spec = resolve_spec(spec, eng, judge_fn or _judge(spec), progress=prog, cancel=cancel)
-        atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
-    else:
-        check_same_sae(spec, engine)
-        if not (run_dir / SPEC_FILE).exists():
-            atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
+    held = {"eng": None}
 
+    def eng_fn():
+        if held["eng"] is None:
+            held["eng"] = engine_for(spec, engine)
+        return held["eng"]
+
+    ex = executor or InProcessExecutor(eng_fn)
+    try:
+        if not spec.resolved:
+            spec = resolve_spec(spec, eng_fn(), judge_fn or _judge(spec), progress=prog, cancel=cancel,
+                                calibrate=ex.calibrate)
+            atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
+        else:
+            check_same_sae(spec, engine)
+            if not (run_dir / SPEC_FILE).exists():
+                atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
+        return _generate_and_judge(spec, run_dir, ex, eng_fn, judge_fn, judge, prog, cancel, stop_after,
+                                   finalize_at_end)
+    finally:
+        ex.close()
+
+
+def _generate_and_judge(spec, run_dir, ex, eng_fn, judge_fn, judge, prog, cancel, stop_after, finalize_at_end):
+    """Hand the pending batches to the executor and log what comes back (the driver alone writes)."""
     prompts = {p["id"]: p["prompt"] for p in load_prompts()}
     trials = plan_trials(spec)
     for log_file in (GEN_FILE, TRIALS_FILE):
@@ -283,48 +275,55 @@ def _run(spec: ExperimentSpec, run_dir: Path, *, engine=None, judge_fn=None,
     speed = {"tokens": 0, "seconds": 0.0}
     done_count = sum(1 for t in trials if t.key in judged) if judge else sum(1 for t in trials if t.key in gens)
     prog("generate", done_count, total, f"{len(gens)} generated, {len(judged)} judged", force=True)
+    jobs = []
     for bi, batch in enumerate(batches(trials, spec.batch_size)):
-        if is_cancelled(cancel):
-            prog("cancelled", done_count, total, "cancelled", force=True)
-            raise Cancelled(f"Experiment cancelled after {done_count} of {total} trials; resume to continue")
-        if stop_after is not None and new_gen >= stop_after:
-            break
         if any(t.key not in gens for t in batch):
-            if eng is None:
-                eng = engine_for(spec, engine)
-                if "device" not in spec.environment:  # a plan taken from another run (--like): record where it runs
-                    spec.environment = {**_environment(eng), **spec.environment}
-                    atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
-            recs = _generate_batch(spec, eng, batch, prompts, bi, cancel)
-            if recs:
-                speed["tokens"] += recs[0]["batch_tokens"]
-                speed["seconds"] += recs[0]["batch_s"]
-            if recs is None:
-                prog("cancelled", done_count, total, "cancelled", force=True)
-                raise Cancelled(f"Experiment cancelled after {done_count} of {total} trials; resume to continue")
-            for r in recs:
-                if r["key"] not in gens:
+            jobs.append(BatchJob(bi, batch, None, judge))
+        elif judge and any(t.key not in judged for t in batch):
+            jobs.append(BatchJob(bi, batch, [gens[t.key] for t in batch], True))
+    if "device" not in spec.environment and any(j.generated is None for j in jobs) and ex.name == "in-process":
+        spec.environment = {**environment_of(eng_fn()), **spec.environment}  # a plan from another run (--like)
+        atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
+
+    def stop(msg: str):
+        prog("cancelled", done_count, total, "cancelled", force=True)
+        raise Cancelled(msg)
+
+    if jobs and not is_cancelled(cancel) and not (stop_after is not None and stop_after <= 0):
+        for res in ex.run(spec, jobs, prompts, judge_fn, cancel):
+            if res.cancelled:
+                stop(f"Experiment cancelled after {done_count} of {total} trials; resume to continue")
+            if res.environment and "device" not in spec.environment:
+                spec.environment = {**res.environment, **spec.environment}
+                atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
+            if res.generated:
+                speed["tokens"] += res.generated[0]["batch_tokens"]
+                speed["seconds"] += res.generated[0]["batch_s"]
+            for r in res.generated:
+                if r["key"] not in gens:  # a retried batch never logs a trial twice
                     append_jsonl(run_dir / GEN_FILE, r)
                     gens[r["key"]] = r
                     new_gen += 1
                     if not judge:
                         done_count += 1
-        if judge:
-            for t in batch:
-                if t.key in judged:
-                    continue
-                append_jsonl(run_dir / TRIALS_FILE, judge_record(spec, gens[t.key], judge_fn))
-                judged.add(t.key)
-                done_count += 1
-        prog("generate" if not judge else "generate+judge", done_count, total,
-             f"batch {bi + 1}: {_rate_text(speed)}")
+            for r in res.judged:
+                if r["key"] not in judged:
+                    append_jsonl(run_dir / TRIALS_FILE, r)
+                    judged.add(r["key"])
+                    done_count += 1
+            prog("generate" if not judge else "generate+judge", done_count, total,
+                 f"batch {res.batch_id + 1} ({res.worker}): {_rate_text(speed)}")
+            if is_cancelled(cancel):
+                stop(f"Experiment cancelled after {done_count} of {total} trials; resume to continue")
+            if stop_after is not None and new_gen >= stop_after:
+                break
     finished = all(t.key in (judged if judge else gens) for t in trials)
     if finalize_at_end:
         prog("finalize", done_count, total, "writing trials.parquet and summary.json", force=True)
         finalize(run_dir)
     final = {"stage": "done" if finished else "partial", "done": done_count, "total": total,
              "elapsed_s": round(time.time() - started, 1), "new_generations": new_gen,
-             "message": "complete" if finished else "stopped early; resume to continue"}
+             "executor": ex.name, "message": "complete" if finished else "stopped early; resume to continue"}
     atomic_write_json(run_dir / PROGRESS_FILE, dict(final, eta_s=0 if finished else None, updated=time.time()))
     prog(final["stage"], done_count, total, final["message"])
     return final
@@ -344,63 +343,29 @@ def check_same_sae(spec: ExperimentSpec, engine) -> None:
         raise BadInput("This run was made with another SAE (weights differ); start a new run instead of resuming")
 
 
-def _generate_batch(spec: ExperimentSpec, eng, batch: list[Trial], prompts: dict[str, str], batch_id: int,
-                    cancel) -> list[dict] | None:
-    """Generate one whole batch (always the same companions); None when cancelled mid-batch."""
-    gspecs, metas = [], []
-    for t in batch:
-        base = prompts[t.prompt_id]
-        sent, variant = prompt_for(spec, t.condition, t.latent, base)
-        gspecs.append(GenerationSpec(prompt=sent, interventions=trial_interventions(spec, t), watch=[t.latent], top_k=0,
-                                     temperature=spec.temperature, repetition_penalty=spec.repetition_penalty,
-                                     max_new_tokens=spec.max_new_tokens, seed=t.seed, runs=("steered",)))
-        metas.append((base, sent, variant))
-    t0 = time.time()
-    res = eng.generate_batch(gspecs, cancel=cancel)
-    dt = time.time() - t0
-    if any(r["steered"].stop_reason == "cancelled" for r in res):
+def make_executor(name: str | None, address: str | None = None, workers: int | None = None,
+                  gpus_per_worker: float | None = None, threads: int | None = None):
+    """The executor called ``name`` for :func:`run_experiment`: None for "in-process" (this
+    process, the default) or a Ray executor for "ray" (which the run closes when it ends)."""
+    if name in (None, "", "in-process"):
         return None
-    out = []
-    n_tok = sum(len(r["steered"].token_ids) for r in res)
-    for t, (base, sent, variant), r in zip(batch, metas, res):
-        rr = r["steered"]
-        out.append({"key": t.key, "condition": t.condition, "latent": t.latent, "prompt_id": t.prompt_id,
-                    "seed": t.seed, "boost": t.boost, "level": t.level, "rep": t.rep,
-                    "ablation_seed": t.ablation_seed, "meta_variant": variant, "prompt": base, "prompt_sent": sent,
-                    "response": rr.text, "n_tokens": len(rr.token_ids), "stop_reason": rr.stop_reason,
-                    "batch_id": batch_id, "batch_size": len(batch), "batch_tokens": n_tok,
-                    "batch_s": round(dt, 3)})
-    return out
+    if name == "ray":
+        from esr_core.experiments.ray_executor import RayExecutor  # heavy: ray, only when asked for
+
+        return RayExecutor(address=address, workers=workers, gpus_per_worker=gpus_per_worker, threads=threads)
+    raise BadInput(f"Unknown executor '{name}': choose one of {', '.join(EXECUTORS)}")
 
 
-def judge_record(spec: ExperimentSpec, g: dict, judge_fn) -> dict:
-    """A generation record plus its judgement (errors are recorded, never raised)."""
-    rec = dict(g)
-    label = spec.latent_labels.get(str(g["latent"]), "")
-    rec["latent_label"] = label
-    rec["boost_norm"] = spec.boost_norm(g["latent"], g["boost"])
-    rec["degraded"] = degraded_output(g.get("response") or "")
-    try:
-        j = judge_fn(g["prompt"], g.get("response") or "", label)
-        atts = _strip_judgement(j)
-        flags = trial_flags({"attempts": atts})
-        rec.update(attempts=atts, n_attempts=flags["n_attempts"], first_score=flags["first_score"],
-                   last_score=flags["last_score"], restart_phrases=len(j.get("restart_phrases") or []),
-                   error=None, judge_id=str(getattr(judge_fn, "judge_id", spec.judge_id)))
-    except EsrError as exc:
-        rec.update(attempts=None, n_attempts=None, first_score=None, last_score=None, error=str(exc)[:300],
-                   judge_id=spec.judge_id)
-    for k in ("first_score", "last_score"):
-        if isinstance(rec.get(k), float) and math.isnan(rec[k]):
-            rec[k] = None
-    return rec
+def ray_available() -> bool:
+    """Whether the Ray executor can be offered (the ``cluster`` extra is installed)."""
+    return importlib.util.find_spec("ray") is not None
 
 
-
-
-def start_run_job(spec: ExperimentSpec, run_dir: str | Path, resume: bool = False, engine=None) -> BackgroundJob:
+def start_run_job(spec: ExperimentSpec, run_dir: str | Path, resume: bool = False, engine=None,
+                  executor=None) -> BackgroundJob:
     """A run in a worker thread (the app): progress in memory and on disk, real cancel; a
-    cancelled run is finalised so its summary covers what was finished."""
+    cancelled run is finalised so its summary covers what was finished. ``executor``: see
+    :func:`make_executor` (None: in this process)."""
     run_dir = Path(run_dir)
 
     def on_cancel() -> None:
@@ -408,7 +373,8 @@ def start_run_job(spec: ExperimentSpec, run_dir: str | Path, resume: bool = Fals
             finalize(run_dir)
 
     return BackgroundJob(f"experiment-{run_dir.name}", lambda progress, cancel: run_experiment(
-        spec, run_dir, resume=resume, engine=engine, progress=progress, cancel=cancel), on_cancel=on_cancel,
+        spec, run_dir, resume=resume, engine=engine, progress=progress, cancel=cancel, executor=executor),
+        on_cancel=on_cancel,
         run_dir=run_dir, title=spec.name).start()
 
 
