@@ -7,9 +7,9 @@ beyond Gemma's SAE), the lab drew SmolLM2's circuit lane, and Home offered SmolL
 from __future__ import annotations
 
 import pytest
+from conftest import warm_app_engine
 from streamlit.testing.v1 import AppTest
 
-from conftest import warm_app_engine
 from esr_core.errors import EsrError
 from esr_core.models.loading import check_model
 from esr_core.models.registry import list_models
@@ -86,7 +86,8 @@ READ_L20 = REPO_ROOT / "assets" / "sae" / "smollm2-135m-instruct-L20"
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_with_the_shipped_block_20_readout_sae(page):
     """#13: steering at block 15 and reading at block 20 (the sidebar's Readout SAE) on every page."""
-    from esr_core.app import engine_loader, session as svc
+    from esr_core.app import engine_loader
+    from esr_core.app import session as svc
     from esr_core.models.registry import DEFAULT_MODEL
 
     read = str(READ_L20)

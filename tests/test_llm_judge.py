@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from esr_core.errors import BadInput
 from esr_core.judge.llm import JudgeReplyError, JudgeUnavailable, LlmJudge, locate_attempts, parse_attempts
 from esr_core.judge.scoring import get_judge, verdict
 
@@ -22,6 +23,7 @@ RESPONSE = A1 + "\n\n" + A2
 class _Fake(BaseHTTPRequestHandler):
     mode = "ok"  # ok | fenced | garbage | error
     seen: list = []
+    busy = 0  # answer this many requests with 429 (then 503) before answering normally
 
     def log_message(self, *a):  # keep test output quiet
         pass
@@ -31,6 +33,10 @@ class _Fake(BaseHTTPRequestHandler):
         type(self).seen.append((self.path, dict(self.headers), body))
         auth_ok = (self.headers.get("Authorization") == f"Bearer {KEY}" if self.path.endswith("/chat/completions")
                    else self.headers.get("x-api-key") == KEY and self.headers.get("anthropic-version"))
+        if type(self).busy > 0:
+            type(self).busy -= 1
+            self._send(429 if type(self).busy % 2 else 503, {"error": "busy"})
+            return
         if not auth_ok or type(self).mode == "error":
             self._send(401, {"error": {"message": "bad key"}})
             return
@@ -63,6 +69,7 @@ def server():
     t.start()
     _Fake.mode = "ok"
     _Fake.seen = []
+    _Fake.busy = 0
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
     srv.shutdown()
     srv.server_close()
@@ -75,6 +82,7 @@ def _env(monkeypatch, provider, base, key_var=None):
     monkeypatch.setenv("ESR_JUDGE_BASE_URL", base)
     monkeypatch.setenv("ESR_JUDGE_MODEL", "fake-judge-1")
     monkeypatch.setenv("ESR_JUDGE_TIMEOUT", "5")
+    monkeypatch.setenv("ESR_JUDGE_BACKOFF", "0.01")  # retries of a down server wait milliseconds here
     if key_var:
         monkeypatch.setenv(key_var, KEY)
 
@@ -182,3 +190,68 @@ def test_cli_llm_judge(server, monkeypatch):
     assert rc == 0
     j = json.loads(buf.getvalue())
     assert j["verdict"] == "esr" and j["judge"].startswith("llm-v1:openai")
+
+
+def test_busy_server_is_retried_and_a_bad_key_is_not(server, monkeypatch):
+    """429 and 5xx are retried with back-off until the answer comes; a 401 fails at once."""
+    _env(monkeypatch, "openai", server, "OPENAI_API_KEY")
+    _Fake.busy = 3
+    out = get_judge("llm")(PROMPT, RESPONSE)
+    assert [a["score"] for a in out["attempts"]] == [20, 85] and len(_Fake.seen) == 4
+    _Fake.seen, _Fake.mode = [], "error"
+    with pytest.raises(JudgeUnavailable, match="401"):
+        get_judge("llm")(PROMPT, RESPONSE)
+    assert len(_Fake.seen) == 1
+    monkeypatch.setenv("ESR_JUDGE_RETRIES", "1")
+    _Fake.seen, _Fake.mode, _Fake.busy = [], "ok", 5
+    with pytest.raises(JudgeUnavailable, match="HTTP 429|HTTP 503"):
+        get_judge("llm")(PROMPT, RESPONSE)
+    assert len(_Fake.seen) == 2
+    monkeypatch.setenv("ESR_JUDGE_CONCURRENCY", "0")
+    with pytest.raises(BadInput, match="ESR_JUDGE_CONCURRENCY"):
+        get_judge("llm")
+
+
+def test_throttle_bounds_requests_in_flight_and_spaces_their_starts():
+    """Pure: a fake clock; 12 threads through a throttle of 3 in flight at 4 per second."""
+    from esr_core.judge.http_limits import Retryable, Throttle, backoff_delays, with_retries
+
+    now = [0.0]
+    lock = threading.Lock()
+    starts = []
+
+    def sleep(dt):
+        with lock:
+            now[0] += dt
+
+    th = Throttle(max_in_flight=3, rate_per_s=4.0, clock=lambda: now[0], sleep=sleep)
+    gate = threading.Barrier(3, timeout=5)
+
+    def work():
+        with th:
+            with lock:
+                starts.append(th._next_start)
+            try:
+                gate.wait()  # three at once, never a fourth
+            except threading.BrokenBarrierError:
+                pass
+
+    ts = [threading.Thread(target=work) for _ in range(12)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert th.peak_in_flight == 3 and th.in_flight == 0
+    assert sorted(starts) == pytest.approx([0.25 * (k + 1) for k in range(12)])  # 1/rate apart
+    import random
+
+    d = backoff_delays(4, 1.0, rng=random.Random(0))
+    assert all(0.75 * 2 ** k <= x <= 1.25 * 2 ** k for k, x in enumerate(d))
+    calls, waits = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Retryable(RuntimeError("busy"), retry_after=5.0)
+        return "ok"
+
+    assert with_retries(flaky, None, retries=4, base_s=0.1, sleep=waits.append) == "ok"
+    assert waits == [5.0, 5.0]  # the server's Retry-After is longer than the back-off

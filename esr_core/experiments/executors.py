@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -132,6 +133,16 @@ def judge_record(spec: ExperimentSpec, g: dict, judge_fn) -> dict:
     return rec
 
 
+def judge_records(spec: ExperimentSpec, gens: list[dict], judge_fn) -> list[dict]:
+    """Judge a batch's records, in order; a judge with ``concurrency`` > 1 (the HTTP judge, whose
+    own throttle bounds the requests in flight) judges them from that many threads."""
+    n = min(len(gens), int(getattr(judge_fn, "concurrency", 1) or 1))
+    if n <= 1:
+        return [judge_record(spec, g, judge_fn) for g in gens]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="esr-judge") as pool:
+        return list(pool.map(lambda g: judge_record(spec, g, judge_fn), gens))
+
+
 def do_job(spec: ExperimentSpec, eng_fn: Callable[[], object], judge_fn, job: BatchJob, prompts: dict[str, str],
            cancel: CancelLike = None) -> BatchResult:
     """Generate (unless already generated) and judge one batch: the work every executor does."""
@@ -140,7 +151,7 @@ def do_job(spec: ExperimentSpec, eng_fn: Callable[[], object], judge_fn, job: Ba
         gens = generate_records(spec, eng_fn(), job.trials, prompts, job.batch_id, cancel)
         if gens is None:
             return BatchResult(job.batch_id, cancelled=True)
-    judged = [judge_record(spec, g, judge_fn) for g in gens] if job.judge else []
+    judged = judge_records(spec, gens, judge_fn) if job.judge else []
     return BatchResult(job.batch_id, generated=gens if job.generated is None else [], judged=judged)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from esr_core.errors import BadInput, EsrError
+from esr_core.judge.http_limits import Retryable, throttle_for, with_retries
 from esr_core.judge.restart_phrases import find_restart_phrases
 
 DEFAULT_BASE_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com/v1"}
@@ -92,6 +93,15 @@ class LlmJudge:
     key_env: str
     timeout: float = 60.0
     max_tokens: int = 2048
+    max_in_flight: int = 50  # requests open at once, across every judging thread of the process
+    rate_per_s: float = 3.0  # request starts per second
+    retries: int = 4  # for 429, 5xx and dropped connections; other errors fail at once
+    backoff_s: float = 1.0  # first retry's wait (doubling, with jitter)
+
+    @property
+    def concurrency(self) -> int:
+        """How many answers the runner may judge at once with this judge."""
+        return self.max_in_flight
 
     @classmethod
     def from_env(cls) -> "LlmJudge":
@@ -103,11 +113,21 @@ class LlmJudge:
             raise JudgeUnavailable("The LLM judge needs ESR_JUDGE_MODEL (the model name at the endpoint)")
         base = os.environ.get("ESR_JUDGE_BASE_URL", "").strip() or DEFAULT_BASE_URLS[provider]
         key_env = "ESR_JUDGE_API_KEY" if os.environ.get("ESR_JUDGE_API_KEY") else KEY_ENV[provider]
-        try:
-            timeout = float(os.environ.get("ESR_JUDGE_TIMEOUT", "60"))
-        except ValueError:
-            raise BadInput("ESR_JUDGE_TIMEOUT must be a number of seconds") from None
-        return cls(provider=provider, base_url=base.rstrip("/"), model=model, key_env=key_env, timeout=timeout)
+        def number(name: str, default: str, kind=float, lo: float = 0.0):
+            try:
+                v = kind(os.environ.get(name, default))
+            except ValueError:
+                raise BadInput(f"{name} must be a number, got '{os.environ.get(name)}'") from None
+            if not v >= lo:
+                raise BadInput(f"{name} must be at least {lo}, got {v}")
+            return v
+
+        return cls(provider=provider, base_url=base.rstrip("/"), model=model, key_env=key_env,
+                   timeout=number("ESR_JUDGE_TIMEOUT", "60", float, 0.1),
+                   max_in_flight=number("ESR_JUDGE_CONCURRENCY", "50", int, 1),
+                   rate_per_s=number("ESR_JUDGE_RATE", "3", float, 0.01),
+                   retries=number("ESR_JUDGE_RETRIES", "4", int, 0),
+                   backoff_s=number("ESR_JUDGE_BACKOFF", "1", float, 0.0))
 
     @property
     def judge_id(self) -> str:
@@ -124,6 +144,12 @@ class LlmJudge:
         return key
 
     def _post(self, url: str, body: dict, headers: dict, secret: str) -> dict:
+        """One request through the endpoint's throttle, retried with back-off where that can help."""
+        throttle = throttle_for(public_url(self.base_url), self.max_in_flight, self.rate_per_s)
+        return with_retries(lambda: self._post_once(url, body, headers, secret), throttle, self.retries,
+                            self.backoff_s)
+
+    def _post_once(self, url: str, body: dict, headers: dict, secret: str) -> dict:
         req = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
                                      headers={"Content-Type": "application/json", **headers})
 
@@ -139,10 +165,14 @@ class LlmJudge:
                 detail = exc.read().decode("utf-8", "replace")[:200].replace("\n", " ")
             except Exception:
                 pass
-            raise JudgeUnavailable(clean(f"LLM judge at {public_url(url)} answered HTTP {exc.code}: {detail}".strip())) from None
+            err = JudgeUnavailable(clean(f"LLM judge at {public_url(url)} answered HTTP {exc.code}: {detail}".strip()))
+            if exc.code == 429 or exc.code >= 500:  # busy or failing for now: worth another try
+                raise Retryable(err, _retry_after(exc.headers)) from None
+            raise err from None
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise JudgeUnavailable(clean(f"LLM judge at {public_url(url)} is unreachable ({reason})")) from None
+            raise Retryable(JudgeUnavailable(clean(f"LLM judge at {public_url(url)} is unreachable ({reason})"))) \
+                from None
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -181,6 +211,13 @@ class LlmJudge:
         return {"attempts": locate_attempts(response, attempts),
                 "restart_phrases": [p.as_dict() for p in find_restart_phrases(response)],
                 "judge": self.judge_id, "distractor": distractor}
+
+
+def _retry_after(headers) -> float | None:
+    try:
+        return min(60.0, float(headers.get("Retry-After"))) if headers and headers.get("Retry-After") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def parse_attempts(reply: str) -> list[dict]:
