@@ -76,7 +76,8 @@ def new_run_section(runs: list[dict], labels: dict) -> None:
                 "n_latents": int(n_lat), "prompts_per_latent": int(n_pr), "conditions": conds or ["steering"],
                 "meta_variants": metas or ["get_back_on_track"], "max_new_tokens": int(mnt), "boost_mode": mode,
                 "boost": float(boost) if mode == "fixed" else None, "calib_steps": int(steps),
-                "relevance_rule": rule})
+                "relevance_rule": rule,
+                "dtype": getattr(getattr(ss.get("engine"), "model", None), "dtype", "float32")})
             run_dir = default_run_dir(spec.name)
             if (run_dir / SPEC_FILE).exists():
                 st.error(f"A run named '{spec.name}' exists; choose another name or resume it below.")

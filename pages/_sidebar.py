@@ -211,7 +211,10 @@ def status() -> None:
     if eng is None:
         return
     info = svc.sae_info(eng)
-    st.markdown(f"**Model** `{eng.model.name}`  \n{eng.model.n_layers} layers · d_model {eng.model.d_model}")
+    st.markdown(f"**Model** `{eng.model.name}`  \n{eng.model.n_layers} layers · d_model {eng.model.d_model} · "
+                f"weights **{getattr(eng.model, 'dtype', 'float32')}**",
+                help="Set for the whole server with ESR_LAB_DTYPE (float32 or bfloat16); runs record it. bfloat16 "
+                     "is faster on CPUs with bf16 instructions; activations and sampled texts differ slightly.")
     st.markdown(f"**SAE** {info['architecture']} at `{info['hook']}`  \nd_sae **{info['d_sae']:,}** · "
                 f"from `{_sae_label(info['source'])}`")
     read = svc.read_sae_info(eng)

@@ -66,6 +66,7 @@ def stream(spec) -> None:
     groups = [g for g in map(_ui.group_by_name, ss.sel_groups) if g]
     abl = [g for g in map(_ui.group_by_name, ss.abl_groups) if g]
     live = LiveRun(spec=spec, model=eng.model.name, sae=eng.sae.source, read_sae=ss.get("engine_read_sae"),
+                   dtype=getattr(eng.model, "dtype", "float32"),
                    groups=groups + abl, compare_model=other.model.name if other is not None else "")
     ss.live = live
     _stream_into_cards(spec, live, groups)

@@ -9,12 +9,13 @@ and two sessions with different readout SAEs never share one.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 from esr_core.errors import EsrError
 from esr_core.jobs import BackgroundJob, Cancel, Progress, report
-from esr_core.models.loading import check_model, load_model
+from esr_core.models.loading import check_dtype, check_model, load_model
 from esr_core.models.registry import default_sae_spec
 from esr_core.models.sae import load_sae
 from esr_core.paths import cache_dir
@@ -41,7 +42,9 @@ def _key(model: str, sae: str | None, read_sae: str | None) -> tuple[str, ...]:
                 read = None
         except OSError:
             pass
-    return (model, sae) if read is None or read == sae else (model, sae, read)
+    d = check_dtype(os.environ.get("ESR_LAB_DTYPE") or "float32")
+    return (model, sae) + ((read,) if read is not None and read != sae else ()) + \
+        (() if d == "float32" else (f"dtype:{d}",))
 
 
 def _load(model: str, sae: str, read_sae: str | None, progress: Progress, cancel: Cancel):
@@ -57,7 +60,7 @@ def _load(model: str, sae: str, read_sae: str | None, progress: Progress, cancel
     check_model(model)
     slow = " (first time: de-quantising the model into the cache, ~30 s)" if _first_load(model) else ""
     report(progress, "loading", 2, 4, f"loading {model}{slow}")
-    load_model(model)
+    load_model(model, dtype=check_dtype(os.environ.get("ESR_LAB_DTYPE") or "float32"))
     report(progress, "loading", 3, 4, "attaching the SAE to the model" if not read_sae
            else "attaching the steering and readout SAEs to the model")
     eng = get_engine(model, sae, read_sae)
@@ -73,7 +76,7 @@ def request(model: str, sae: str | None = None, read_sae: str | None = None) -> 
     released to free memory is started again.
     """
     key = _key(model, sae, read_sae)
-    sae_s, read_s = key[1], (key[2] if len(key) > 2 else None)
+    sae_s, read_s = key[1], (key[2] if len(key) > 2 and not key[2].startswith("dtype:") else None)
     with _LOCK:
         job = _JOBS.get(key)
         stale = job is not None and not job.running and not job.error and getattr(job.result, "closed", False)

@@ -41,6 +41,7 @@ class LiveRun:
     status: str = "running"
     compare_model: str = ""  # a second model streaming the same steering as run "compare"
     read_sae: str | None = None  # the readout SAE's source when it is not the steering SAE
+    dtype: str = "float32"  # the engine's weights dtype, recorded with the run
 
     def add(self, ev) -> str | None:
         """Record one event; returns the run it belongs to."""
@@ -70,7 +71,8 @@ class LiveRun:
                 r.stop_reason = "cancelled" if st == "stopped" else ""
         return RunRecord(spec=self.spec, model=self.model, sae=self.sae, results=res,
                          rendered_prompt=self.rendered_prompt, groups=list(self.groups), status=st,
-                         compare_model=self.compare_model if "compare" in res else "", read_sae=self.read_sae)
+                         compare_model=self.compare_model if "compare" in res else "", read_sae=self.read_sae,
+                         dtype=self.dtype)
 
 
 # ------------------------------------------------------------------ views of a finished run

@@ -17,6 +17,7 @@ from typing import Any
 
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup
+from esr_core.models.loading import DTYPES
 from esr_core.steering.spec import COMPARE_RUN, RECORD_RUNS, GenerationSpec, RunResult
 
 FORMAT = "esr-lab.run/1"
@@ -39,6 +40,7 @@ class RunRecord:
     note: str = ""
     compare_model: str = ""  # the second model whose steered run is results["compare"], if any
     read_sae: str | None = None  # the readout SAE the acts and top latents came from; None = the steering SAE
+    dtype: str = "float32"  # the model weights' dtype the run was generated in
 
     def run_title(self, run: str) -> str:
         """How a run is named on screen: the compare run by its model."""
@@ -64,6 +66,7 @@ class RunRecord:
             "groups": [g.to_dict() for g in self.groups],
             **({"compare_model": self.compare_model} if self.compare_model else {}),
             **({"read_sae": self.read_sae} if self.read_sae else {}),
+            "dtype": self.dtype,
         }
 
     def to_json(self) -> str:
@@ -96,6 +99,9 @@ class RunRecord:
         read_sae = d.get("read_sae")  # records made before readout SAEs have none
         if read_sae is not None and not isinstance(read_sae, str):
             raise BadInput("The run record's 'read_sae' must be text (an SAE folder or release:sae_id)")
+        dtype = d.get("dtype", "float32")  # records made before the dtype choice are float32
+        if dtype not in DTYPES:
+            raise BadInput(f"The run record's 'dtype' must be one of {', '.join(DTYPES)}")
         rid = str(d.get("id") or "")
         groups = [LatentGroup.from_dict(g) for g in d.get("groups") or []]
         try:
@@ -106,7 +112,8 @@ class RunRecord:
                    rendered_prompt=str(d.get("rendered_prompt", "")), groups=groups, created=created,
                    id=rid if _ID.fullmatch(rid) else uuid.uuid4().hex[:12],
                    status="stopped" if status == "running" else status,
-                   note=str(d.get("note", "")), compare_model=compare_model, read_sae=read_sae or None)
+                   note=str(d.get("note", "")), compare_model=compare_model, read_sae=read_sae or None,
+                   dtype=dtype)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "RunRecord":

@@ -48,7 +48,9 @@ def register(subparsers) -> None:
     r.add_argument("--calib-steps", type=int, help="bisection steps per latent")
     r.add_argument("--calib-prompts", type=int, help="prompts scored per bisection step")
     r.add_argument("--relevance", choices=["code", "paper"], help="relevance rule for distractor selection")
-    r.add_argument("--batch-size", type=int)
+    r.add_argument("--batch-size", type=int, help="trials per forward batch (default 48: measured on a 2-core CPU)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="model weights (default float32); recorded in the run, a resume keeps it")
     r.add_argument("--seed", type=int, help="base seed of the trials")
     r.add_argument("--judge", help="judge name: offline (default) or llm")
     r.add_argument("--out", help="run directory (default: user cache experiments/<name>)")
@@ -136,7 +138,7 @@ def _spec_from_args(args):
               "prompts_per_latent": args.prompts, "max_new_tokens": args.max_new_tokens,
               "boost_mode": args.boost_mode, "boost": args.boost, "boost_units": args.boost_units,
               "calib_steps": args.calib_steps, "calib_prompts": args.calib_prompts,
-              "relevance_rule": args.relevance, "batch_size": args.batch_size, "base_seed": args.seed,
+              "relevance_rule": args.relevance, "batch_size": args.batch_size, "dtype": args.dtype, "base_seed": args.seed,
               "judge": args.judge}
     d.update({k: v for k, v in simple.items() if v is not None})
     if args.boost is not None and not args.boost_mode:

@@ -10,7 +10,7 @@ import textwrap
 from esr_core.cli.common import sae_spec
 from esr_core.errors import BadInput
 from esr_core.io import read_text_arg
-from esr_core.models.loading import check_model
+from esr_core.models.loading import DTYPES, check_model
 from esr_core.models.registry import DEFAULT_MODEL
 from esr_core.models.sae import load_sae
 from esr_core.steering.interventions import Intervention, parse_cli_pair
@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--read-sae", default=None, metavar="PATH",
                    help="read the watched and top latents from this second SAE (folder or release:sae_id) at its "
                         "own hook, after the steering; --watch ids are its latents (default: the steering SAE)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="model weights: float32 (default, or ESR_LAB_DTYPE) or bfloat16 (faster on CPUs with bf16; "
+                        "activations and texts differ slightly)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line (first: the model, SAE and readout SAE with their hooks)")
     p.set_defaults(func=run)
@@ -96,7 +99,7 @@ def run(args) -> int:
     if bad:
         which = f"the readout SAE {read.source}" if read is not steer else "this SAE"
         raise BadInput(f"Watched latent {bad[0]} is out of range: {which} has latents 0..{read.d_sae - 1}")
-    eng = get_engine(args.model, sae, args.read_sae)
+    eng = get_engine(args.model, sae, args.read_sae, dtype=args.dtype)
     if args.json:
         print(json.dumps(header(eng), ensure_ascii=False), flush=True)
         for ev in eng.stream(spec):
@@ -108,7 +111,7 @@ def run(args) -> int:
 
 def header(eng) -> dict:
     """What the run used: the model, the steering SAE and the readout SAE, each with its hook."""
-    return {"model": eng.model.name, "sae": {"source": str(eng.sae.source), "hook": eng.hook_name},
+    return {"model": eng.model.name, "dtype": getattr(eng.model, "dtype", "float32"), "sae": {"source": str(eng.sae.source), "hook": eng.hook_name},
             "read_sae": {"source": str(eng.read_sae.source), "hook": eng.read_hook_name,
                          "same_as_sae": not eng.has_readout_sae}}
 
@@ -118,7 +121,7 @@ def _print_side_by_side(eng, spec: GenerationSpec) -> int:
     width = max(40, shutil.get_terminal_size((120, 20)).columns // 2 - 2)
     final = {}
     read = f" | readout SAE {eng.read_sae.source} @ {eng.read_hook_name}" if eng.has_readout_sae else ""
-    print(f"model {eng.model.name} | SAE {eng.sae.source} @ {eng.hook_name}{read}")
+    print(f"model {eng.model.name} ({getattr(eng.model, 'dtype', 'float32')}) | SAE {eng.sae.source} @ {eng.hook_name}{read}")
     for iv in spec.interventions:
         print("  " + iv.label())
     for ev in eng.stream(spec):

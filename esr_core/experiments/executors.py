@@ -57,7 +57,7 @@ def environment_of(eng) -> dict:
 
     dev = str(getattr(eng, "device", "cpu"))
     env = {"device": dev, "torch": torch.__version__, "python": platform.python_version(),
-           "host_cpus": os.cpu_count()}
+           "host_cpus": os.cpu_count(), "dtype": getattr(eng.model, "dtype", "float32")}
     if dev.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -89,7 +89,7 @@ def generate_records(spec: ExperimentSpec, eng, batch: list[Trial], prompts: dic
                                      max_new_tokens=spec.max_new_tokens, seed=t.seed, runs=("steered",)))
         metas.append((base, sent, variant))
     t0 = time.time()
-    res = eng.generate_batch(gspecs, cancel=cancel)
+    res = eng.generate_batch(gspecs, cancel=cancel, compact=True)  # finished rows leave the batch
     dt = time.time() - t0
     if any(r["steered"].stop_reason == "cancelled" for r in res):
         return None

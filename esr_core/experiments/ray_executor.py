@@ -40,12 +40,13 @@ def require_ray():
 class TrialWorker:
     """What one actor holds: an engine and a judge, loaded on first use, and the jobs it runs."""
 
-    def __init__(self, model: str, sae: str | None, judge: str, threads: int | None = None, tag: str = ""):
+    def __init__(self, model: str, sae: str | None, judge: str, threads: int | None = None, tag: str = "",
+                 dtype: str = "float32"):
         if threads:
             import torch  # heavy: torch, only to set the actor's thread count
 
             torch.set_num_threads(int(threads))
-        self._args = (model, sae, judge)
+        self._args = (model, sae, judge, dtype)
         self._eng = None
         self._judge = None
         self.tag = tag or f"pid {os.getpid()}"
@@ -54,7 +55,7 @@ class TrialWorker:
         if self._eng is None:
             from esr_core.steering.engines import get_engine  # heavy: torch, transformers
 
-            self._eng = get_engine(self._args[0], self._args[1])
+            self._eng = get_engine(self._args[0], self._args[1], dtype=self._args[3])
         return self._eng
 
     def _judge_fn(self, spec: ExperimentSpec):
@@ -113,7 +114,7 @@ class RayExecutor:
         self._spawned += 1
         tag = f"actor {self._spawned}"
         return self.ray.remote(TrialWorker).options(**opts).remote(
-            spec.model, spec.sae, spec.judge, self.threads or max(1, int(self.cpus)), tag)
+            spec.model, spec.sae, spec.judge, self.threads or max(1, int(self.cpus)), tag, spec.dtype)
 
     def actors(self, spec: ExperimentSpec) -> list:
         """The live actors, started on first use."""

@@ -60,10 +60,13 @@ log = logging.getLogger(__name__)
 def engine_for(spec: ExperimentSpec | None, engine=None):
     """``engine`` if given, else the shared engine for the spec's model and SAE (the default without a spec)."""
     if engine is not None:
+        if spec is not None and getattr(engine.model, "dtype", "float32") != spec.dtype:
+            raise BadInput(f"This run's model weights are {spec.dtype}; the engine given is "
+                           f"{getattr(engine.model, 'dtype', 'float32')}")
         return engine
     from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
-    return get_engine(spec.model, spec.sae) if spec is not None else get_engine()
+    return get_engine(spec.model, spec.sae, dtype=spec.dtype) if spec is not None else get_engine()
 
 
 def _catalog(engine, build: bool):
@@ -341,6 +344,7 @@ def check_same_sae(spec: ExperimentSpec, engine) -> None:
 
     if spec.sae_weights_hash and sae_weights_hash(engine.sae) != spec.sae_weights_hash:
         raise BadInput("This run was made with another SAE (weights differ); start a new run instead of resuming")
+    engine_for(spec, engine)  # the same dtype too
 
 
 def make_executor(name: str | None, address: str | None = None, workers: int | None = None,

@@ -33,6 +33,7 @@ from esr_core.experiments.conditions import (
 from esr_core.io import read_json
 from esr_core.judge.prompts import load_prompts
 from esr_core.latents.groups import check_group_ref
+from esr_core.models.loading import check_dtype
 from esr_core.steering.interventions import Intervention
 
 DEFAULT_CONDITIONS = BASE_CONDITIONS
@@ -81,6 +82,7 @@ class ExperimentSpec:
     max_new_tokens: int = 128
     judge: str = "offline"
     batch_size: int = 8
+    dtype: str = "float32"  # the model weights' dtype (bfloat16: faster, slightly different numbers)
     # ---- resolved by the runner (recorded so a resume replays exactly) ----
     hook: str = ""
     sae_key: str = ""
@@ -135,6 +137,7 @@ class ExperimentSpec:
                 raise BadInput(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
 
         pos_int("n_latents", 1, 10_000)
+        self.dtype = check_dtype(self.dtype)
         pos_int("prompts_per_latent", 1, 1_000)
         pos_int("seeds_per_prompt", 1, 100)
         pos_int("max_new_tokens", 1, 2048)

@@ -68,7 +68,10 @@ class SaeHandle:
         return self.meta.get("fingerprint") or hashlib.sha1(self.source.encode()).hexdigest()[:12]
 
     def encode(self, h):
-        return self.sae.encode(h)
+        """The SAE code of ``h``, computed in the SAE's own dtype (a bfloat16 model's residuals
+        are cast up, so the code does not depend on the model's dtype more than its input does)."""
+        w = self.sae.W_dec
+        return self.sae.encode(h if h.dtype == w.dtype else h.to(w.dtype))
 
     def decode(self, z):
         return self.sae.decode(z)

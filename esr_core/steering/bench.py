@@ -17,18 +17,21 @@ from esr_core.steering.spec import GenerationSpec, TokenEvent
 BENCH_PROMPT = "Explain how to plan a vegetable garden for a small backyard, step by step."
 
 
-def _plain_model(engine: Engine):
-    """A second, un-instrumented copy of the same weights (no TransformerLens hook points)."""
+def plain_model_copy(engine: Engine, dtype: str | None = None):
+    """A second, un-instrumented copy of the same weights (no hooks), in ``dtype`` (default the engine's)."""
     from transformers import AutoModelForCausalLM  # heavy: transformers
 
-    m = AutoModelForCausalLM.from_pretrained(engine.model.source_path, dtype=torch.float32)
+    d = dtype or getattr(engine.model, "dtype", "float32")
+    m = AutoModelForCausalLM.from_pretrained(engine.model.source_path, dtype=getattr(torch, d))
     return m.eval()
 
 
-def run_generation_bench(engine: Engine, new_tokens: int = 128, repeats: int = 2, log=print) -> dict:
+def run_generation_bench(engine: Engine, new_tokens: int = 128, repeats: int = 2, log=print,
+                         plain_dtype: str = "float32") -> dict:
+    """The live path (the engine, in its dtype) against plain ``generate`` in ``plain_dtype``."""
     tok = engine.model.tokenizer
     ids = tok(engine.render_prompt(BENCH_PROMPT), return_tensors="pt", add_special_tokens=False).input_ids
-    plain = _plain_model(engine)
+    plain = plain_model_copy(engine, plain_dtype)
     watch = list(range(0, engine.sae.d_sae, max(1, engine.sae.d_sae // 16)))[:16]
     iv = [Intervention(latent=watch[1], mode="add", strength=2.0, units="norm")]
 

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from esr_core.errors import BadInput, EsrError
-from esr_core.io import atomic_write_json, read_json_or
 from esr_core.models.hooks import capture, hook_module, on_output
 from esr_core.models.loading import LoadedModel
-from esr_core.models.sae import SaeHandle, norm_cache_path
+from esr_core.models.sae import SaeHandle
 from esr_core.steering.interventions import (
     Intervention,
     add_direction,
@@ -34,6 +33,7 @@ from esr_core.steering.interventions import (
     raw_strength,
     validate,
 )
+from esr_core.steering.median_norm import measure_median_norm
 from esr_core.steering.sampling import sample_next
 from esr_core.steering.spec import (
     MAX_PROMPT_TOKENS,
@@ -50,15 +50,6 @@ log = logging.getLogger(__name__)
 _TLS = threading.local()
 MAX_HELD_TOKENS = 3  # a UTF-8 character has at most 4 bytes: at most 3 byte tokens wait for the last one
 
-# Reference text for the median residual norm of SAEs that do not record one (our own prose).
-REFERENCE_TEXT = [
-    "The kettle clicked off and steam curled up towards the kitchen window while the radio read the morning news.",
-    "To change a bicycle tyre, first release the brake, open the quick-release lever and lift the wheel out of the frame.",
-    "In 1887 the town council voted to build a new library, and the first books arrived by train the following spring.",
-    "def mean(values):\n    return sum(values) / len(values) if values else 0.0",
-    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of plant cells.",
-    "She said she would call back after the meeting, but the phone stayed silent all afternoon.",
-]
 
 
 @dataclass
@@ -146,23 +137,8 @@ class Engine:
     def median_norm(self) -> float:
         """Median residual norm at the hook (position 0 excluded): the unit of ``norm`` strengths."""
         if self._median_norm is None:
-            self._median_norm = self._measure_median_norm()
+            self._median_norm = measure_median_norm(self)
         return float(self._median_norm)
-
-    def _measure_median_norm(self) -> float:
-        path = norm_cache_path(self.model.name, self.hook_name + "_" + self.sae.key)
-        cached = read_json_or(path, {})
-        if isinstance(cached, dict) and isinstance(cached.get("median_resid_norm"), (int, float)):
-            return float(cached["median_resid_norm"])
-        norms = []
-        for text in REFERENCE_TEXT:
-            ids = self.model.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
-            h = self.residual(ids)[1:]
-            norms.append(h.norm(dim=-1))
-        med = float(torch.cat(norms).median())
-
-        atomic_write_json(path, {"median_resid_norm": med, "hook": self.hook_name})
-        return med
 
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Unsteered residual at the hook for one sequence, [T, d_model]."""
@@ -270,12 +246,15 @@ class Engine:
         return collect(self.stream(spec, cancel), spec)
 
     def generate_batch(self, specs: list[GenerationSpec], cancel: threading.Event | None = None,
-                       ) -> list[dict[str, RunResult]]:
-        """Run many specs as one batch (left-padded); results per spec, as with :meth:`generate`."""
+                       compact: bool = False) -> list[dict[str, RunResult]]:
+        """Run many specs as one batch (left-padded); results per spec, as with :meth:`generate`.
+
+        ``compact`` (the experiment path) drops finished rows from the batch as it goes: faster,
+        and deterministic, but a row's numerics then depend on when its companions end."""
         if not specs:
             return []
         tagged: list[list] = [[] for _ in specs]
-        for ev in self.stream_batch(specs, cancel=cancel, tag=True):
+        for ev in self.stream_batch(specs, cancel=cancel, tag=True, compact=compact, stream=not compact):
             i, e = ev
             tagged[i].append(e)
         return [collect(evs, s) for evs, s in zip(tagged, specs)]
@@ -294,15 +273,20 @@ class Engine:
                 owner.append(si)
         return rows, owner
 
-    def stream_batch(self, specs: list[GenerationSpec], cancel: threading.Event | None = None, tag: bool = False):
-        """Stream every run of every spec as one left-padded batch (events tagged by spec if ``tag``)."""
+    def stream_batch(self, specs: list[GenerationSpec], cancel: threading.Event | None = None, tag: bool = False,
+                     compact: bool = False, stream: bool = True):
+        """Stream every run of every spec as one left-padded batch (events tagged by spec if ``tag``).
+
+        ``compact`` drops rows from the batch (and their KV cache) as they finish; ``stream``
+        False leaves token events' text empty (the final text is decoded once)."""
         self._enter()
         try:
-            yield from self._stream_batch(specs, cancel, tag)
+            yield from self._stream_batch(specs, cancel, tag, compact, stream)
         finally:
             self._leave()
 
-    def _stream_batch(self, specs: list[GenerationSpec], cancel, tag: bool):
+    def _stream_batch(self, specs: list[GenerationSpec], cancel, tag: bool, compact: bool = False,
+                      stream: bool = True):
         rows, owner = self._rows(specs)
         B = len(rows)
         tok = self.model.tokenizer
@@ -319,6 +303,7 @@ class Engine:
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         ctx = _Ctx(self, rows, pad_left)
         ctx.pos = torch.where(attn.bool(), pos, torch.full_like(pos, -1)).to(dev)
+        ctx.need_z = any(r.spec.watch or r.spec.top_k > 0 for r in rows)  # experiments read no latents
 
         def emit(i, ev):
             return (owner[i], ev) if tag else ev
@@ -332,8 +317,7 @@ class Engine:
         out = self._forward(ctx, **kw)
         z = ctx.last_z
         for b, r in enumerate(rows):
-            zb = z[b, pad_left[b]:]
-            acts, tops = self._readout(zb, r.spec)
+            acts, tops = self._readout(None if z is None else z[b, pad_left[b]:], r.spec, len(r.prompt_ids))
             yield emit(b, PromptReadout(run=r.run, rendered_prompt=r.rendered, token_ids=list(r.prompt_ids),
                                         tokens=[tok.decode([t]) for t in r.prompt_ids], acts=acts, top=tops))
         logits = out.logits[:, -1, :].float()
@@ -342,6 +326,7 @@ class Engine:
         new_ids: list[list[int]] = [[] for _ in rows]
         emitted = ["" for _ in rows]
         done = [False] * B
+        live = list(range(B))  # the rows still in the batch (all of them unless ``compact``)
         next_pos = torch.tensor(lens, dtype=torch.long)
         step = 0
         while True:
@@ -351,36 +336,37 @@ class Engine:
                         done[b] = True
                         yield emit(b, self._done(r.run, new_ids[b], emitted[b], "cancelled"))
                 return
-            chosen = []
-            for b, r in enumerate(rows):
-                if done[b]:
-                    chosen.append(pad_id)
-                    continue
-                chosen.append(sample_next(logits[b], history[b], r.spec, gens[b]))
+            chosen = [pad_id if done[b] else sample_next(logits[k], history[b], rows[b].spec, gens[b])
+                      for k, b in enumerate(live)]
+            n = len(live)
             # feed the chosen tokens: their readout is at their own position
-            ctx.pos = torch.where(torch.tensor(done), torch.full((B,), -1), next_pos).view(B, 1).to(dev)
-            attn = torch.cat([attn, torch.tensor([[0 if d else 1] for d in done], dtype=torch.long)], dim=1)
-            kw = dict(input_ids=torch.tensor(chosen, dtype=torch.long).view(B, 1).to(dev),
-                      position_ids=next_pos.view(B, 1).to(dev), past_key_values=cache, use_cache=True)
-            if any(pad_left) or any(done):
+            gone = torch.tensor([done[b] for b in live])
+            ctx.pos = torch.where(gone, torch.full((n,), -1), next_pos).view(n, 1).to(dev)
+            attn = torch.cat([attn, (~gone).long().view(n, 1)], dim=1)
+            kw = dict(input_ids=torch.tensor(chosen, dtype=torch.long).view(n, 1).to(dev),
+                      position_ids=next_pos.view(n, 1).to(dev), past_key_values=cache, use_cache=True)
+            if any(pad_left[b] for b in live) or bool(gone.any()):
                 kw["attention_mask"] = attn.to(dev)
             out = self._forward(ctx, **kw)
             logits = out.logits[:, -1, :].float()
             z = ctx.last_z
-            for b, r in enumerate(rows):
+            for k, b in enumerate(live):
                 if done[b]:
                     continue
-                t = int(chosen[b])
+                r = rows[b]
+                t = int(chosen[k])
                 is_eos = t in self._eos_ids
                 history[b].append(t)
                 new_ids[b].append(t)
-                acts, tops = self._readout(z[b], r.spec)
+                acts, tops = self._readout(None if z is None else z[k], r.spec)
                 if is_eos and r.spec.stop_at_eos:
                     piece, special = "", True
-                else:
+                elif stream:
                     piece = self._piece(new_ids[b], emitted[b])
                     emitted[b] += piece
                     special = t in tok.all_special_ids
+                else:  # nobody reads the pieces: the final text is decoded once at the end
+                    piece, special = "", t in tok.all_special_ids
                 yield emit(b, TokenEvent(run=r.run, step=step, token_id=t, text=piece,
                                          acts={i: float(acts[0, j]) for j, i in enumerate(r.spec.watch)},
                                          top=tops[0], special=special))
@@ -396,6 +382,15 @@ class Engine:
             step += 1
             if all(done):
                 return
+            keep = [k for k, b in enumerate(live) if not done[b]]
+            if compact and len(keep) < len(live):  # drop finished rows: the batch shrinks as rows end
+                idx = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(idx.to(dev))
+                attn, next_pos, logits = attn[idx], next_pos[idx], logits[idx.to(logits.device)]
+                live = [live[k] for k in keep]
+                ctx.rows = [rows[b] for b in live]
+                ctx.prompt_len = [len(rows[b].prompt_ids) for b in live]
+                ctx.pad_left = [pad_left[b] for b in live]
 
     def _piece(self, ids: list[int], emitted: str) -> str:
         """The new text of the last token, holding back at most an incomplete UTF-8 character.
@@ -425,8 +420,12 @@ class Engine:
         body = ids[:-1] if ended_with_eos else ids
         return self.model.tokenizer.decode(body, skip_special_tokens=False)
 
-    def _readout(self, z: torch.Tensor, spec: GenerationSpec) -> tuple[np.ndarray, list[list[tuple[int, float]]]]:
-        """Watched-latent activations and top-k active latents for each row of ``z`` [T, d_sae]."""
+    def _readout(self, z: torch.Tensor | None, spec: GenerationSpec,
+                 n: int = 1) -> tuple[np.ndarray, list[list[tuple[int, float]]]]:
+        """Watched-latent activations and top-k active latents for each row of ``z`` [T, d_sae]
+        (``z`` None: nobody in the batch reads latents, so the SAE was not run; ``n`` rows)."""
+        if z is None:
+            return np.zeros((n, 0), dtype=np.float32), [[] for _ in range(n)]
         if spec.watch:
             acts = z[:, spec.watch].cpu().numpy().astype(np.float32)
         else:

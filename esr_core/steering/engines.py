@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from esr_core.models.loading import check_model, forget_model, load_model
+from esr_core.models.loading import check_dtype, check_model, forget_model, load_model
 from esr_core.models.registry import DEFAULT_MODEL, default_sae_spec
 from esr_core.models.sae import forget as forget_sae
 from esr_core.models.sae import load_sae
@@ -50,36 +50,54 @@ def readout_spec(sae: str, read_sae: str | None) -> str | None:
     return None if _same_spec(str(sae), read_sae) else read_sae
 
 
-def engine_key(model: str, sae: str | None = None, read_sae: str | None = None) -> tuple[str, ...]:
-    """The cache key of an engine: (model, SAE), plus the readout SAE when one is used.
+def default_dtype() -> str:
+    """The weights dtype engines get when none is asked for: ``ESR_LAB_DTYPE`` (float32 by default)."""
+    return check_dtype(os.environ.get("ESR_LAB_DTYPE") or "float32")
 
-    Two requests with different readout choices never share an engine; one without a readout
-    SAE (or with the steering SAE as readout) keeps the plain (model, SAE) key.
+
+def engine_key(model: str, sae: str | None = None, read_sae: str | None = None,
+               dtype: str | None = None) -> tuple[str, ...]:
+    """The cache key of an engine: (model, SAE), plus the readout SAE when one is used, plus
+    ``dtype:<name>`` when the weights are not float32.
+
+    Two requests with different readout or dtype choices never share an engine; one without a
+    readout SAE (or with the steering SAE as readout) in float32 keeps the plain (model, SAE) key.
     """
     sae_spec = str(sae or default_sae_spec(model))
     read = readout_spec(sae_spec, read_sae)
-    return (model, sae_spec) if read is None else (model, sae_spec, read)
+    d = check_dtype(dtype) if dtype else default_dtype()
+    return (model, sae_spec) + ((read,) if read else ()) + (() if d == "float32" else (f"dtype:{d}",))
 
 
-def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None, read_sae: str | None = None) -> Engine:
+def key_parts(key: tuple[str, ...]) -> tuple[str, str, str | None, str]:
+    """(model, SAE, readout SAE or None, dtype) of an :func:`engine_key`."""
+    rest = list(key[2:])
+    d = rest.pop()[len("dtype:"):] if rest and rest[-1].startswith("dtype:") else "float32"
+    return key[0], key[1], (rest[0] if rest else None), d
+
+
+def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None, read_sae: str | None = None,
+               dtype: str | None = None) -> Engine:
     """The process-wide engine for (model, SAE, readout SAE); created once, safe to share between threads.
 
     ``read_sae`` (a folder or ``release:sae_id``, like ``sae``) is an optional second SAE the
-    engine reads its readout from (see :class:`Engine`); None reads the steering SAE.
+    engine reads its readout from (see :class:`Engine`); None reads the steering SAE. ``dtype``
+    (float32 or bfloat16; default :func:`default_dtype`) is the weights' dtype.
 
     At most :data:`MAX_ENGINES` stay loaded: asking for another releases the least recently
     used one that is not generating (its hook is removed and its model forgotten), so a
     visitor trying models cannot grow memory without bound. The SAE loads first: a missing or
     corrupt SAE fails before the (slower) model load.
     """
-    key = engine_key(model, sae, read_sae)
+    key = engine_key(model, sae, read_sae, dtype)
+    _, sae_spec, read, d = key_parts(key)
     with _ENGINES_LOCK:
         eng = _ENGINES.pop(key, None)
         if eng is None:
-            handle = load_sae(key[1])
-            read_handle = load_sae(key[2]) if len(key) > 2 else None
+            handle = load_sae(sae_spec)
+            read_handle = load_sae(read) if read else None
             check_model(model)
-            eng = Engine(load_model(model), handle, read_handle)
+            eng = Engine(load_model(model, dtype=d), handle, read_handle)
         _ENGINES[key] = eng
         for old_key in [k for k in _ENGINES if k != key]:
             if len(_ENGINES) <= MAX_ENGINES:
@@ -92,8 +110,9 @@ def get_engine(model: str = DEFAULT_MODEL, sae: str | None = None, read_sae: str
             if all(e.model.name != old.model.name for e in _ENGINES.values()):
                 forget_model(old.model.name)
             forget_sae(old_key[1])
-            if len(old_key) > 2 and all(old_key[2] not in k[1:] for k in _ENGINES):
-                forget_sae(old_key[2])
+            old_read = key_parts(old_key)[2]
+            if old_read and all(old_read not in k[1:] for k in _ENGINES):
+                forget_sae(old_read)
         return eng
 
 
