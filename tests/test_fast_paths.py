@@ -119,3 +119,18 @@ def test_cli_generate_and_bench_take_a_dtype(capsys):
     assert head["dtype"] == "bfloat16"
     assert main(["bench", "experiment", "--batch-sizes", "4,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_auto_batch_size_is_the_measured_default_unless_memory_is_short(engine, monkeypatch):
+    from esr_core.steering import batch_memory as bm
+
+    cfg = engine.model.hf_model.config
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    assert bm.bytes_per_row(engine.model.hf_model, 100) == kv * 100 * 4 + cfg.vocab_size * 4
+    monkeypatch.setattr(bm, "free_bytes", lambda device: 64 * 2**30)
+    assert bm.auto_batch_size(engine, 128) == bm.CPU_BATCH
+    per_row = bm.bytes_per_row(engine.model.hf_model, 96 + 128)
+    monkeypatch.setattr(bm, "free_bytes", lambda device: 10 * per_row)
+    assert bm.auto_batch_size(engine, 128) == 2  # a quarter of memory for 10 rows' worth
+    monkeypatch.setattr(bm, "free_bytes", lambda device: None)
+    assert bm.auto_batch_size(engine, 128) == bm.CPU_BATCH

@@ -16,9 +16,8 @@ import time
 from esr_core.experiments.executors import generate_records
 from esr_core.experiments.spec import ExperimentSpec, Trial, prompt_for, trial_interventions
 from esr_core.judge.prompts import load_prompts
+from esr_core.steering.batch_memory import CPU_BATCH as DEFAULT_BATCH
 from esr_core.steering.spec import GenerationSpec
-
-DEFAULT_BATCH = 48  # the runner's default batch size (ExperimentSpec.batch_size), chosen by this bench
 
 
 def bench_plan(engine, n_trials: int = 32, new_tokens: int = 96, boost_norm: float = 1.0,

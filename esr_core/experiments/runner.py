@@ -53,6 +53,7 @@ from esr_core.judge.scoring import get_judge
 from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
 from esr_core.latents.groups import find_group
+from esr_core.steering.batch_memory import auto_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
 
     spec.validate()
     eng = engine_for(spec, engine)
+    if not spec.batch_size:
+        spec.batch_size = auto_batch_size(eng, max(spec.max_new_tokens, spec.calib_tokens()))
     spec.hook = eng.hook_name
     spec.sae_key = eng.sae.key
     spec.sae_weights_hash = sae_weights_hash(eng.sae)

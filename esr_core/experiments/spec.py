@@ -81,7 +81,7 @@ class ExperimentSpec:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 128
     judge: str = "offline"
-    batch_size: int = 8
+    batch_size: int = 0  # trials per forward batch; 0 = auto (from free memory, recorded when resolved)
     dtype: str = "float32"  # the model weights' dtype (bfloat16: faster, slightly different numbers)
     # ---- resolved by the runner (recorded so a resume replays exactly) ----
     hook: str = ""
@@ -141,7 +141,7 @@ class ExperimentSpec:
         pos_int("prompts_per_latent", 1, 1_000)
         pos_int("seeds_per_prompt", 1, 100)
         pos_int("max_new_tokens", 1, 2048)
-        pos_int("batch_size", 1, 512)
+        pos_int("batch_size", 0, 512)
         pos_int("calib_steps", 0, 100)
         pos_int("calib_prompts", 1, 100)
         pos_int("sweep_levels", 2, 50)
