@@ -46,6 +46,8 @@ corpus: setup
 
 bench: setup
 	$(BIN)/esr-lab bench generate
+	$(BIN)/esr-lab bench generate --dtype bfloat16
+	$(BIN)/esr-lab bench experiment
 
 clean-venv:
 	rm -rf $(VENV)

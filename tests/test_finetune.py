@@ -254,3 +254,26 @@ def test_training_levers_filter_and_mix_the_examples_as_asked():
             LoraTrainConfig(**bad).validate()
     with pytest.raises(BadInput, match="No self-correction"):
         apply_levers([e for e in ex if e["kind"] == "normal"], LoraTrainConfig())
+
+
+def test_the_validation_split_keeps_every_drift_source_in_training():
+    """Pure: drift sources assigned as the data builder does (a Random(seed) shuffle, corpus
+    last). The old split (split_version 1, Random(seed).sample) took exactly the corpus-drift
+    prompts, so training saw no corpus drift; the split's own stream keeps about 3/4 of each."""
+    import random
+
+    from esr_core.finetune.train import LoraTrainConfig, split_examples, trained_mix
+
+    ids = [f"train-{i:03d}" for i in range(1, 361)]
+    order = ids[:]
+    random.Random(42).shuffle(order)
+    source = {i: "steered" for i in order[:180]} | {i: "other_answer" for i in order[180:270]} | \
+        {i: "corpus" for i in order[270:]}
+    examples = [{"id": f"sc-{i}", "kind": "self_correction", "prompt_id": i, "drift_source": source[i],
+                 "noticing": "Scratch that."} for i in ids]
+    old, _ = split_examples(examples, LoraTrainConfig(validation_prompts=90, split_version=1))
+    assert trained_mix(old)["drift_sources"] == {"steered": 180, "other_answer": 90}  # the defect, reproduced
+    keep, val = split_examples(examples, LoraTrainConfig(validation_prompts=90))
+    mix = trained_mix(keep)["drift_sources"]
+    assert len(val) == 90 and sum(mix.values()) == 270
+    assert all(0.6 <= mix[s] / n <= 0.9 for s, n in (("steered", 180), ("other_answer", 90), ("corpus", 90)))

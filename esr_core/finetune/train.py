@@ -57,6 +57,7 @@ class LoraTrainConfig:
     self_correction_share: float | None = None  # fraction of self-correction examples (the rest normal)
     drift_sources: tuple[str, ...] | None = None  # keep self-corrections whose drift came from these
     noticing_variants: int | None = None  # keep self-corrections using the first N noticing sentences
+    split_version: int = 2  # 1: the validation split of adapters trained before 2026-12-02 (see split_examples)
 
     def validate(self) -> LoraTrainConfig:
         for name, lo in (("r", 1), ("alpha", 1), ("epochs", 1), ("batch_size", 1), ("max_len", 16),
@@ -110,7 +111,10 @@ def _collate(encoded: list[tuple[list[int], list[int]]], pad_id: int):
 def split_examples(examples: list[dict], cfg: LoraTrainConfig) -> tuple[list[dict], list[str]]:
     """The examples to train on and the validation prompt ids kept out (both seeded by ``cfg.seed``)."""
     pids = sorted({str(e["prompt_id"]) for e in examples})
-    val = sorted(random.Random(cfg.seed).sample(pids, min(cfg.validation_prompts, max(0, len(pids) - 1))))
+    # its own random stream: with Random(seed) this sample was exactly the last prompts of the data
+    # builder's seeded shuffle, i.e. every corpus-drift prompt, so no corpus drift was ever trained on
+    rng = random.Random(f"validation-split:{cfg.seed}") if cfg.split_version >= 2 else random.Random(cfg.seed)
+    val = sorted(rng.sample(pids, min(cfg.validation_prompts, max(0, len(pids) - 1))))
     keep = apply_levers([e for e in examples if str(e["prompt_id"]) not in set(val)], cfg)
     if cfg.max_examples is not None and cfg.max_examples < len(keep):
         idx = sorted(random.Random(cfg.seed + 1).sample(range(len(keep)), cfg.max_examples))
