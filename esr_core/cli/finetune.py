@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
                           validation_prompts=args.validation_prompts, max_examples=args.max_examples,
                           self_correction_share=args.self_correction_share, noticing_variants=args.noticing_variants,
                           drift_sources=tuple(s.strip() for s in args.drift_sources.split(",") if s.strip())
-                          if args.drift_sources else None).validate()
+                          if args.drift_sources else None, split_version=args.split_version).validate()
     if args.threads:
         import torch  # heavy: torch, only to set the thread count
 
@@ -147,6 +147,9 @@ def register(subparsers) -> None:
                    help="mixing ratio: subsample so self-corrections are this fraction (default: the data's)")
     t.add_argument("--drift-sources", help="keep self-corrections whose drift came from these, e.g. steered,corpus")
     t.add_argument("--noticing-variants", type=int, help="keep self-corrections using the first N noticing sentences")
+    t.add_argument("--split-version", type=int, choices=[1, 2], default=2,
+                   help="1: the validation split of adapters made before 2026-12-02 (it held out every "
+                        "corpus-drift prompt; only to reproduce them)")
     t.add_argument("--no-bf16", action="store_true", help="float32 only (default: bf16 autocast where the CPU has it)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
