@@ -49,6 +49,7 @@ class TrialWorker:
         self._args = (model, sae, judge, dtype)
         self._eng = None
         self._judge = None
+        self._env = None
         self.tag = tag or f"pid {os.getpid()}"
 
     def _engine(self):
@@ -71,7 +72,9 @@ class TrialWorker:
         res = do_job(spec, self._engine, self._judge_fn(spec) if job.judge else None, job, prompts)
         res.worker = self.tag
         if job.generated is None:
-            res.environment = environment_of(self._engine())
+            if self._env is None:  # once per actor: versions and device do not change
+                self._env = environment_of(self._engine())
+            res.environment = self._env
         return res
 
     def calibrate(self, spec_d: dict, latents: list[int], prompts: dict[str, str]) -> dict:

@@ -31,7 +31,7 @@ from esr_core.experiments.boost import boost_sweep_levels
 from esr_core.experiments.calibrate import calibrate_latents
 from esr_core.experiments.conditions import GROUP_PREFIX
 from esr_core.experiments.distractors import clean_label, select_distractors
-from esr_core.experiments.executors import EXECUTORS, BatchJob, InProcessExecutor, environment_of
+from esr_core.experiments.executors import EXECUTORS, BatchJob, InProcessExecutor, environment_of, make_judge
 from esr_core.experiments.report import finalize
 from esr_core.experiments.spec import ExperimentSpec, batches, plan_trials
 from esr_core.experiments.store import (
@@ -49,7 +49,6 @@ from esr_core.experiments.store import (
 from esr_core.io import append_jsonl, atomic_write_json, read_jsonl, seal_log
 from esr_core.jobs import BackgroundJob, CancelLike, Progress, is_cancelled
 from esr_core.judge.prompts import load_prompts
-from esr_core.judge.scoring import get_judge
 from esr_core.latents.catalog.build import catalog_for
 from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
 from esr_core.latents.groups import find_group
@@ -97,7 +96,7 @@ def resolve_spec(spec: ExperimentSpec, engine=None, judge_fn=None, progress: Run
     spec.sae_key = eng.sae.key
     spec.sae_weights_hash = sae_weights_hash(eng.sae)
     spec.median_norm = float(eng.median_norm)
-    judge_fn = judge_fn or _judge(spec)
+    judge_fn = judge_fn or make_judge(spec)
     spec.judge_id = str(getattr(judge_fn, "judge_id", spec.judge))
     prompts = {p["id"]: p["prompt"] for p in load_prompts()}
     if not spec.prompt_ids:
@@ -199,10 +198,6 @@ def draw_random_sets(spec: ExperimentSpec, det_members: list[int], d_sae: int, d
         spec.random_sets[str(s)] = sorted(int(x) for x in rng.choice(pool, size=k, replace=False))
 
 
-def _judge(spec: ExperimentSpec):
-    return get_judge(spec.judge)
-
-
 def prepare_run(spec: ExperimentSpec, run_dir: str | Path, resume: bool = False) -> tuple[ExperimentSpec, Path]:
     """The spec to use for ``run_dir``: the saved one when resuming, else the given one."""
     run_dir = Path(run_dir)
@@ -243,7 +238,7 @@ def _run(spec: ExperimentSpec, run_dir: Path, *, engine=None, judge_fn=None,
          finalize_at_end: bool = True, executor=None) -> dict:
     spec, run_dir = prepare_run(spec, run_dir, resume)
     prog = RunProgress(run_dir, progress)
-    judge_fn = judge_fn or (_judge(spec) if judge else None)
+    judge_fn = judge_fn or (make_judge(spec) if judge else None)
     held = {"eng": None}
 
     def eng_fn():
@@ -254,7 +249,7 @@ def _run(spec: ExperimentSpec, run_dir: Path, *, engine=None, judge_fn=None,
     ex = executor or InProcessExecutor(eng_fn)
     try:
         if not spec.resolved:
-            spec = resolve_spec(spec, eng_fn(), judge_fn or _judge(spec), progress=prog, cancel=cancel,
+            spec = resolve_spec(spec, eng_fn(), judge_fn or make_judge(spec), progress=prog, cancel=cancel,
                                 calibrate=ex.calibrate)
             atomic_write_json(run_dir / SPEC_FILE, spec.to_dict())
         else:
@@ -405,7 +400,7 @@ def rejudge(run_dir: str | Path, out_dir: str | Path | None = None, judge_fn=Non
         out_dir = default_run_dir(spec.name + "-rejudged") if src == REFERENCE_DIR else \
             src.with_name(src.name + "-rejudged")
     out = Path(out_dir)
-    judge_fn = judge_fn or _judge(spec)
+    judge_fn = judge_fn or make_judge(spec)
     if not (out / SPEC_FILE).exists():
         df = load_trials(src)
         out.mkdir(parents=True, exist_ok=True)
