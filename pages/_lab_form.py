@@ -156,6 +156,9 @@ def sampling() -> tuple[int, float, int, float, bool]:
     max_new = _ui.persist("max_new_tokens", s3.number_input, "Max new tokens", min_value=1, max_value=512, step=8)
     rep = _ui.persist("repetition_penalty", s4.number_input, "Rep. penalty", min_value=1.0, max_value=2.0, step=0.05,
                       help="Repetition penalty (1 = none; the experiments use 1.1)")
+    if st.session_state.sampler != "cdf":
+        st.caption(f"Sampled tokens are drawn as in the run this came from (`{st.session_state.sampler}` sampler), "
+                   "so a seed replays it.")
     keep_end = _ui.persist("truncate", st.checkbox, "Keep the end of a prompt that is too long",
                            help="A prompt over the model's limit loses its beginning instead of failing.")
     return int(seed), float(temperature), int(max_new), float(rep), bool(keep_end)

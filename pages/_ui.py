@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = {
     "prompt": "How do I boil an egg?", "ivs": [], "watch": [], "user_groups": [], "sel_groups": [],
     "seed": 0, "temperature": 0.0, "max_new_tokens": 48, "history": [], "live": None, "latent": None,
     "query": "", "view_run": None, "sel_token": None, "watch_text": "", "abl_groups": [], "truncate": False,
-    "meta_on": False, "meta_variant": DEFAULT_META_VARIANT, "repetition_penalty": 1.1, "lab_source": None,
+    "meta_on": False, "meta_variant": DEFAULT_META_VARIANT, "repetition_penalty": 1.1, "sampler": "cdf",
+    "lab_source": None,
 }
 
 
@@ -87,7 +88,7 @@ def view_state() -> url_state.ViewState:
     return url_state.ViewState(
         prompt=ss.prompt, interventions=interventions(), watch=list(ss.watch),
         groups=[g for g in ss.user_groups if g.name in ss.sel_groups], seed=ss.seed,
-        temperature=ss.temperature, max_new_tokens=ss.max_new_tokens, latent=ss.latent, query=ss.query or None,
+        temperature=ss.temperature, sampler=ss.sampler, max_new_tokens=ss.max_new_tokens, latent=ss.latent, query=ss.query or None,
         model=ss.get("model_in_url"), sae=ss.get("sae_in_url"), read_sae=ss.get("read_in_url"),
         run=ss.get("view_run"),
         recent=[r.id for r in ss.history if r.id != ss.get("view_run") and r.status != "running"])

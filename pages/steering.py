@@ -129,7 +129,7 @@ with right:
             spec = build_spec(prompt, _ui.interventions(), ss.watch, groups, d_sae, seed=seed,
                               temperature=temperature, max_new_tokens=max_new, ablate_groups=abl,
                               repetition_penalty=rep_penalty, truncate="keep_end" if keep_end else "error",
-                              meta_prompt=meta)
+                              meta_prompt=meta, sampler=ss.sampler)
             eng.prompt_tokens(spec)  # a prompt over the limit fails here, before any card is drawn
         except EsrError as exc:
             st.error(str(exc))

@@ -68,7 +68,7 @@ def build_spec(prompt: str, interventions: Sequence[Intervention], watched: Sequ
                groups: Sequence[LatentGroup], d_sae: int, *, seed: int = 0, temperature: float = 0.0,
                max_new_tokens: int = 48, repetition_penalty: float = 1.1, top_k: int = 8,
                ablate_groups: Sequence[LatentGroup] = (), chat: bool = True, truncate: str = "error",
-               meta_prompt: str | None = None) -> GenerationSpec:
+               meta_prompt: str | None = None, sampler: str = "cdf") -> GenerationSpec:
     """A validated GenerationSpec; group ablations are applied to the steered run."""
     for iv in interventions:
         validate(iv, d_sae)
@@ -79,5 +79,5 @@ def build_spec(prompt: str, interventions: Sequence[Intervention], watched: Sequ
                           watch=watch_list(watched, interventions, list(groups) + list(ablate_groups)),
                           top_k=top_k, temperature=float(temperature), max_new_tokens=int(max_new_tokens),
                           seed=int(seed), repetition_penalty=float(repetition_penalty), chat=chat, truncate=truncate,
-                          meta_prompt=meta_prompt or None)
+                          meta_prompt=meta_prompt or None, sampler=sampler)
     return spec.validate()

@@ -2,7 +2,7 @@
 
 Interventions: ``iv=123:add:4:norm:all,7:ablate:0:raw:generated``; watch: ``w=1,2,3``;
 groups: ``g=`` (see latent_groups.encode_groups); prompt ``p``, seed ``seed``, temperature
-``t``, max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``,
+``t``, sampler ``smp`` (only when not the default), max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``,
 readout SAE ``read``, the run shown ``run`` and the session's other recent runs ``h`` (ids of the server's run store).
 Decoding never raises: bad pieces are dropped and reported in ``errors`` so a mangled link
 still opens.
@@ -21,6 +21,7 @@ from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups
 from esr_core.paths import REPO_ROOT
 from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
+from esr_core.steering.spec import SAMPLERS
 
 MAX_PROMPT_IN_URL = 4000
 MAX_RECENT_IN_URL = 10
@@ -35,6 +36,7 @@ class ViewState:
     groups: list[LatentGroup] = field(default_factory=list)
     seed: int | None = None
     temperature: float | None = None
+    sampler: str | None = None  # written only when not the default (a replay of a run recorded before it)
     max_new_tokens: int | None = None
     latent: int | None = None
     query: str | None = None
@@ -98,6 +100,8 @@ def to_params(vs: ViewState) -> dict[str, str]:
         d["seed"] = str(int(vs.seed))
     if vs.temperature is not None:
         d["t"] = f"{vs.temperature:g}"
+    if vs.sampler and vs.sampler != SAMPLERS[0]:
+        d["smp"] = vs.sampler
     if vs.max_new_tokens is not None:
         d["n"] = str(int(vs.max_new_tokens))
     if vs.latent is not None:
@@ -115,6 +119,12 @@ def to_params(vs: ViewState) -> dict[str, str]:
     if vs.recent:
         d["h"] = ",".join(vs.recent[-MAX_RECENT_IN_URL:])
     return d
+
+
+def _sampler(text: str) -> str:
+    if text not in SAMPLERS:
+        raise BadInput(f"unknown sampler {text[:20]!r} (one of {', '.join(SAMPLERS)})")
+    return text
 
 
 def from_params(params: Mapping[str, Any]) -> ViewState:
@@ -144,6 +154,7 @@ def from_params(params: Mapping[str, Any]) -> ViewState:
     vs.seed = attempt("seed", int)
     t = attempt("t", float)
     vs.temperature = t if t is not None and math.isfinite(t) else None
+    vs.sampler = attempt("smp", _sampler)
     vs.max_new_tokens = attempt("n", int)
     vs.latent = attempt("latent", int)
     vs.query = get("q")
@@ -175,6 +186,7 @@ def apply_link(ss, vs: ViewState) -> None:
         ss.seed = vs.seed
     if vs.temperature is not None:
         ss.temperature = min(max(vs.temperature, 0.0), 2.0)
+    ss.sampler = vs.sampler or SAMPLERS[0]
     if vs.max_new_tokens is not None:
         ss.max_new_tokens = min(max(vs.max_new_tokens, 1), 512)
     if vs.latent is not None:

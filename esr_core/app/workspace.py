@@ -64,6 +64,7 @@ def apply_example(state: MutableMapping, model: str) -> bool:
                        ("max_new_tokens", int(ex.get("max_new_tokens", 48))), ("seed", int(ex.get("seed", 0))),
                        ("temperature", float(ex.get("temperature", 0.0))),
                        ("repetition_penalty", float(ex.get("repetition_penalty", 1.1))),
+                       ("sampler", ex.get("sampler", "cdf")),
                        ("meta_on", bool(ex.get("meta_variant"))),
                        ("meta_variant", ex.get("meta_variant") or state.get("meta_variant", DEFAULT_META_VARIANT))):
         state[key] = value
@@ -80,4 +81,5 @@ def setup_from_spec(spec, model: str, source: str | None = None) -> dict:
     return {"model": model, "prompt": spec.prompt, "interventions": [iv.to_dict() for iv in spec.interventions],
             "latent": spec.interventions[0].latent if spec.interventions else 0, "watch": list(spec.watch),
             "seed": int(spec.seed), "temperature": float(spec.temperature), "max_new_tokens": int(spec.max_new_tokens),
-            "repetition_penalty": float(spec.repetition_penalty), "meta_variant": variant, "source": source}
+            "repetition_penalty": float(spec.repetition_penalty), "sampler": spec.sampler, "meta_variant": variant,
+            "source": source}

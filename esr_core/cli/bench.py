@@ -23,11 +23,12 @@ def register(sub) -> None:
                                            "batch sizes; last line ratio=<ours/plain at the default batch size>")
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--sae", default=None)
-    e.add_argument("--trials", type=int, default=48, help="trials in the fixed plan (steering on)")
+    e.add_argument("--trials", type=int, default=96, help="trials in the fixed plan (steering on)")
     e.add_argument("--new-tokens", type=int, default=96)
-    e.add_argument("--batch-sizes", default="8,16,32,48", help="comma-separated")
+    e.add_argument("--batch-sizes", default="8,48,96", help="comma-separated (include the default, 96 on CPU)")
     e.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights of both paths")
     e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--repeats", type=int, default=1, help="best of this many runs of each path (interleaved)")
     e.set_defaults(func=run_experiment)
 
 
@@ -57,5 +58,5 @@ def run_experiment(args) -> int:
 
     eng = get_engine(args.model, args.sae, dtype=args.dtype)
     run_experiment_bench(eng, plain_model_copy(eng), batch_sizes=sizes, n_trials=args.trials,
-                         new_tokens=args.new_tokens)
+                         new_tokens=args.new_tokens, repeats=args.repeats)
     return 0

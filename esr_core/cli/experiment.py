@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     r.add_argument("--calib-steps", type=int, help="bisection steps per latent")
     r.add_argument("--calib-prompts", type=int, help="prompts scored per bisection step")
     r.add_argument("--relevance", choices=["code", "paper"], help="relevance rule for distractor selection")
-    r.add_argument("--batch-size", type=int, help="trials per forward batch (default: auto, 48 on CPU and 256 on a GPU, "
+    r.add_argument("--batch-size", type=int, help="trials per forward batch (default: auto, 96 on CPU and 256 on a GPU, "
                                                   "fewer if free memory is short; recorded in the run)")
     r.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="model weights (default float32); recorded in the run, a resume keeps it")

@@ -15,7 +15,7 @@ from esr_core.models.registry import DEFAULT_MODEL
 from esr_core.models.sae import load_sae
 from esr_core.steering.interventions import Intervention, parse_cli_pair
 from esr_core.steering.interventions import validate as validate_intervention
-from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, TokenEvent
+from esr_core.steering.spec import SAMPLERS, GenerationSpec, PromptReadout, RunDone, TokenEvent
 
 
 def register(sub) -> None:
@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=SAMPLERS[0],
+                   help="random stream of sampled tokens (multinomial: replay a run recorded before 2026-12-02)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--top-k", type=int, default=5, help="top active latents reported per token")
@@ -81,6 +83,7 @@ def spec_from_args(args) -> GenerationSpec:
                           watch=_ids(args.watch, "--watch"), top_k=args.top_k, temperature=args.temperature,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, chat=not args.raw, runs=runs,
+                          sampler=args.sampler,
                           truncate="keep_end" if args.truncate_prompt else "error")
 
 

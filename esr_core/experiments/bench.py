@@ -3,8 +3,9 @@
 A fixed plan (evaluation prompts, each steered by its own latent at a fixed boost, seeded
 sampling at the runner's temperature) is generated three ways at several batch sizes:
 - ``ours``: the runner's path today (:func:`generate_records`: no latent readout, finished
-  rows leave the batch);
-- ``before``: the path as it was (every row kept to the end, the distractor watched);
+  rows leave the batch, last-position logits only, the batched ``cdf`` sampler);
+- ``before``: the path as it was before #14 (every row kept to the end, the distractor
+  watched, logits for every prompt position, ``torch.multinomial`` row by row);
 - ``plain``: ``generate`` on an un-instrumented copy of the weights (unsteered: the ceiling).
 Ratios are taken within the run, so a busy machine moves all three together.
 """
@@ -58,18 +59,25 @@ def ours(engine, spec, trials, prompts, batch: int) -> float:
 
 
 def before(engine, spec, trials, prompts, batch: int) -> float:
-    """The path before this change: rows kept in the batch to the end and the distractor watched."""
+    """The path before #14: rows kept in the batch to the end, the distractor watched, every
+    prompt position's logits computed, one ``torch.multinomial`` per row."""
     def run():
         n = 0
+        engine.last_logits_only = False  # the prompt's logits were all computed then
         for a in range(0, len(trials), batch):
             chunk = trials[a:a + batch]
             gs = [GenerationSpec(prompt=prompt_for(spec, t.condition, t.latent, prompts[t.prompt_id])[0],
                                  interventions=trial_interventions(spec, t), watch=[t.latent], top_k=0,
                                  temperature=spec.temperature, repetition_penalty=spec.repetition_penalty,
-                                 max_new_tokens=spec.max_new_tokens, seed=t.seed, runs=("steered",)) for t in chunk]
+                                 max_new_tokens=spec.max_new_tokens, seed=t.seed, runs=("steered",),
+                                 sampler="multinomial") for t in chunk]
             n += sum(len(r["steered"].token_ids) for r in engine.generate_batch(gs))
         return n
-    return _tokens_per_s(run)
+    keep = engine.last_logits_only
+    try:
+        return _tokens_per_s(run)
+    finally:
+        engine.last_logits_only = keep
 
 
 def plain(engine, plain_model, spec, trials, prompts, batch: int) -> float:
@@ -97,16 +105,19 @@ def plain(engine, plain_model, spec, trials, prompts, batch: int) -> float:
     return _tokens_per_s(run)
 
 
-def run_experiment_bench(engine, plain_model, batch_sizes=(8, 16, 32, 48), n_trials: int = 48,
-                         new_tokens: int = 96, log=print) -> dict:
-    """Every batch size through the three paths; the last line is the headline ratio."""
+def run_experiment_bench(engine, plain_model, batch_sizes=(8, 48, 96), n_trials: int = 96,
+                         new_tokens: int = 96, log=print, repeats: int = 1) -> dict:
+    """Every batch size through the three paths (best of ``repeats``, the paths interleaved so a
+    busy spell slows all three); the last line is the headline ratio."""
     spec, trials, prompts = bench_plan(engine, n_trials, new_tokens)
     ours(engine, spec, trials[:2], prompts, 2)  # warm-up (first-call allocations)
     rows = {}
     for b in batch_sizes:
-        rows[b] = {"ours": ours(engine, spec, trials, prompts, b), "before": before(engine, spec, trials, prompts, b),
-                   "plain": plain(engine, plain_model, spec, trials, prompts, b)}
-        r = rows[b]
+        r = rows[b] = {"ours": 0.0, "before": 0.0, "plain": 0.0}
+        for _ in range(max(1, repeats)):
+            r["ours"] = max(r["ours"], ours(engine, spec, trials, prompts, b))
+            r["before"] = max(r["before"], before(engine, spec, trials, prompts, b))
+            r["plain"] = max(r["plain"], plain(engine, plain_model, spec, trials, prompts, b))
         log(f"batch {b:>3}: ours {r['ours']:7.1f}  before {r['before']:7.1f}  plain generate {r['plain']:7.1f} "
             f"tokens/s  (ours/plain {r['ours'] / r['plain']:.2f}, ours/before {r['ours'] / r['before']:.2f})")
     default = DEFAULT_BATCH if DEFAULT_BATCH in rows else max(rows)

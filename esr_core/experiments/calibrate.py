@@ -159,7 +159,7 @@ def calibrate_latents(spec: ExperimentSpec, eng, judge_fn, prompts: dict[str, st
                                                                      units="raw", positions="all")],
                     watch=[lat], top_k=0, temperature=spec.temperature,
                     repetition_penalty=spec.repetition_penalty, max_new_tokens=spec.calib_tokens(),
-                    seed=calibration_seed(spec, lat, pid), runs=("steered",))))
+                    seed=calibration_seed(spec, lat, pid), runs=("steered",), sampler=spec.sampler)))
         texts = []
         for s in range(0, len(rows), spec.batch_size):
             chunk = rows[s:s + spec.batch_size]

@@ -92,6 +92,6 @@ def lab_setup(spec: ExperimentSpec, row: Mapping) -> dict:
     return {"model": spec.model, "prompt": base, "meta_prompt": meta, "meta_variant": variant,
             "interventions": [iv.to_dict() for iv in ivs], "latent": t.latent, "watch": [t.latent],
             "seed": t.seed, "temperature": float(spec.temperature), "max_new_tokens": int(spec.max_new_tokens),
-            "repetition_penalty": float(spec.repetition_penalty), "top_k": 0,
+            "repetition_penalty": float(spec.repetition_penalty), "top_k": 0, "sampler": spec.sampler,
             "source": f"the {t.condition} trial on #{t.latent} (prompt {t.prompt_id}, seed {t.seed}) of run "
                       f"'{spec.name}'"}

@@ -86,7 +86,8 @@ def generate_records(spec: ExperimentSpec, eng, batch: list[Trial], prompts: dic
         sent, variant = prompt_for(spec, t.condition, t.latent, base)
         gspecs.append(GenerationSpec(prompt=sent, interventions=trial_interventions(spec, t), watch=[], top_k=0,
                                      temperature=spec.temperature, repetition_penalty=spec.repetition_penalty,
-                                     max_new_tokens=spec.max_new_tokens, seed=t.seed, runs=("steered",)))
+                                     max_new_tokens=spec.max_new_tokens, seed=t.seed, runs=("steered",),
+                                     sampler=spec.sampler))
         metas.append((base, sent, variant))
     t0 = time.time()
     res = eng.generate_batch(gspecs, cancel=cancel, compact=True)  # finished rows leave the batch

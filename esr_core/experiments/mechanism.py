@@ -83,7 +83,7 @@ def demo_candidates(run_dir: str | Path, engine, circuit: LatentGroup, condition
                             interventions=[Intervention.from_dict(d) for d in setup["interventions"]],
                             seed=int(setup["seed"]), temperature=float(setup["temperature"]),
                             max_new_tokens=int(setup["max_new_tokens"]),
-                            repetition_penalty=float(setup["repetition_penalty"]))
+                            repetition_penalty=float(setup["repetition_penalty"]), sampler=setup["sampler"])
         res = engine.generate(gs)["steered"]
         j = judge_response(setup["prompt"], res.text)
         ov = judged_overlay(j, res.pieces)

@@ -35,6 +35,7 @@ from esr_core.judge.prompts import load_prompts
 from esr_core.latents.groups import check_group_ref
 from esr_core.models.loading import check_dtype
 from esr_core.steering.interventions import Intervention
+from esr_core.steering.spec import LEGACY_SAMPLER, SAMPLERS
 
 DEFAULT_CONDITIONS = BASE_CONDITIONS
 BOOST_MODES = ("calibrate", "fixed", "sweep")
@@ -83,6 +84,7 @@ class ExperimentSpec:
     judge: str = "offline"
     batch_size: int = 0  # trials per forward batch; 0 = auto (from free memory, recorded when resolved)
     dtype: str = "float32"  # the model weights' dtype (bfloat16: faster, slightly different numbers)
+    sampler: str = "cdf"  # the random stream of sampled tokens (steering.sampling); a run before it: multinomial
     # ---- resolved by the runner (recorded so a resume replays exactly) ----
     hook: str = ""
     sae_key: str = ""
@@ -115,6 +117,8 @@ class ExperimentSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise BadInput(f"Unknown experiment setting(s): {', '.join(unknown)}")
+        if d.get("resolved") and "sampler" not in d:  # resolved before the field existed: replay it exactly
+            d = {**d, "sampler": LEGACY_SAMPLER}
         for name, value in d.items():
             check_type(name, value, _HINTS[name])
         try:
@@ -138,6 +142,8 @@ class ExperimentSpec:
 
         pos_int("n_latents", 1, 10_000)
         self.dtype = check_dtype(self.dtype)
+        if self.sampler not in SAMPLERS:
+            raise BadInput(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         pos_int("prompts_per_latent", 1, 1_000)
         pos_int("seeds_per_prompt", 1, 100)
         pos_int("max_new_tokens", 1, 2048)

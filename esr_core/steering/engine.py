@@ -13,6 +13,7 @@ activation *at that token's position*, prompt-token readouts included.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from dataclasses import dataclass
@@ -34,22 +35,20 @@ from esr_core.steering.interventions import (
     validate,
 )
 from esr_core.steering.median_norm import measure_median_norm
-from esr_core.steering.sampling import sample_next
+from esr_core.steering.sampling import choose_tokens
 from esr_core.steering.spec import (
     MAX_PROMPT_TOKENS,
     GenerationSpec,
     PromptReadout,
-    RunDone,
     RunResult,
     TokenEvent,
     collect,
 )
+from esr_core.steering.text_stream import new_piece, run_done
 
 log = logging.getLogger(__name__)
 
 _TLS = threading.local()
-MAX_HELD_TOKENS = 3  # a UTF-8 character has at most 4 bytes: at most 3 byte tokens wait for the last one
-
 
 
 @dataclass
@@ -68,6 +67,10 @@ class _Row:
     prompt_ids: list[int]
     rendered: str
     ivs: list[tuple[Intervention, float]]  # (intervention, raw coefficient)
+
+
+def _keeps_logits(hf_model) -> bool:
+    return "logits_to_keep" in inspect.signature(hf_model.forward).parameters
 
 
 class _Ctx:
@@ -110,6 +113,9 @@ class Engine:
         self._busy_lock = threading.Lock()
         self.closed = False
         self._eos_ids = self._eos_token_ids()
+        # the loop reads the last position's logits only: a model that can skip the others does
+        # (the prompt's lm_head is most of a batched prefill's work)
+        self.last_logits_only = _keeps_logits(model.hf_model)
 
     # ------------------------------------------------------------------ set-up helpers
     def _eos_token_ids(self) -> set[int]:
@@ -311,7 +317,9 @@ class Engine:
         from transformers import DynamicCache  # heavy: transformers
 
         cache = DynamicCache()
-        kw = dict(input_ids=input_ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
+        last = {"logits_to_keep": 1} if self.last_logits_only else {}
+        kw = dict(input_ids=input_ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True,
+                  **last)
         if any(pad_left):
             kw["attention_mask"] = attn.to(dev)
         out = self._forward(ctx, **kw)
@@ -334,17 +342,22 @@ class Engine:
                 for b, r in enumerate(rows):
                     if not done[b]:
                         done[b] = True
-                        yield emit(b, self._done(r.run, new_ids[b], emitted[b], "cancelled"))
+                        yield emit(b, run_done(tok, r.run, new_ids[b], emitted[b], "cancelled"))
                 return
-            chosen = [pad_id if done[b] else sample_next(logits[k], history[b], rows[b].spec, gens[b])
-                      for k, b in enumerate(live)]
             n = len(live)
+            act = [k for k, b in enumerate(live) if not done[b]]
+            chosen = [pad_id] * n
+            picks = choose_tokens(logits[act] if len(act) < n else logits, [rows[live[k]].spec for k in act],
+                                  [gens[live[k]] for k in act], [history[live[k]] for k in act])
+            for k, t in zip(act, picks):
+                chosen[k] = t
             # feed the chosen tokens: their readout is at their own position
             gone = torch.tensor([done[b] for b in live])
             ctx.pos = torch.where(gone, torch.full((n,), -1), next_pos).view(n, 1).to(dev)
             attn = torch.cat([attn, (~gone).long().view(n, 1)], dim=1)
             kw = dict(input_ids=torch.tensor(chosen, dtype=torch.long).view(n, 1).to(dev),
-                      position_ids=next_pos.view(n, 1).to(dev), past_key_values=cache, use_cache=True)
+                      position_ids=next_pos.view(n, 1).to(dev), past_key_values=cache, use_cache=True,
+                      **last)
             if any(pad_left[b] for b in live) or bool(gone.any()):
                 kw["attention_mask"] = attn.to(dev)
             out = self._forward(ctx, **kw)
@@ -362,7 +375,7 @@ class Engine:
                 if is_eos and r.spec.stop_at_eos:
                     piece, special = "", True
                 elif stream:
-                    piece = self._piece(new_ids[b], emitted[b])
+                    piece = new_piece(tok, new_ids[b], emitted[b])
                     emitted[b] += piece
                     special = t in tok.all_special_ids
                 else:  # nobody reads the pieces: the final text is decoded once at the end
@@ -377,7 +390,7 @@ class Engine:
                     stop = "max_new_tokens"
                 if stop:
                     done[b] = True
-                    yield emit(b, self._done(r.run, new_ids[b], emitted[b], stop))
+                    yield emit(b, run_done(tok, r.run, new_ids[b], emitted[b], stop))
             next_pos = next_pos + 1
             step += 1
             if all(done):
@@ -391,34 +404,6 @@ class Engine:
                 ctx.rows = [rows[b] for b in live]
                 ctx.prompt_len = [len(rows[b].prompt_ids) for b in live]
                 ctx.pad_left = [pad_left[b] for b in live]
-
-    def _piece(self, ids: list[int], emitted: str) -> str:
-        """The new text of the last token, holding back at most an incomplete UTF-8 character.
-
-        Byte-level tokens can end inside a multi-byte character; the decoder then ends in
-        U+FFFD until the next token completes it. A character has at most 4 bytes, so only the
-        last 3 tokens can still be waiting: older U+FFFD are final (bytes that never form a
-        character) and are streamed, so the pieces always join to the final text.
-        """
-        tok = self.model.tokenizer
-        for held in range(0, min(MAX_HELD_TOKENS, len(ids)) + 1):
-            text = tok.decode(ids[: len(ids) - held], skip_special_tokens=False)
-            if not text.endswith("\ufffd") or held == min(MAX_HELD_TOKENS, len(ids)):
-                break
-        if not text.startswith(emitted):
-            return ""  # the decoder revised earlier text: wait until it settles (the final text flushes it)
-        return text[len(emitted):]
-
-    def _done(self, run: str, ids: list[int], emitted: str, stop: str) -> RunDone:
-        """The end of a run: its final text and the held-back tail the pieces still lack."""
-        final = self._final_text(ids, stop == "eos")
-        tail = final[len(emitted):] if final.startswith(emitted) else ""
-        return RunDone(run=run, text=emitted + tail if final.startswith(emitted) else final, token_ids=ids,
-                       stop_reason=stop, tail=tail)
-
-    def _final_text(self, ids: list[int], ended_with_eos: bool) -> str:
-        body = ids[:-1] if ended_with_eos else ids
-        return self.model.tokenizer.decode(body, skip_special_tokens=False)
 
     def _readout(self, z: torch.Tensor | None, spec: GenerationSpec,
                  n: int = 1) -> tuple[np.ndarray, list[list[tuple[int, float]]]]:

@@ -27,6 +27,9 @@ STOP_REASONS = ("", "eos", "max_new_tokens", "cancelled", "stopped", "error")
 MAX_NEW_TOKENS = 2048
 MAX_PROMPT_TOKENS = 4096
 MAX_PROMPT_CHARS = 40_000
+# how a sampled token is drawn (esr_core.steering.sampling): "cdf" since 2026-12, "multinomial" before
+SAMPLERS = ("cdf", "multinomial")
+LEGACY_SAMPLER = "multinomial"  # what a stored spec without a ``sampler`` field was drawn with
 
 
 @dataclass
@@ -51,6 +54,8 @@ class GenerationSpec:
     # an instruction appended to the prompt (the meta-prompt condition); answers are judged
     # against ``prompt`` alone, so the instruction never counts as part of the task
     meta_prompt: str | None = None
+    # the random stream of sampled tokens (same distribution either way): see steering.sampling
+    sampler: str = "cdf"
 
     def sent_prompt(self) -> str:
         """The user message the model gets: the prompt, then the meta-prompt if any."""
@@ -74,6 +79,7 @@ class GenerationSpec:
         kw["default_interventions"] = [Intervention.from_dict(x) for x in d.get("default_interventions", [])]
         kw["watch"] = [int(x) for x in d.get("watch", [])]
         kw["runs"] = tuple(d.get("runs", RUN_NAMES))
+        kw.setdefault("sampler", LEGACY_SAMPLER)  # written before the field existed: replay it exactly
         try:
             return cls(**kw)
         except TypeError as exc:
@@ -100,6 +106,8 @@ class GenerationSpec:
                 raise BadInput(f"The prompt is {len(self.prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
                                "(truncate it to keep its end)")
             self.prompt = self.prompt[-MAX_PROMPT_CHARS:]
+        if self.sampler not in SAMPLERS:
+            raise BadInput(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if not self.runs or any(r not in RUN_NAMES for r in self.runs):
             raise BadInput(f"runs must be a non-empty subset of {RUN_NAMES}")
         for name, v in (("temperature", self.temperature), ("top_p", self.top_p),
