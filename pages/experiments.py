@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from esr_core.errors import EsrError
-from esr_core.experiments.attribution import ATTRIBUTION_FILE, attribution_caption
+from esr_core.experiments.attribution import attribution_caption, attribution_reports
 from esr_core.experiments.cases import MAX_DESCRIBED, esr_cases, lab_setup
 from esr_core.experiments.metrics import trial_table_flags
 from esr_core.experiments.report import (
@@ -36,7 +36,6 @@ from esr_core.experiments.store import (
     load_spec,
     load_trials,
 )
-from esr_core.io import read_json_or
 from esr_core.models.registry import DEFAULT_MODEL
 from esr_core.viz.result_plots import attribution_figure
 from pages import _ui
@@ -165,10 +164,13 @@ def show_run(run_dir: str) -> None:
             st.caption(f"Same latents, prompts, boosts (calibrated on {other.get('model')}) and seeds; counts with "
                        "Wilson 95 % intervals. An interval that does not overlap the other model's is a real "
                        "difference at this n.")
-    attribution = read_json_or(d / ATTRIBUTION_FILE, None)
-    if attribution:
-        st.subheader("What drives the restarts (attribution, confirmed by ablation)")
-        st.plotly_chart(attribution_figure(attribution), key=f"attr_{d.name}")
+    for k, attribution in enumerate(attribution_reports(d)):
+        st.subheader(f"What drives the restarts at {attribution.get('read_hook', '?')} (attribution, confirmed by "
+                     "ablation)")
+        if "error" in attribution:
+            st.warning(attribution["error"])
+            continue
+        st.plotly_chart(attribution_figure(attribution), key=f"attr_{d.name}_{k}")
         st.caption(attribution_caption(attribution))
     st.subheader("Against the paper")
     pt = paper_table(summary)

@@ -19,6 +19,7 @@ from esr_core.experiments.attribution import (
     ablated_logp,
     attribute_case,
     attribution_caption,
+    attribution_reports,
     restart_cases,
     run_attribution,
 )
@@ -69,8 +70,50 @@ def test_no_restart_in_the_chosen_conditions_is_one_clear_error(tuned):
         run_attribution(tuned, RUN, params=AttributionParams(conditions=("no_such_condition",)))
 
 
-def test_the_shipped_attribution_report_is_complete():
-    rep = json.loads((RUN / ATTRIBUTION_FILE).read_text())
-    assert rep["n_restarts"] >= 10 and rep["top"] and rep["rows"]
-    assert rep["mean_delta_logp_top"] is not None and rep["mean_delta_logp_random"] is not None
-    assert "command" in rep
+def test_the_shipped_attribution_reports_cover_every_restart_at_both_layers():
+    reps = attribution_reports(RUN)
+    assert [r["read_hook"] for r in reps] == ["blocks.15.hook_resid_post", "blocks.20.hook_resid_post"]
+    n_cases = len(restart_cases(RUN, ("steering", "meta_prompt")))
+    for rep in reps:
+        assert rep["n_restarts"] == n_cases == len(rep["rows"]) and len(rep["top"]) == 10
+        assert rep["mean_delta_logp_top"] < rep["mean_delta_logp_random"]  # causal: the top set matters more
+        assert rep["share_top_lowers_more"] > 0.5 and rep["command"].startswith("esr-lab detectors attribute")
+    assert "--read-sae" in reps[1]["command"] and reps[1]["steer_hook"] == "blocks.15.hook_resid_post"
+
+
+def test_attribution_reports_list_the_steering_layer_first_and_say_what_is_unreadable(tmp_path):
+    (tmp_path / "attribution.blocks.20.hook_resid_post.json").write_text(json.dumps({"read_hook": "b20"}))
+    (tmp_path / ATTRIBUTION_FILE).write_text(json.dumps({"read_hook": "b15"}))
+    (tmp_path / "attribution.broken.json").write_text("{not json")
+    reps = attribution_reports(tmp_path)
+    assert [r.get("read_hook") for r in reps] == ["b15", "b20", None]
+    assert "attribution.broken.json" in reps[2]["error"] and "not valid JSON" in reps[2]["error"]
+
+
+def test_the_cli_attributes_to_a_readout_sae_and_times_the_circuit_against_the_restart(tmp_path, capsys):
+    """Steering at block 15, attributing to block 20: the report is named after the readout hook
+    (the steering layer's stays), compares with the readout's own circuit and says when it alerts."""
+    import shutil
+
+    from esr_core.cli import main
+    from esr_core.paths import REPO_ROOT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("spec.json", "trials.parquet"):
+        shutil.copy(RUN / f, run / f)
+    l20 = str(REPO_ROOT / "assets" / "sae" / "smollm2-135m-instruct-L20")
+    circuit = str(ASSETS_DIR / "groups" / "resistance_circuit.smollm2-135m-esr-L20.json")
+    assert main(["detectors", "attribute", "--model", "smollm2-135m-esr", "--read-sae", l20, "--run", str(run),
+                 "--limit", "2", "--top-k", "3", "--random-draws", "1", "--compare-group", circuit, "--json"]) == 0
+    rep = json.loads((run / "attribution.blocks.20.hook_resid_post.json").read_text())
+    assert not (run / ATTRIBUTION_FILE).exists()
+    assert rep["read_hook"] == "blocks.20.hook_resid_post" and rep["n_restarts"] == 2
+    members = json.loads(open(circuit).read())["members"]
+    assert rep["detectors"] == sorted(members)  # the readout SAE's circuit, not the steering layer's
+    assert list(rep["overlap_with_groups"]) == [circuit]
+    assert 0 <= rep["detector_alert_share"] <= 1 and len(rep["rows"]) == 2
+    for row in rep["rows"]:
+        lead = row["detector_alert_lead"]
+        assert lead is None or 1 <= lead <= row["restart_token"]
+    assert "The circuit alerts before" in attribution_caption(rep)

@@ -102,8 +102,11 @@ def register(sub) -> None:
     a.add_argument("--limit", type=int, default=None, help="use at most this many restarts")
     a.add_argument("--top-k", type=int, default=10)
     a.add_argument("--random-draws", type=int, default=5)
-    a.add_argument("--report", default=None, help="write the full report here (default: <run>/attribution.json)")
+    a.add_argument("--report", default=None, help="write the full report here (default: <run>/attribution.json, "
+                                                  "or <run>/attribution.<hook>.json with --read-sae)")
     a.add_argument("--group-out", default=None, help="also write the top latents as a group here")
+    a.add_argument("--compare-group", action="append", default=[], metavar="GROUP_JSON",
+                   help="also report the overlap of the top latents with this group (repeat for several)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=run_attribute)
 
@@ -115,6 +118,8 @@ def register(sub) -> None:
     sp.add_argument("--group", action="append", default=[], metavar="GROUP_JSON",
                     help="a circuit file (repeat to compare; default: the circuit for this engine)")
     sp.add_argument("-n", type=int, default=12, help="answers of each kind")
+    sp.add_argument("--off-topic-below", type=float, default=30.0,
+                    help="a steered answer counts as off-topic when the judge scored its first attempt below this")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=run_separation)
 
@@ -291,18 +296,24 @@ def run_attribute(args) -> int:
 
     if not (Path(args.run) / "spec.json").exists():
         raise BadInput(f"{args.run} is not an experiment run folder (no spec.json)")
-    engine = get_engine(args.model, args.sae)
-    read = load_sae(args.read_sae) if args.read_sae else None
-    circuit = group_for(engine, "circuit")
+    engine = get_engine(args.model, args.sae, read_sae=args.read_sae)
+    read = engine.read_sae if engine.has_readout_sae else None
+    circuit = group_for(engine, "circuit")  # the readout SAE's circuit: the detectors to compare with
     params = AttributionParams(conditions=tuple(c for c in args.conditions.split(",") if c), limit=args.limit,
                                top_k=args.top_k, random_draws=args.random_draws)
     rep = run_attribution(engine, args.run, read, params, detectors=circuit.members if circuit else [],
-                          progress=None if args.json else StderrProgress(newline=True))
+                          progress=None if args.json else StderrProgress(newline=True),
+                          detector_threshold=circuit.threshold_value("sum") if circuit else None)
+    top = {t["latent"] for t in rep["top"]}
+    rep["overlap_with_groups"] = {f: sorted(top & set(load_group(f).members)) for f in args.compare_group}
     rep["command"] = (f"esr-lab detectors attribute --model {args.model} --run {args.run}"
                       + (f" --read-sae {args.read_sae}" if args.read_sae else "") + f" --top-k {args.top_k}"
                       + f" --random-draws {args.random_draws}"
-                      + (f" --limit {args.limit}" if args.limit else ""))
-    out = Path(args.report) if args.report else Path(args.run) / "attribution.json"
+                      + (f" --limit {args.limit}" if args.limit else "")
+                      + "".join(f" --compare-group {f}" for f in args.compare_group))
+    # the steering SAE's report is attribution.json; a readout SAE's is named after its hook
+    out = Path(args.report) if args.report else Path(args.run) / (
+        f"attribution.{read.hook_name}.json" if read is not None else "attribution.json")
     atomic_write_json(out, rep)
     if args.group_out:
         save_group(attribution_group(rep, engine, read), args.group_out)
@@ -329,7 +340,7 @@ def run_separation(args) -> int:
     for g in groups:
         if g is None or not g.matches(engine):
             raise BadInput("The circuit does not belong to this model's readout SAE (pass --read-sae)")
-        res = circuit_separation(args.run, engine, g, n=args.n)
+        res = circuit_separation(args.run, engine, g, n=args.n, off_topic_below=args.off_topic_below)
         out.append({"group": g.name, "members": g.members, **res})
         if not args.json:
             print(f"{g.name} {g.members[:8]}{'...' if len(g.members) > 8 else ''}: crosses on "

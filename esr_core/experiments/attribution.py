@@ -23,11 +23,13 @@ from esr_core.errors import BadInput
 from esr_core.experiments.cases import trial_of
 from esr_core.experiments.spec import trial_interventions
 from esr_core.experiments.store import load_spec, load_trials
+from esr_core.io import read_json
 from esr_core.jobs import Progress, check_cancel, report_fraction
 from esr_core.judge.scoring import judge_response
 from esr_core.latents.groups import GROUP_FORMAT, LatentGroup, member_descriptions, sae_identity
 from esr_core.models.hooks import on_output
 from esr_core.resistance.episodes import render_pair
+from esr_core.resistance.signals import ema
 from esr_core.steering.interventions import add_direction, position_mask
 from esr_core.viz import palette
 
@@ -87,8 +89,9 @@ def _forward_with(engine, read_sae, ids: list[int], prompt_len: int, ivs, edit):
             hd.remove()
 
 
-def attribute_case(engine, read_sae, case: dict) -> dict:
-    """Attribution of one restart: per latent, summed over the response tokens before it."""
+def attribute_case(engine, read_sae, case: dict, watch=()) -> dict:
+    """Attribution of one restart: per latent, summed over the response tokens before it
+    (with the ``watch`` latents' activations on those tokens, for the detectors' alert)."""
     import torch  # heavy: torch
 
     tok = engine.model.tokenizer
@@ -118,6 +121,7 @@ def attribute_case(engine, read_sae, case: dict) -> dict:
     contrib = (z * grad[0])[first:r].sum(dim=0)  # the response tokens before the restart
     active = (z[first:r] > 0).any(dim=0)
     return {"ids": ids, "first": first, "restart": r, "target": target, "logp": float(logp.detach()),
+            "watch_acts": z[first:r][:, list(watch)].cpu().numpy() if len(watch) else None,
             "attribution": contrib.cpu().numpy(), "active": active.cpu().numpy(),
             "peak_token": {int(j): int(first + torch.argmax((z * grad[0])[first:r, j]).item())
                            for j in torch.topk(contrib, 20).indices.tolist()}}
@@ -143,8 +147,11 @@ def ablated_logp(engine, read_sae, case: dict, res: dict, latents) -> float:
 
 
 def run_attribution(engine, run_dir: str | Path, read_sae=None, params: AttributionParams | None = None,
-                    detectors=None, progress: Progress | None = None, cancel=None) -> dict:
-    """Attribution over a run's restarts, the top-k ablation against random ablations, overlap with ``detectors``."""
+                    detectors=None, progress: Progress | None = None, cancel=None,
+                    detector_threshold: float | None = None) -> dict:
+    """Attribution over a run's restarts, the top-k ablation against random ablations, overlap with
+    ``detectors``; with ``detector_threshold`` also when the detectors' smoothed sum first crosses
+    it before each restart (their lead time, beside the attributed latents')."""
     params = params or AttributionParams()
     read_sae = read_sae or getattr(engine, "read_sae", None) or engine.sae
     cases = restart_cases(run_dir, params.conditions, params.limit)
@@ -154,7 +161,7 @@ def run_attribution(engine, run_dir: str | Path, read_sae=None, params: Attribut
     for k, c in enumerate(cases):
         check_cancel(cancel, "Attribution")
         try:
-            results.append((c, attribute_case(engine, read_sae, c)))
+            results.append((c, attribute_case(engine, read_sae, c, sorted(set(detectors or [])))))
         except BadInput:
             continue
         report_fraction(progress, "attribution", (k + 1) / (2 * len(cases)), f"gradients {k + 1}/{len(cases)}")
@@ -173,7 +180,8 @@ def run_attribution(engine, run_dir: str | Path, read_sae=None, params: Attribut
         rows.append({"key": c["key"], "condition": c["condition"], "restart_token": r["restart"] - r["first"],
                      "logp": round(r["logp"], 4), "logp_top_ablated": round(ab, 4),
                      "logp_random_ablated": [round(x, 4) for x in rand],
-                     "top_peak_lead": [r["restart"] - r["peak_token"][j] for j in top if j in r["peak_token"]]})
+                     "top_peak_lead": [r["restart"] - r["peak_token"][j] for j in top if j in r["peak_token"]],
+                     "detector_alert_lead": _alert_lead(r["watch_acts"], detector_threshold)})
         report_fraction(progress, "attribution", 0.5 + (k + 1) / (2 * len(results)), f"ablations {k + 1}/{len(results)}")
     d_top = [x["logp_top_ablated"] - x["logp"] for x in rows]
     d_rand = [np.mean(x["logp_random_ablated"]) - x["logp"] for x in rows if x["logp_random_ablated"]]
@@ -190,8 +198,28 @@ def run_attribution(engine, run_dir: str | Path, read_sae=None, params: Attribut
         "detectors": det, "overlap_with_detectors": sorted(set(top) & set(det)),
         "detector_attribution_rank": {str(j): int(np.sum(A > A[j])) + 1 for j in det if j < len(A)},
         "median_peak_lead_tokens": float(np.median(leads)) if leads else None,
+        **_alert_summary(rows, detector_threshold),
         "rows": rows,
     }
+
+
+def _alert_lead(acts, threshold: float | None) -> int | None:
+    """Tokens from the detectors' first alert (EMA 0.5 of their summed activity above
+    ``threshold``) to the restart; None when they do not alert before it."""
+    if acts is None or threshold is None or not len(acts):
+        return None
+    lane = ema(np.asarray(acts, dtype=np.float64).sum(axis=1), 0.5)
+    hit = np.flatnonzero(lane > threshold)
+    return int(len(lane) - hit[0]) if len(hit) else None
+
+
+def _alert_summary(rows: list[dict], threshold: float | None) -> dict:
+    if threshold is None:
+        return {}
+    leads = [x["detector_alert_lead"] for x in rows if x["detector_alert_lead"] is not None]
+    return {"detector_threshold": round(float(threshold), 5),
+            "detector_alert_share": round(len(leads) / max(1, len(rows)), 3),
+            "detector_median_alert_lead": float(np.median(leads)) if leads else None}
 
 
 def attribution_group(report: dict, engine, read_sae=None):
@@ -215,7 +243,20 @@ def attribution_group(report: dict, engine, read_sae=None):
     })
 
 
-ATTRIBUTION_FILE = "attribution.json"
+ATTRIBUTION_FILE = "attribution.json"  # the steering layer's; ``attribution.<layer>.json`` for readout SAEs
+
+
+def attribution_reports(run_dir: str | Path) -> list[dict]:
+    """Every attribution report of a run (the steering SAE's first, then each readout SAE's);
+    an unreadable file is skipped with its error as a report of its own."""
+    d = Path(run_dir)
+    out = []
+    for p in sorted(d.glob("attribution*.json"), key=lambda p: (p.name != ATTRIBUTION_FILE, p.name)):
+        try:
+            out.append(read_json(p, f"Attribution report {p.name}"))
+        except BadInput as exc:
+            out.append({"error": str(exc), "file": p.name})
+    return out
 
 
 def attribution_caption(report: dict) -> str:
@@ -234,6 +275,12 @@ def attribution_caption(report: dict) -> str:
         parts.append("The off-topic circuit's members rank " + ", ".join(f"#{j}: {r}" for j, r in ranks.items())
                      + f" by attribution; overlap with the top {len(top)}: "
                      + (", ".join(f"#{j}" for j in report.get("overlap_with_detectors") or []) or "none") + ".")
+    for name, common in (report.get("overlap_with_groups") or {}).items():
+        parts.append(f"Overlap with {Path(name).stem}: " + (", ".join(f"#{j}" for j in common) or "none") + ".")
+    if report.get("detector_alert_share") is not None:
+        lead = report.get("detector_median_alert_lead")
+        parts.append(f"The circuit alerts before {report['detector_alert_share']:.0%} of the restarts"
+                     + (f", a median {lead:g} token(s) ahead." if lead is not None else "."))
     if report.get("median_peak_lead_tokens") is not None:
         parts.append(f"Each top latent's largest contribution sits a median {report['median_peak_lead_tokens']:g} "
                      f"token(s) before the restart.")

@@ -113,6 +113,7 @@ class Engine:
         self._busy_lock = threading.Lock()
         self.closed = False
         self._eos_ids = self._eos_token_ids()
+        self._special_ids = set(model.tokenizer.all_special_ids)  # a property HF rebuilds on every read
         # the loop reads the last position's logits only: a model that can skip the others does
         # (the prompt's lm_head is most of a batched prefill's work)
         self.last_logits_only = _keeps_logits(model.hf_model)
@@ -377,9 +378,9 @@ class Engine:
                 elif stream:
                     piece = new_piece(tok, new_ids[b], emitted[b])
                     emitted[b] += piece
-                    special = t in tok.all_special_ids
+                    special = t in self._special_ids
                 else:  # nobody reads the pieces: the final text is decoded once at the end
-                    piece, special = "", t in tok.all_special_ids
+                    piece, special = "", t in self._special_ids
                 yield emit(b, TokenEvent(run=r.run, step=step, token_id=t, text=piece,
                                          acts={i: float(acts[0, j]) for j, i in enumerate(r.spec.watch)},
                                          top=tops[0], special=special))
