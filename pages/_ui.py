@@ -88,7 +88,8 @@ def view_state() -> url_state.ViewState:
     return url_state.ViewState(
         prompt=ss.prompt, interventions=interventions(), watch=list(ss.watch),
         groups=[g for g in ss.user_groups if g.name in ss.sel_groups], seed=ss.seed,
-        temperature=ss.temperature, sampler=ss.sampler, max_new_tokens=ss.max_new_tokens, latent=ss.latent, query=ss.query or None,
+        temperature=ss.temperature, sampler=ss.sampler, max_new_tokens=ss.max_new_tokens, latent=ss.latent,
+        query=ss.query or None,
         model=ss.get("model_in_url"), sae=ss.get("sae_in_url"), read_sae=ss.get("read_in_url"),
         run=ss.get("view_run"),
         recent=[r.id for r in ss.history if r.id != ss.get("view_run") and r.status != "running"])

@@ -2,8 +2,9 @@
 
 Interventions: ``iv=123:add:4:norm:all,7:ablate:0:raw:generated``; watch: ``w=1,2,3``;
 groups: ``g=`` (see latent_groups.encode_groups); prompt ``p``, seed ``seed``, temperature
-``t``, sampler ``smp`` (only when not the default), max new tokens ``n``, latent detail ``latent``, search ``q``, model ``model``, SAE ``sae``,
-readout SAE ``read``, the run shown ``run`` and the session's other recent runs ``h`` (ids of the server's run store).
+``t``, sampler ``smp`` (only when not the default), max new tokens ``n``, latent detail
+``latent``, search ``q``, model ``model``, SAE ``sae``, readout SAE ``read``, the run shown
+``run`` and the session's other recent runs ``h`` (ids of the server's run store).
 Decoding never raises: bad pieces are dropped and reported in ``errors`` so a mangled link
 still opens.
 """
