@@ -85,3 +85,17 @@ def test_this_sessions_progress_is_at_the_top(cache):
         assert any("Experiment tiny" in m.value for m in at.markdown)
     finally:
         release.set()
+
+
+def test_the_tuned_reference_shows_what_drives_its_restarts_at_both_layers(cache):
+    """Both shipped attribution reports (block 15 and the block-20 readout) are plotted, each with
+    its ablation evidence and the circuit's lead time in words."""
+    at = open_app_page("pages/experiments.py")
+    pick = at.selectbox(key="exp_pick")
+    pick.select_index(next(i for i, o in enumerate(pick.options) if o.startswith("tuned-reference")))
+    at.run()
+    assert not at.exception, at.exception
+    heads = [h.value for h in at.subheader if h.value.startswith("What drives the restarts")]
+    assert len(heads) == 2 and "blocks.15.hook_resid_post" in heads[0] and "blocks.20.hook_resid_post" in heads[1]
+    caps = [c.value for c in at.caption if c.value.startswith("Over 33 restarts")]
+    assert len(caps) == 2 and all("random active latents" in c and "The circuit alerts before" in c for c in caps)
