@@ -175,3 +175,60 @@ def test_evidence_rows_put_the_new_circuit_next_to_the_old():
     assert [r["this circuit"] for r in rows] == [0.8, 0.03]
     assert [r["today's circuit"] for r in rows] == [0.7, 0.2]
     assert rows[1]["a detector should show"] == "<= 5 %"
+
+
+def _with_steering_control(codes: td.TokenCodes, seed: int = 1) -> td.TokenCodes:
+    """Add a steer_only chat per row (the on-topic answer read with the drift's steering on) and a
+    planted latent 5 that answers to the steering vector: active on drift and steer_only tokens alike."""
+    rng = np.random.default_rng(seed)
+    M = codes.codes["h"].toarray()
+    M[:, 5] = 0.0
+    steered = np.isin(codes.cls, [ti.CLASSES.index("drift")])
+    M[steered, 5] = rng.exponential(3.0, steered.sum())
+    rows = sorted({c.row for c in codes.chats})
+    T = 30
+    extra, cls, tok, seg, chat_ix, chats = [], [], [], [], [], list(codes.chats)
+    for r in rows:
+        c = len(chats)
+        chats.append(ti.Chat(r, "steer_only", "p", "x", [], steer=(9, 1.0)))
+        for _ in range(T):
+            z = np.zeros(M.shape[1])
+            z[5] = rng.exponential(3.0)
+            extra.append(z)
+            cls.append(ti.CLASSES.index("steer_only"))
+            tok.append(int(rng.integers(10, 60)))
+            seg.append(int(rng.integers(0, 12)))
+            chat_ix.append(c)
+    return td.TokenCodes(codes={"h": sparse.csc_matrix(np.vstack([M, np.array(extra)]))}, sys_codes=codes.sys_codes,
+                         chat=np.concatenate([codes.chat, chat_ix]), cls=np.concatenate([codes.cls, cls]),
+                         token=np.concatenate([codes.token, tok]), seg=np.concatenate([codes.seg, seg]), chats=chats)
+
+
+def test_a_latent_that_answers_to_the_steering_alone_is_rejected():
+    codes = _with_steering_control(_synthetic_codes())
+    res = td.search_layer(codes, "h", set(range(28)), td.TokenSearchParams(n_candidates=8, min_gain=0.0))
+    cand = {c["latent"]: c for c in res["candidates"]}
+    assert "fires on the steering alone" in cand[5]["rejected_by"], cand[5]
+    assert cand[5]["steering_auc"] > 0.9
+    assert cand[0]["rejected_by"] == [] and cand[0]["steering_auc"] == pytest.approx(0.5)
+    assert res["members"] == [0]
+    held = np.isin(np.array([codes.chats[c].row for c in codes.chat]), list(range(28, 40)))
+    assert td.evaluate_group(codes, "h", [0], held, res["threshold"])["crossing_rate_steering_only"] == 0.0
+    assert td.evaluate_group(codes, "h", [5], held, 1.0)["crossing_rate_steering_only"] > 0.9
+    without = td.search_layer(_synthetic_codes(), "h", set(range(28)), td.TokenSearchParams(n_candidates=8))
+    assert all(c["steering_auc"] is None for c in without["candidates"])  # no live inputs, no such control
+
+
+def test_live_drifts_are_read_with_their_steering_and_bring_the_steering_control():
+    rows = [{"id": f"p{i}", "prompt": f"How do I do task {i}?",
+             "answer": f"First step {i} is easy. Then do step two of task {i}. Finally finish it."} for i in range(6)]
+    rows[0].update(drift="Penguins live in the Antarctic.", drift_latent=12, drift_boost=40.5)
+    rows[1].update(drift="Old unsteered drift text.", drift_latent=3)  # no boost recorded: read unsteered
+    chats = ti.make_chats(rows)
+    live = [c for c in chats if c.row == 0 and c.kind in ("drift", "steer_only")]
+    assert [(c.kind, c.steer) for c in live] == [("drift", (12, 40.5)), ("steer_only", (12, 40.5))]
+    assert next(c for c in chats if c.kind == "steer_only").response == rows[0]["answer"]
+    assert next(c for c in chats if c.row == 1 and c.kind == "drift").steer is None
+    assert not [c for c in chats if c.row == 1 and c.kind == "steer_only"]
+    with pytest.raises(BadInput, match="name the steering SAE"):
+        td.steering_vectors(chats, None)

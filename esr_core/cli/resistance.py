@@ -25,7 +25,14 @@ from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
 from esr_core.resistance.token_detectors import TokenSearchParams, run_search
-from esr_core.resistance.token_inputs import INPUTS_PATH, build_detector_inputs, load_detector_inputs
+from esr_core.resistance.token_inputs import (
+    INPUTS_PATH,
+    LIVE_INPUTS_PATH,
+    build_detector_inputs,
+    generate_live_drifts,
+    load_detector_inputs,
+    write_inputs,
+)
 from esr_core.resistance.token_report import annotate_group, best_layer, group_dict, layer_table, save_report
 from esr_core.resistance.view import replay_episode
 from esr_core.steering.interventions import Intervention, parse_cli_pair
@@ -129,9 +136,22 @@ def register(sub) -> None:
     an.add_argument("--out", default=None, help="default: overwrite --group")
     an.set_defaults(func=run_annotate)
 
-    i = dsub.add_parser("inputs", help="build the detector inputs file from `esr-lab finetune data` output")
-    i.add_argument("--data", required=True, help="the fine-tuning data folder (answers.jsonl, drifts.jsonl)")
-    i.add_argument("--out", default=None, help="default: assets/prompts/detector_inputs.jsonl")
+    i = dsub.add_parser("inputs", help="build the detector inputs file from `esr-lab finetune data` output, or "
+                                       "(--live) write fresh steered drifts that record their steering")
+    i.add_argument("--data", default=None, help="the fine-tuning data folder (answers.jsonl, drifts.jsonl)")
+    i.add_argument("--live", action="store_true",
+                   help="generate a fresh steered drift for every prompt of --source with this model, recording its "
+                        "latent and boost, so token-search reads it with the steering on (the live condition)")
+    i.add_argument("--source", default=None, help="with --live: the prompts and answers (default: the shipped inputs)")
+    i.add_argument("--model", default=DEFAULT_MODEL, help="with --live: the model that drifts")
+    i.add_argument("--latents", default=None,
+                   help="with --live: distractor latents, comma-separated (default: the source's drift latents, "
+                        "which are the fine-tuning training latents, disjoint from the evaluation run's)")
+    i.add_argument("--boost-range", default="0.25,0.6", metavar="LO,HI",
+                   help="with --live: boosts drawn uniformly from LO..HI x the median residual norm")
+    i.add_argument("--seed", type=int, default=7)
+    i.add_argument("--out", default=None, help="default: assets/prompts/detector_inputs.jsonl "
+                                               "(--live: assets/prompts/detector_inputs_live.jsonl)")
     i.set_defaults(func=run_inputs)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -242,8 +262,31 @@ def run_replay(args) -> int:
     return 0
 
 
-def run_inputs(args) -> int:
+def _live_inputs(args) -> int:
+    from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
+    rows = load_detector_inputs(args.source)
+    try:
+        lo, hi = (float(x) for x in args.boost_range.split(","))
+        latents = ([int(x) for x in args.latents.split(",") if x.strip()] if args.latents
+                   else sorted({int(r["drift_latent"]) for r in rows if r.get("drift_latent") is not None}))
+    except ValueError:
+        raise BadInput("--boost-range takes LO,HI and --latents comma-separated integers") from None
+    engine = get_engine(args.model, None)
+    for j in latents:
+        engine.sae.check_latent(j, "the steering SAE")
+    out = generate_live_drifts(engine, rows, latents, (lo, hi), seed=args.seed,
+                               progress=StderrProgress(newline=True))
+    path = write_inputs(out, args.out or LIVE_INPUTS_PATH)
+    print(f"{len(out)} prompts, {sum(1 for r in out if r.get('drift'))} with a live drift (judged off-topic) -> {path}")
+    return 0
+
+
+def run_inputs(args) -> int:
+    if args.live:
+        return _live_inputs(args)
+    if not args.data:
+        raise BadInput("Name the fine-tuning data folder with --data, or use --live")
     d = Path(args.data)
     missing = [n for n in ("answers.jsonl", "drifts.jsonl") if not (d / n).exists()]
     if missing:
@@ -266,11 +309,12 @@ def run_token_search(args) -> int:
     if base is not None and (base.extra.get("sae") or {}).get("hook") and base.threshold_value("sum") is not None:
         baselines[base.extra["sae"]["hook"]] = {"name": f"today's {base.name}", "members": base.members,
                                                 "threshold": base.threshold_value("sum")}
-    report = run_search(engine.model, saes, params, rows=rows, baselines=baselines,
+    report = run_search(engine.model, saes, params, rows=rows, baselines=baselines, steer_sae=engine.sae,
                         progress=None if args.json else StderrProgress(newline=True))
     report["layer_table"] = layer_table(report)
     report["command"] = "esr-lab detectors token-search " + " ".join(
         [f"--model {args.model}"] + [f"--sae {s}" for s in args.sae]
+        + ([f"--inputs {args.inputs}"] if args.inputs else [])
         + ([f"--n-prompts {args.n_prompts}"] if args.n_prompts else []))
     if args.report:
         save_report(report, args.report)

@@ -151,23 +151,33 @@ def recording(model, hook_names: Sequence[str], stop_when_done: bool = False) ->
 
 
 def capture(model, hook_names: Sequence[str] | str, input_ids, attention_mask=None,
-            stop_early: bool = True) -> dict[str, Any]:
-    """Unsteered activations at ``hook_names`` for a batch, ``{name: [B, T, d]}``.
+            stop_early: bool = True, add: tuple[str, Any] | None = None) -> dict[str, Any]:
+    """Activations at ``hook_names`` for a batch, ``{name: [B, T, d]}``; unsteered unless ``add``.
 
     With ``stop_early`` only the layers up to the last hook asked for are run (the LM head
-    never is). The one residual reader of the package.
+    never is). ``add = (hook_name, vectors [B, d])`` adds one vector per row at every position
+    of that hook before anything downstream (or that hook's own record) sees it: the steering
+    of the live condition, read back in a batch. The one residual reader of the package.
     """
     import torch  # heavy: torch, only when a model runs
 
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     hf = _hf(model)
     base = getattr(hf, "model", hf) if stop_early else hf
-    with recording(model, names, stop_when_done=stop_early) as got:
-        with torch.no_grad():
-            try:
-                base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except StopForward:
-                pass
+    steer = None
+    if add is not None:  # registered first, so the recording hook on the same module sees the sum
+        vec = add[1]
+        steer = on_output(model, add[0], lambda h: h + vec.to(h.dtype).unsqueeze(1))
+    try:
+        with recording(model, names, stop_when_done=stop_early) as got:
+            with torch.no_grad():
+                try:
+                    base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        if steer is not None:
+            steer.remove()
     missing = [n for n in names if n not in got]
     if missing:
         raise ModelUnavailable(f"Hook(s) {', '.join(missing)} never fired on {getattr(model, 'name', 'the model')}")
@@ -175,11 +185,12 @@ def capture(model, hook_names: Sequence[str] | str, input_ids, attention_mask=No
 
 
 def capture_batches(model, hook_name: str | Sequence[str], seqs: list[list[int]], batch_size: int = 8, cancel=None,
-                    on_batch: Callable[[int, int], None] | None = None):
+                    on_batch: Callable[[int, int], None] | None = None, add: tuple[str, Any] | None = None):
     """Yield ``(index, activation [T_i, d])`` for many token sequences, batched by length.
 
     With a list of hook names, one forward pass reads them all and each item is
-    ``(index, {hook: activation})``.
+    ``(index, {hook: activation})``. ``add = (hook_name, vectors [N, d])``: one vector per
+    sequence added at that hook (see :func:`capture`); a zero row leaves its sequence unsteered.
 
     Right padding with an attention mask keeps the real tokens exact under causal attention;
     ``cancel`` (a :class:`esr_core.jobs.Cancel`, Event or callable) stops between batches.
@@ -201,7 +212,8 @@ def capture_batches(model, hook_name: str | Sequence[str], seqs: list[list[int]]
         for b, i in enumerate(idx):
             ids[b, :len(seqs[i])] = torch.tensor(seqs[i])
             att[b, :len(seqs[i])] = 1
-        got = capture(model, hook_name, ids.to(device), att.to(device))
+        vec = None if add is None else (add[0], add[1][torch.as_tensor(idx)].to(device))
+        got = capture(model, hook_name, ids.to(device), att.to(device), add=vec)
         for b, i in enumerate(idx):
             if isinstance(hook_name, str):
                 yield i, got[hook_name][b, :len(seqs[i])].float()

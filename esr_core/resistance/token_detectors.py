@@ -56,6 +56,7 @@ class TokenSearchParams:
     min_matched_share: float = 0.5  # AUC excess (AUC - 0.5) kept within token-id / segment-position strata
     max_garbled_share: float = 0.5  # garbled-vs-clean AUC excess, as a share of the off-topic excess
     max_system_ratio: float = 0.5  # mean on the system prompt / mean on off-topic tokens
+    max_steering_share: float = 0.5  # steering-alone-vs-clean AUC excess, as a share of the off-topic excess
     max_size: int = 26  # the paper's final set had 26 latents
     min_gain: float = 0.002  # a member joins only if it raises the group's per-token AUC this much
     unsteered_quantile: float = 0.95  # threshold: this quantile of on-topic answers' peak activity
@@ -108,9 +109,32 @@ def _segment_positions(tokenizer, ids: Sequence[int], first: int) -> list[int]:
     return out
 
 
+def steering_vectors(chats: Sequence[Chat], steer_sae):
+    """``(hook, [N, d_model])``: each chat's steering (coefficient x decoder row), zero when it has none."""
+    import torch  # heavy: torch, only when a model runs
+
+    if not any(c.steer for c in chats):
+        return None
+    if steer_sae is None:
+        raise BadInput("These inputs record the steering of their drifts: name the steering SAE to read them live")
+    W = steer_sae.W_dec.detach().float().cpu()
+    vecs = torch.zeros(len(chats), W.shape[1])
+    for k, c in enumerate(chats):
+        if c.steer:
+            lat, coef = c.steer
+            if not 0 <= int(lat) < W.shape[0]:
+                raise BadInput(f"Drift latent {lat} does not exist in the steering SAE ({W.shape[0]} latents)")
+            vecs[k] = float(coef) * W[int(lat)]
+    return steer_sae.hook_name, vecs
+
+
 def read_codes(model, saes: Sequence, chats: Sequence[Chat], batch_size: int = 8, cancel=None,
-               progress: Progress | None = None) -> TokenCodes:
-    """Unsteered SAE codes of every response and system token, all hooks in one forward pass."""
+               progress: Progress | None = None, steer_sae=None) -> TokenCodes:
+    """SAE codes of every response and system token, all hooks in one forward pass.
+
+    A chat with a recorded ``steer`` is read with that steering added at ``steer_sae``'s hook
+    at every position (the live condition); the others are read unsteered.
+    """
     import torch  # heavy: torch, only when a model runs
     from scipy import sparse  # heavy: scipy, only when codes are read
 
@@ -118,6 +142,7 @@ def read_codes(model, saes: Sequence, chats: Sequence[Chat], batch_size: int = 8
     rendered = [render_pair(tok, c.prompt, c.response, True) for c in chats]
     hooks = list(dict.fromkeys(s.hook_name for s in saes))
     by_hook = {s.hook_name: s for s in saes}
+    add = steering_vectors(chats, steer_sae)
     parts = {h: [] for h in hooks}
     sys_parts = {h: [] for h in hooks}
     meta = {"chat": [], "cls": [], "token": [], "seg": []}
@@ -126,7 +151,7 @@ def read_codes(model, saes: Sequence, chats: Sequence[Chat], batch_size: int = 8
     def on_batch(done, total):
         report_fraction(progress, "forward", done / max(total, 1), f"forward {done}/{total} chats")
 
-    for i, hs in capture_batches(model, hooks, [r[0] for r in rendered], batch_size, cancel, on_batch):
+    for i, hs in capture_batches(model, hooks, [r[0] for r in rendered], batch_size, cancel, on_batch, add=add):
         ids, offs, text, first = rendered[i]
         resp_char = text.find(chats[i].response) if chats[i].response else -1
         if resp_char < 0 or first >= len(ids):
@@ -245,9 +270,11 @@ def evaluate_group(codes: TokenCodes, hook: str, members: Sequence[int], rows_ma
     on = _cls_mask(codes, ["on"]) & rows_mask
     res: dict = {}
     for name, cl in (("off_topic", ["off", "drift"]), ("recovery_drift", ["off"]), ("steered_drift", ["drift"]),
-                     ("garbled", ["shuffle", "repeat"])):
+                     ("garbled", ["shuffle", "repeat"]), ("steering_only", ["steer_only"])):
         m = _cls_mask(codes, cl) & rows_mask
         ok = bool(m.any() and on.any())
+        if not ok and name == "steering_only":  # inputs read unsteered have no such control
+            continue
         res[f"token_auc_{name}"] = round(float(rank_auc(smooth[m], smooth[on])[0]), 4) if ok else None
         res[f"raw_token_auc_{name}"] = round(float(rank_auc(s[m], s[on])[0]), 4) if ok else None
     on_mean = float(s[on].mean()) if on.any() else 0.0
@@ -261,13 +288,18 @@ def evaluate_group(codes: TokenCodes, hook: str, members: Sequence[int], rows_ma
     res["ratio_after_correction"] = ratio(["after"])
     res["ratio_steered_drift"] = ratio(["drift"])
     res["ratio_garbled"] = ratio(["shuffle", "repeat"])
+    if _cls_mask(codes, ["steer_only"]).any():
+        res["ratio_steering_only"] = ratio(["steer_only"])
     sys_m = codes.sys_codes.get(hook)
     res["system_mean"] = (round(float(np.asarray(sys_m[:, list(members)].sum(axis=1)).mean()), 5)
                           if sys_m is not None and members else None)
     sel = rows_mask
     for name, kind, cl in (("unsteered", "on", None), ("recovery_drift", "recovery", ["off"]),
-                           ("steered_drift", "drift", None), ("shuffled", "shuffle", None), ("repeated", "repeat", None)):
+                           ("steered_drift", "drift", None), ("shuffled", "shuffle", None), ("repeated", "repeat", None),
+                           ("steering_only", "steer_only", None)):
         m = sel & (kinds == kind)
+        if not m.any() and kind == "steer_only":
+            continue
         if not m.any():
             res[f"crossing_rate_{name}"] = None
             continue
@@ -288,6 +320,7 @@ def search_layer(codes: TokenCodes, hook: str, search_rows: set[int], params: To
     on = np.where(_cls_mask(codes, ["on"]) & in_search)[0]
     off = np.where(_cls_mask(codes, ["off", "drift"]) & in_search)[0]
     garbled = np.where(_cls_mask(codes, ["shuffle", "repeat"]) & in_search)[0]
+    steer_only = np.where(_cls_mask(codes, ["steer_only"]) & in_search)[0]
     report_fraction(progress, "search", 0.0, f"{hook}: token AUC of {M.shape[1]} latents")
     auc = sparse_auc(M, off, on)
     mean_on = np.asarray(M[on].mean(axis=0)).ravel()
@@ -301,6 +334,11 @@ def search_layer(codes: TokenCodes, hook: str, search_rows: set[int], params: To
     seg_auc = stratified_auc(X, is_pos, codes.seg[both])
     G = dense_cols(M, np.concatenate([garbled, on]), order)
     garb_auc = rank_auc(G[: len(garbled)], G[len(garbled):])
+    if len(steer_only):  # live inputs: the on-topic answer read with the drift's steering on
+        S = dense_cols(M, np.concatenate([steer_only, on]), order)
+        steer_auc = rank_auc(S[: len(steer_only)], S[len(steer_only):])
+    else:
+        steer_auc = np.full(len(order), np.nan)
     sys_m = codes.sys_codes.get(hook)
     sys_mean = (np.asarray(sys_m[:, order].mean(axis=0)).ravel() if sys_m is not None else np.zeros(len(order)))
     rate_on = np.asarray((M[on] > 0).mean(axis=0)).ravel()
@@ -310,6 +348,7 @@ def search_layer(codes: TokenCodes, hook: str, search_rows: set[int], params: To
         ex = float(auc[j]) - 0.5
         c = {"latent": j, "auc": round(float(auc[j]), 4), "token_matched_auc": round(float(tok_auc[k]), 4),
              "position_matched_auc": round(float(seg_auc[k]), 4), "garbled_auc": round(float(garb_auc[k]), 4),
+             "steering_auc": None if np.isnan(steer_auc[k]) else round(float(steer_auc[k]), 4),
              "system_ratio": round(float(sys_mean[k] / mean_off[j]), 4) if mean_off[j] > 0 else None,
              "off_rate": round(float(rate_off[j]), 4), "on_rate": round(float(rate_on[j]), 4),
              "on_mean": round(float(mean_on[j]), 4), "off_mean": round(float(mean_off[j]), 4)}
@@ -322,6 +361,8 @@ def search_layer(codes: TokenCodes, hook: str, search_rows: set[int], params: To
             why.append("explained by the segment position")
         if garb_auc[k] - 0.5 > params.max_garbled_share * max(ex, 0.0):
             why.append("fires on garbled text")
+        if not np.isnan(steer_auc[k]) and steer_auc[k] - 0.5 > params.max_steering_share * max(ex, 0.0):
+            why.append("fires on the steering alone")
         if c["system_ratio"] is not None and c["system_ratio"] > params.max_system_ratio:
             why.append("fires on the system prompt")
         c["rejected_by"] = why
@@ -356,8 +397,11 @@ def search_layer(codes: TokenCodes, hook: str, search_rows: set[int], params: To
 
 def run_search(model, saes: Sequence, params: TokenSearchParams | None = None, rows: list[dict] | None = None,
                inputs_path: str | Path | None = None, baselines: dict[str, dict] | None = None, cancel=None,
-               progress: Progress | None = None) -> dict:
+               progress: Progress | None = None, steer_sae=None) -> dict:
     """Search every SAE's hook, evaluate on held-out prompts, compare with ``baselines``.
+
+    ``steer_sae``: the SAE the drifts were steered through, needed when the inputs record their
+    steering (live inputs, read with the steering on).
 
     ``baselines``: ``{hook: {"name", "members", "threshold"}}`` (e.g. today's circuit), measured
     on the same held-out tokens with the same functions.
@@ -368,7 +412,7 @@ def run_search(model, saes: Sequence, params: TokenSearchParams | None = None, r
     rows = [dict(r, answer=r["answer"][: params.max_answer_chars]) for r in rows]
     search_idx, held_idx = split_prompts(rows, params.heldout_frac, params.split_seed)
     chats = make_chats(rows, params.split_seed)
-    codes = read_codes(model, saes, chats, params.batch_size, cancel, progress)
+    codes = read_codes(model, saes, chats, params.batch_size, cancel, progress, steer_sae=steer_sae)
     row_of = np.array([codes.chats[c].row for c in codes.chat])
     held = np.isin(row_of, held_idx)
     layers = []
@@ -385,11 +429,15 @@ def run_search(model, saes: Sequence, params: TokenSearchParams | None = None, r
                                                          float(base["threshold"]), params.ema_alpha)}
         layers.append(res)
     kinds = [c.kind for c in chats]
+    live = any(c.steer for c in chats)
     return {"format": "esr-token-detectors-v1", "params": asdict(params), "model": model.name,
+            "drifts_read": "with their steering on" if live else "unsteered",
+            **({"steering_sae": {"source": str(steer_sae.source), "hook": steer_sae.hook_name}} if live else {}),
             "n_prompts": len(rows), "n_search": len(search_idx), "n_heldout": len(held_idx),
             "heldout_ids": [rows[i]["id"] for i in held_idx],
             "n_chats": {k: kinds.count(k) for k in dict.fromkeys(kinds)}, "n_tokens": int(len(codes.cls)),
             "inputs_sha1": hashlib.sha1(json.dumps([[r["id"], r["prompt"], r["answer"], r.get("drift", "")]
+                                                    + ([r.get("drift_latent"), r.get("drift_boost")] if live else [])
                                                     for r in rows]).encode()).hexdigest()[:12],
             "layers": layers, "seconds": round(time.time() - t0, 1)}
 

@@ -3,6 +3,12 @@ the chats built from them (on-topic, synthetic recovery, drift, garbled) and the
 
 Each chat carries the class of every character span of its response, so every response token
 gets a label (see ``token_detectors`` for what is measured on them).
+
+A drift that records its steering (``drift_boost``, raw units at the steering SAE's hook, as
+written by :func:`generate_live_drifts`) is read back *with that steering on*, as the live
+badge reads it, and brings a ``steer_only`` control: the prompt's own on-topic answer read
+with the same steering, so a latent that answers to the steering vector rather than to the
+drifted text is seen as such. Drifts without it are read unsteered, as before.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ from pathlib import Path
 from typing import Sequence
 
 from esr_core.errors import BadInput
+from esr_core.io import atomic_write_text
 from esr_core.paths import ASSETS_DIR
 from esr_core.resistance.episodes import derangement, sentences, splice
 
 INPUTS_PATH = ASSETS_DIR / "prompts" / "detector_inputs.jsonl"
 RESTARTS = ("Wait, that's not what you asked.", "Actually, I got off track.", "Let me start over.",
             "Back to your question.")
-CLASSES = ("on", "ctx", "off", "restart", "after", "drift", "shuffle", "repeat")
+CLASSES = ("on", "ctx", "off", "restart", "after", "drift", "shuffle", "repeat", "steer_only")
+LIVE_INPUTS_PATH = ASSETS_DIR / "prompts" / "detector_inputs_live.jsonl"
 
 
 def load_detector_inputs(path: str | Path | None = None, n_prompts: int | None = None) -> list[dict]:
@@ -68,11 +76,71 @@ def build_detector_inputs(answers: Sequence[dict], drifts: Sequence[dict], out: 
         rows.append({"id": str(a["key"]), "prompt": a["prompt"], "answer": a["text"][:max_answer_chars],
                      **({"drift": d["text"], "drift_latent": int(d["latent"]), "drift_score": float(d["score"])}
                         if d else {})})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(out) + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    write_inputs(rows, out)
     return {"rows": len(rows), "with_drift": sum(1 for r in rows if "drift" in r)}
+
+
+def live_steering(row: dict) -> tuple[int, float] | None:
+    """(latent, raw coefficient) a drift was written under, when the row records it."""
+    if row.get("drift_boost") is None or row.get("drift_latent") is None:
+        return None
+    return int(row["drift_latent"]), float(row["drift_boost"])
+
+
+def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], boost_range: tuple[float, float],
+                         seed: int = 7, max_new_tokens: int = 96, temperature: float = 0.6,
+                         off_topic_below: float = 30.0, batch_size: int = 48, cancel=None, progress=None) -> list[dict]:
+    """Each row with a fresh steered drift from ``engine``'s model, its steering recorded.
+
+    Prompt ``k`` is steered by ``latents[k % len(latents)]`` at a boost drawn uniformly from
+    ``boost_range`` (x the median residual norm at the steering hook), sampled as the experiments
+    sample (temperature 0.6, repetition penalty 1.1, a recorded seed). A drift the offline judge
+    scores below ``off_topic_below`` is kept as ``drift`` with ``drift_latent``, ``drift_boost``
+    (raw), ``drift_boost_norm``, ``drift_seed`` and ``drift_score``; the others keep no drift.
+    """
+    import numpy as np  # heavy: numpy, with the model
+
+    from esr_core.jobs import check_cancel, report_fraction
+    from esr_core.judge.scoring import score_many
+    from esr_core.steering.interventions import Intervention
+    from esr_core.steering.spec import GenerationSpec
+
+    if not latents:
+        raise BadInput("Live drifts need at least one distractor latent")
+    lo, hi = (float(x) for x in boost_range)
+    if not 0 < lo <= hi <= 10:
+        raise BadInput(f"The boost range must satisfy 0 < lo <= hi <= 10 (x median norm), got {boost_range}")
+    med = float(engine.median_norm)
+    rng = np.random.default_rng(seed)
+    plan = [(int(latents[k % len(latents)]), float(rng.uniform(lo, hi)), seed * 1000 + k) for k in range(len(rows))]
+    out = []
+    for a in range(0, len(rows), batch_size):
+        check_cancel(cancel, "Live drifts")
+        chunk = list(range(a, min(a + batch_size, len(rows))))
+        specs = [GenerationSpec(prompt=rows[k]["prompt"], runs=("steered",), watch=[], top_k=0,
+                                interventions=[Intervention(latent=plan[k][0], mode="add", strength=plan[k][1] * med,
+                                                            units="raw")],
+                                temperature=temperature, repetition_penalty=1.1, max_new_tokens=max_new_tokens,
+                                seed=plan[k][2]) for k in chunk]
+        texts = [r["steered"].text.strip() for r in engine.generate_batch(specs, cancel=cancel)]
+        scores = score_many([(rows[k]["prompt"], t, None) for k, t in zip(chunk, texts)])
+        for k, text, (score, _) in zip(chunk, texts, scores):
+            base = {f: v for f, v in rows[k].items() if not f.startswith("drift")}
+            if text and float(score) < off_topic_below:
+                lat, b, sd = plan[k]
+                base.update(drift=text, drift_latent=lat, drift_boost=round(b * med, 4), drift_boost_norm=round(b, 4),
+                            drift_seed=sd, drift_score=round(float(score), 2))
+            out.append(base)
+        report_fraction(progress, "live drifts", len(out) / max(1, len(rows)), f"{len(out)}/{len(rows)} prompts")
+    return out
+
+
+def write_inputs(rows: Sequence[dict], out: str | Path) -> Path:
+    """Write detector input rows as JSONL, atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return out
 
 
 def garble(answer: str, how: str, seed: int) -> str:
@@ -102,10 +170,11 @@ def split_prompts(rows: Sequence[dict], frac: float, seed: int) -> tuple[list[in
 class Chat:
     """One [user, assistant] chat and the class of every character span of the response."""
     row: int
-    kind: str  # on | recovery | drift | shuffle | repeat
+    kind: str  # on | recovery | drift | shuffle | repeat | steer_only
     prompt: str
     response: str
     spans: list[tuple[int, int, str]]  # (start char, end char, class) within the response
+    steer: tuple[int, float] | None = None  # (latent, raw coefficient) added at the steering hook while reading
 
 
 def make_chats(rows: Sequence[dict], seed: int = 0) -> list[Chat]:
@@ -123,9 +192,12 @@ def make_chats(rows: Sequence[dict], seed: int = 0) -> list[Chat]:
             start = len(sentences(ans)[0]) + 1
             chats.append(Chat(i, "recovery", r["prompt"], text,
                               [(0, start, "ctx"), (start, r0, "off"), (r0, r1, "restart"), (r1, len(text), "after")]))
+        steer = live_steering(r)
         if r.get("drift", "").strip():
             dr = r["drift"].strip()
-            chats.append(Chat(i, "drift", r["prompt"], dr, [(0, len(dr), "drift")]))
+            chats.append(Chat(i, "drift", r["prompt"], dr, [(0, len(dr), "drift")], steer))
+        if steer is not None:
+            chats.append(Chat(i, "steer_only", r["prompt"], ans, [(0, len(ans), "steer_only")], steer))
         for how in ("shuffle", "repeat"):
             g = garble(ans, how, seed + i)
             chats.append(Chat(i, how, r["prompt"], g, [(0, len(g), how)]))

@@ -35,8 +35,9 @@ def group_dict(report: dict, layer: dict, descriptions: dict[str, str], sae_iden
                         f"response token at {layer['hook']} on {report['n_search']} prompts and measured on "
                         f"{report['n_heldout']} held-out prompts; each passes the token-id, segment-position, "
                         f"garbling and system-prompt controls (see evidence)."),
-        "stats": {str(j): {k: cand[j][k] for k in ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc",
-                                                    "system_ratio", "on_mean", "off_mean")} for j in layer["members"]},
+        "stats": {str(j): {k: cand[j].get(k) for k in ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc",
+                                                        "steering_auc", "system_ratio", "on_mean", "off_mean")}
+                  for j in layer["members"]},
         "descriptions": descriptions,
         "threshold": {"value": layer["threshold"], "how": "sum", "ema_alpha": report["params"]["ema_alpha"],
                       "rule": "unsteered quantile",
@@ -50,6 +51,7 @@ def group_dict(report: dict, layer: dict, descriptions: dict[str, str], sae_iden
         "params": report["params"],
         "layers": [{k: v for k, v in r.items() if k != "members"} for r in report.get("layer_table") or []],
         "summary": {"n_prompts": report["n_prompts"], "n_heldout": report["n_heldout"],
+                    "drifts_read": report.get("drifts_read", "unsteered"),
                     "inputs_sha1": report["inputs_sha1"], "n_tokens": report["n_tokens"],
                     "method": "token-level search (esr_core.resistance.token_detectors)"},
         "model": report["model"], "sae": sae_identity,
@@ -67,6 +69,7 @@ def layer_table(report: dict) -> list[dict]:
                "garbled_auc": h.get("token_auc_garbled"), "unsteered_crossing": h.get("crossing_rate_unsteered"),
                "steered_drift_crossing": h.get("crossing_rate_steered_drift"),
                "garbled_crossing": max(h.get("crossing_rate_shuffled") or 0, h.get("crossing_rate_repeated") or 0),
+               "steering_only_crossing": h.get("crossing_rate_steering_only"),
                "ratio_off_topic": h.get("ratio_off_topic"), "ratio_after_correction": h.get("ratio_after_correction"),
                "threshold": la["threshold"], "passing_controls": la["n_passing"]}
         rows.append(row)
@@ -81,6 +84,7 @@ def layer_table(report: dict) -> list[dict]:
                          "steered_drift_crossing": bh.get("crossing_rate_steered_drift"),
                          "garbled_crossing": max(bh.get("crossing_rate_shuffled") or 0,
                                                  bh.get("crossing_rate_repeated") or 0),
+                         "steering_only_crossing": bh.get("crossing_rate_steering_only"),
                          "ratio_off_topic": bh.get("ratio_off_topic"),
                          "ratio_after_correction": bh.get("ratio_after_correction"), "threshold": b["threshold"]})
     return rows
@@ -101,6 +105,7 @@ EVIDENCE_ROWS = (  # (key in the held-out block, label, what a detector should s
     ("crossing_rate_recovery_drift", "off-topic spans of synthetic recoveries that cross", "high"),
     ("crossing_rate_shuffled", "shuffled on-topic answers that cross (control)", "low"),
     ("crossing_rate_repeated", "repetitive on-topic answers that cross (control)", "low"),
+    ("crossing_rate_steering_only", "on-topic answers read with the drift's steering on that cross (control)", "low"),
     ("ratio_off_topic", "off-topic span vs unsteered on-topic activity", "paper 4.4x"),
     ("ratio_after_correction", "after the correction vs unsteered on-topic", "paper 2.1x"),
     ("ratio_garbled", "garbled vs unsteered on-topic (control)", "about 1x"),
