@@ -173,6 +173,10 @@ def test_summary_of_a_run_whose_last_log_line_is_torn(tmp_path):
     (["detectors", "token-search", "--n-prompts", "2"], ["at least 6 prompts"]),
     (["detectors", "attribute", "--run", "."], ["not an experiment run folder"]),
     (["detectors", "inputs", "--data", "."], ["lacks answers.jsonl", "esr-lab finetune data"]),
+    (["detectors", "inputs"], ["--data", "--live"]),
+    (["detectors", "inputs", "--live", "--boost-range", "0.6,0.2"], ["boost range", "0 < LO <= HI"]),
+    (["detectors", "inputs", "--live", "--boost-range", "nan,1"], ["boost range"]),
+    (["detectors", "inputs", "--live", "--latents", "12,x"], ["comma-separated integers"]),
 ])
 def test_detector_commands_check_their_input_before_loading_a_model(tmp_path, args, needles):
     """#13's commands: one clear line, exit status 2, and no model loaded for bad input."""

@@ -29,6 +29,7 @@ from esr_core.resistance.token_inputs import (
     INPUTS_PATH,
     LIVE_INPUTS_PATH,
     build_detector_inputs,
+    check_boost_range,
     generate_live_drifts,
     load_detector_inputs,
     write_inputs,
@@ -272,6 +273,7 @@ def _live_inputs(args) -> int:
                    else sorted({int(r["drift_latent"]) for r in rows if r.get("drift_latent") is not None}))
     except ValueError:
         raise BadInput("--boost-range takes LO,HI and --latents comma-separated integers") from None
+    check_boost_range(lo, hi)  # before the model loads
     engine = get_engine(args.model, None)
     for j in latents:
         engine.sae.check_latent(j, "the steering SAE")
@@ -397,7 +399,7 @@ def run_separation(args) -> int:
 
 def run_annotate(args) -> int:
     group = load_group(args.group).to_dict()
-    out = annotate_group(group, read_json(args.report))
+    out = annotate_group(group, read_json(args.report), args.report)
     save_group(LatentGroup.from_dict(out), args.out or args.group)
     ev = out["evidence"]
     print(f"{args.out or args.group}: {ev['n_passing']} of {len(out['members'])} members pass the controls "

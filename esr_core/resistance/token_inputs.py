@@ -87,6 +87,14 @@ def live_steering(row: dict) -> tuple[int, float] | None:
     return int(row["drift_latent"]), float(row["drift_boost"])
 
 
+def check_boost_range(lo: float, hi: float) -> tuple[float, float]:
+    """A boost range in x median-norm units: finite, positive, ordered, at most 10."""
+    lo, hi = float(lo), float(hi)
+    if not (0 < lo <= hi <= 10):  # NaN fails every comparison
+        raise BadInput(f"The boost range must satisfy 0 < LO <= HI <= 10 (x the median residual norm), got {lo:g},{hi:g}")
+    return lo, hi
+
+
 def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], boost_range: tuple[float, float],
                          seed: int = 7, max_new_tokens: int = 96, temperature: float = 0.6,
                          off_topic_below: float = 30.0, batch_size: int = 48, cancel=None, progress=None) -> list[dict]:
@@ -107,9 +115,7 @@ def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], b
 
     if not latents:
         raise BadInput("Live drifts need at least one distractor latent")
-    lo, hi = (float(x) for x in boost_range)
-    if not 0 < lo <= hi <= 10:
-        raise BadInput(f"The boost range must satisfy 0 < lo <= hi <= 10 (x median norm), got {boost_range}")
+    lo, hi = check_boost_range(*boost_range)
     med = float(engine.median_norm)
     rng = np.random.default_rng(seed)
     plan = [(int(latents[k % len(latents)]), float(rng.uniform(lo, hi)), seed * 1000 + k) for k in range(len(rows))]

@@ -127,7 +127,7 @@ def evidence_rows(group_extra: dict) -> list[dict]:
     return rows
 
 
-def annotate_group(group: dict, report: dict) -> dict:
+def annotate_group(group: dict, report: dict, report_path: str = "assets/resistance/token_search.json") -> dict:
     """Add a token-level report's evidence to an existing group (the one it was compared with).
 
     The group's own held-out numbers become its evidence, the controlled search's group at the
@@ -147,7 +147,8 @@ def annotate_group(group: dict, report: dict) -> dict:
         if c is None:
             continue
         stats.setdefault(str(j), {}).update({f"token_{k}" if k == "auc" else k: c[k] for k in (
-            "auc", "token_matched_auc", "position_matched_auc", "garbled_auc", "system_ratio", "off_rate", "on_rate")})
+            "auc", "token_matched_auc", "position_matched_auc", "garbled_auc", "steering_auc", "system_ratio", "off_rate",
+            "on_rate") if k in c})
         stats[str(j)]["controls_failed"] = ", ".join(c["rejected_by"]) or "none"
         for w in c["rejected_by"]:
             rejected[w] = rejected.get(w, 0) + 1
@@ -158,7 +159,8 @@ def annotate_group(group: dict, report: dict) -> dict:
                      "members": layer["members"], "heldout": layer["heldout"]},
         "rejected": rejected, "n_candidates": len(group["members"]),
         "n_passing": sum(1 for j in group["members"] if cand.get(int(j)) and not cand[int(j)]["rejected_by"]),
-        "report": "assets/resistance/token_search.json", "command": report.get("command"),
+        "report": str(report_path), "command": report.get("command"),
+        "drifts_read": report.get("drifts_read", "unsteered"),
     }
     out["layers"] = [{k: v for k, v in r.items() if k != "members"} for r in report.get("layer_table") or []]
     h = layer["baseline"]["heldout"]
