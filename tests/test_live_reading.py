@@ -43,3 +43,24 @@ def test_batched_steered_read_equals_the_engines_steered_forward(engine):
     z15 = codes.codes[engine.sae.hook_name]
     assert z15[np.where(codes.chat == 0)[0]][:, steer[0]].toarray().mean() > 1.0
     assert z15[np.where(codes.chat == 1)[0]][:, steer[0]].toarray().max() == 0.0
+
+
+def test_live_drifts_hold_out_their_distractors_with_their_prompts(engine):
+    rows = [{"id": f"t{i}", "prompt": p, "answer": "An answer."} for i, p in enumerate(
+        ["How do I boil an egg?", "How do I tie a tie?", "Explain how to plant a tree.", "How do you wash a car?",
+         "Explain how to make tea.", "How do I sharpen a pencil?", "How do I fold a shirt?", "How do I fix a chair?",
+         "How do I clean a window?", "Explain how to bake bread.", "How do I change a tyre?", "How do I paint a wall?",
+         "How do I make rice?", "How do I water a cactus?"])]
+    latents = [4472, 5816, 7300, 1912, 4707, 7261, 3437, 7961]
+    search_lat, held_lat = ti.split_latents(latents, 0.3, 0)
+    _, held_rows = ti.split_prompts(rows, 0.3, 0)
+    out = ti.generate_live_drifts(engine, rows, latents, (2.0, 2.0), max_new_tokens=12, off_topic_below=101.0)
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    for k, r in enumerate(out):  # every drift kept (threshold 101): each one's latent is on its prompt's side
+        assert r["drift"] and r["drift_boost_norm"] == 2.0
+        assert r["drift_boost"] == pytest.approx(2.0 * engine.median_norm, rel=1e-4)
+        side = "heldout" if k in held_rows else "search"
+        assert r["drift_split"] == side
+        assert r["drift_latent"] in (held_lat if side == "heldout" else search_lat)
+    again = ti.generate_live_drifts(engine, rows, latents, (2.0, 2.0), max_new_tokens=12, off_topic_below=101.0)
+    assert [r["drift"] for r in again] == [r["drift"] for r in out]  # recorded seeds: the same drifts again

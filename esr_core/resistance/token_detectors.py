@@ -430,8 +430,13 @@ def run_search(model, saes: Sequence, params: TokenSearchParams | None = None, r
         layers.append(res)
     kinds = [c.kind for c in chats]
     live = any(c.steer for c in chats)
+    lat_search = {int(rows[i]["drift_latent"]) for i in search_idx if rows[i].get("drift") and "drift_latent" in rows[i]}
+    lat_held = {int(rows[i]["drift_latent"]) for i in held_idx if rows[i].get("drift") and "drift_latent" in rows[i]}
     return {"format": "esr-token-detectors-v1", "params": asdict(params), "model": model.name,
             "drifts_read": "with their steering on" if live else "unsteered",
+            # True when no held-out drift was steered by a latent that a search drift was steered by
+            "distractors_held_out": bool(lat_held) and not (lat_held & lat_search),
+            "n_drift_latents": {"search": len(lat_search), "heldout": len(lat_held)},
             **({"steering_sae": {"source": str(steer_sae.source), "hook": steer_sae.hook_name}} if live else {}),
             "n_prompts": len(rows), "n_search": len(search_idx), "n_heldout": len(held_idx),
             "heldout_ids": [rows[i]["id"] for i in held_idx],

@@ -97,14 +97,19 @@ def check_boost_range(lo: float, hi: float) -> tuple[float, float]:
 
 def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], boost_range: tuple[float, float],
                          seed: int = 7, max_new_tokens: int = 96, temperature: float = 0.6,
-                         off_topic_below: float = 30.0, batch_size: int = 48, cancel=None, progress=None) -> list[dict]:
+                         off_topic_below: float = 30.0, batch_size: int = 48, heldout_frac: float = 0.3,
+                         split_seed: int = 0, cancel=None, progress=None) -> list[dict]:
     """Each row with a fresh steered drift from ``engine``'s model, its steering recorded.
 
-    Prompt ``k`` is steered by ``latents[k % len(latents)]`` at a boost drawn uniformly from
-    ``boost_range`` (x the median residual norm at the steering hook), sampled as the experiments
-    sample (temperature 0.6, repetition penalty 1.1, a recorded seed). A drift the offline judge
-    scores below ``off_topic_below`` is kept as ``drift`` with ``drift_latent``, ``drift_boost``
-    (raw), ``drift_boost_norm``, ``drift_seed`` and ``drift_score``; the others keep no drift.
+    Distractors are held out with their prompts: the latents are split like the prompts
+    (:func:`split_latents`), a search prompt drifts under a search latent and a held-out prompt
+    under a held-out one, cycling through each set. A group of topic latents that happen to
+    match the search distractors' topics then scores no better on the held-out prompts than on
+    a new run's distractors. The boost is drawn uniformly from ``boost_range`` (x the median
+    residual norm at the steering hook); sampling is the experiments' (temperature 0.6,
+    repetition penalty 1.1, a recorded seed). A drift the offline judge scores below
+    ``off_topic_below`` is kept as ``drift`` with ``drift_latent``, ``drift_boost`` (raw),
+    ``drift_boost_norm``, ``drift_seed``, ``drift_score`` and ``drift_split``; the others keep none.
     """
     import numpy as np  # heavy: numpy, with the model
 
@@ -118,7 +123,14 @@ def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], b
     lo, hi = check_boost_range(*boost_range)
     med = float(engine.median_norm)
     rng = np.random.default_rng(seed)
-    plan = [(int(latents[k % len(latents)]), float(rng.uniform(lo, hi)), seed * 1000 + k) for k in range(len(rows))]
+    _, held_rows = split_prompts(rows, heldout_frac, split_seed)
+    search_lat, held_lat = split_latents(latents, heldout_frac, split_seed)
+    held_rows, plan, used = set(held_rows), [], {"search": 0, "heldout": 0}
+    for k in range(len(rows)):
+        side = "heldout" if k in held_rows else "search"
+        pool = held_lat if side == "heldout" else search_lat
+        plan.append((int(pool[used[side] % len(pool)]), float(rng.uniform(lo, hi)), seed * 1000 + k, side))
+        used[side] += 1
     out = []
     for a in range(0, len(rows), batch_size):
         check_cancel(cancel, "Live drifts")
@@ -133,9 +145,9 @@ def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], b
         for k, text, (score, _) in zip(chunk, texts, scores):
             base = {f: v for f, v in rows[k].items() if not f.startswith("drift")}
             if text and float(score) < off_topic_below:
-                lat, b, sd = plan[k]
+                lat, b, sd, side = plan[k]
                 base.update(drift=text, drift_latent=lat, drift_boost=round(b * med, 4), drift_boost_norm=round(b, 4),
-                            drift_seed=sd, drift_score=round(float(score), 2))
+                            drift_seed=sd, drift_score=round(float(score), 2), drift_split=side)
             out.append(base)
         report_fraction(progress, "live drifts", len(out) / max(1, len(rows)), f"{len(out)}/{len(rows)} prompts")
     return out
@@ -169,6 +181,18 @@ def split_prompts(rows: Sequence[dict], frac: float, seed: int) -> tuple[list[in
     search = [i for i, r in enumerate(rows) if h(r) >= frac]
     if len(held) < 3 or len(search) < 3:
         raise BadInput("Too few prompts on one side of the search / held-out split")
+    return search, held
+
+
+def split_latents(latents: Sequence[int], frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """(search, held-out) distractor latents, split by a hash of the latent id like the prompts."""
+    def h(j):
+        return int(hashlib.sha1(f"{seed}:latent:{int(j)}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    lat = sorted(dict.fromkeys(int(j) for j in latents))
+    held = [j for j in lat if h(j) < frac]
+    search = [j for j in lat if h(j) >= frac]
+    if not held or not search:
+        raise BadInput(f"Hold out distractors too: {len(lat)} latent(s) cannot be split into search and held-out sets")
     return search, held
 
 
