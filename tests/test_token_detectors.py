@@ -232,3 +232,25 @@ def test_live_drifts_are_read_with_their_steering_and_bring_the_steering_control
     assert not [c for c in chats if c.row == 1 and c.kind == "steer_only"]
     with pytest.raises(BadInput, match="name the steering SAE"):
         td.steering_vectors(chats, None)
+
+
+def test_a_live_report_adds_its_own_column_beside_the_existing_evidence():
+    group = {"members": [7], "stats": {"7": {"auc": 0.9}}, "sae": {"hook": "h"}, "description": "A circuit.",
+             "evidence": {"heldout": {"token_auc_off_topic": 0.8, "crossing_rate_unsteered": 0.14},
+                          "baseline": {"name": "controlled", "heldout": {"token_auc_off_topic": 0.7}}}}
+    live_h = {"token_auc_off_topic": 0.85, "crossing_rate_unsteered": 0.14, "crossing_rate_steered_drift": 0.83,
+              "crossing_rate_steering_only": 0.13}
+    report = {"drifts_read": "with their steering on", "distractors_held_out": True, "command": "esr-lab ...",
+              "layers": [{"hook": "h", "members": [3, 4], "heldout": {"token_auc_off_topic": 0.7},
+                          "candidates": [{"latent": 7, "steering_auc": 0.52}],
+                          "baseline": {"name": "today's", "members": [7], "heldout": live_h}}]}
+    out = tr.annotate_group(group, report, "r.json")
+    assert out["evidence"]["heldout"] == group["evidence"]["heldout"]  # kept, not replaced
+    assert out["evidence"]["live"]["heldout"] == live_h and out["evidence"]["live"]["controlled"]["members"] == [3, 4]
+    assert out["stats"]["7"] == {"auc": 0.9, "steering_auc": 0.52}
+    assert "83% of held-out steered drifts" in out["description"] and "13% of on-topic answers" in out["description"]
+    rows = {r["measure (held-out prompts)"]: r for r in tr.evidence_rows(out)}
+    steer = rows["on-topic answers read with the drift's steering on that cross (control)"]
+    assert steer["this circuit"] is None and steer["this circuit, drifts read live"] == 0.13
+    assert rows["unsteered answers that cross the alert threshold"]["this circuit, drifts read live"] == 0.14
+    assert tr.annotate_group(out, report, "r.json")["description"].count("Read live") == 1  # idempotent

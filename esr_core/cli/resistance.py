@@ -21,6 +21,7 @@ from esr_core.latents.groups import (
     shipped_group,
 )
 from esr_core.models.registry import DEFAULT_MODEL
+from esr_core.paths import REPO_ROOT
 from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
@@ -299,6 +300,15 @@ def run_inputs(args) -> int:
     return 0
 
 
+def _repo_relative(path) -> str:
+    """A path inside the checkout as written from its root (reports name their inputs portably)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
 def run_token_search(args) -> int:
     from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
@@ -314,6 +324,7 @@ def run_token_search(args) -> int:
     report = run_search(engine.model, saes, params, rows=rows, baselines=baselines, steer_sae=engine.sae,
                         progress=None if args.json else StderrProgress(newline=True))
     report["layer_table"] = layer_table(report)
+    report["inputs"] = _repo_relative(args.inputs or INPUTS_PATH)
     report["command"] = "esr-lab detectors token-search " + " ".join(
         [f"--model {args.model}"] + [f"--sae {s}" for s in args.sae]
         + ([f"--inputs {args.inputs}"] if args.inputs else [])

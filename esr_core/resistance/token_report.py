@@ -34,7 +34,10 @@ def group_dict(report: dict, layer: dict, descriptions: dict[str, str], sae_iden
         "description": (f"Latents active during off-topic spans of answers and quiet on on-topic answers, chosen per "
                         f"response token at {layer['hook']} on {report['n_search']} prompts and measured on "
                         f"{report['n_heldout']} held-out prompts; each passes the token-id, segment-position, "
-                        f"garbling and system-prompt controls (see evidence)."),
+                        f"garbling and system-prompt controls"
+                        + (" and, with the drifts read live (their steering on, distractors held out with their "
+                           "prompts), the steering-alone control" if report.get("drifts_read", "unsteered") != "unsteered"
+                           else "") + " (see evidence)."),
         "stats": {str(j): {k: cand[j].get(k) for k in ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc",
                                                         "steering_auc", "system_ratio", "on_mean", "off_mean")}
                   for j in layer["members"]},
@@ -113,17 +116,26 @@ EVIDENCE_ROWS = (  # (key in the held-out block, label, what a detector should s
 
 
 def evidence_rows(group_extra: dict) -> list[dict]:
-    """The held-out evidence of a token-level group next to the previous circuit's, for the app."""
+    """The held-out evidence of a token-level group next to the previous circuit's, for the app.
+
+    Where the group also carries a live-condition check (``evidence.live``: drifts read with
+    their steering on, see :func:`annotate_group`), its numbers get their own column.
+    """
     ev = group_extra.get("evidence") or {}
     h = ev.get("heldout") or {}
     b = ((ev.get("baseline") or {}).get("heldout")) or {}
     bname = (ev.get("baseline") or {}).get("name", "previous circuit")
+    live = (ev.get("live") or {}).get("heldout") or {}
     rows = []
     for key, label, want in EVIDENCE_ROWS:
-        if key not in h:
+        if key not in h and key not in live:
             continue
-        rows.append({"measure (held-out prompts)": label, "this circuit": h.get(key),
-                     bname: b.get(key) if b else None, "a detector should show": want})
+        row = {"measure (held-out prompts)": label, "this circuit": h.get(key)}
+        if live:
+            row["this circuit, drifts read live"] = live.get(key)
+        row[bname] = b.get(key) if b else None
+        row["a detector should show"] = want
+        rows.append(row)
     return rows
 
 
@@ -138,6 +150,8 @@ def annotate_group(group: dict, report: dict, report_path: str = "assets/resista
     layer = next((la for la in report["layers"] if la["hook"] == hook and la.get("baseline")), None)
     if layer is None:
         raise BadInput(f"The report has no comparison with this group at {hook}")
+    if str(report.get("drifts_read", "unsteered")) != "unsteered" and (group.get("evidence") or {}).get("heldout"):
+        return _annotate_live(group, report, layer, report_path)
     cand = {c["latent"]: c for c in layer["candidates"]}
     out = dict(group)
     stats = {k: dict(v) for k, v in (group.get("stats") or {}).items()}
@@ -171,4 +185,32 @@ def annotate_group(group: dict, report: dict, report_path: str = "assets/resista
                             f"threshold on {h.get('crossing_rate_unsteered', 0):.0%} of unsteered answers and on "
                             f"{max(h.get('crossing_rate_shuffled') or 0, h.get('crossing_rate_repeated') or 0):.0%} of "
                             f"garbled on-topic answers: it marks odd text, off-topic or not.")
+    return out
+
+
+def _annotate_live(group: dict, report: dict, layer: dict, report_path: str) -> dict:
+    """A live-condition report (drifts read with their steering on) added beside the existing evidence.
+
+    The group keeps its evidence; ``evidence.live`` gets the group's held-out numbers in the live
+    condition (with the steering-alone control), and each member its steering AUC.
+    """
+    out = dict(group)
+    ev = dict(out.get("evidence") or {})
+    ev["live"] = {"heldout": layer["baseline"]["heldout"], "report": str(report_path), "command": report.get("command"),
+                  "drifts_read": report.get("drifts_read"), "distractors_held_out": report.get("distractors_held_out"),
+                  "controlled": {"members": layer["members"], "heldout": layer["heldout"]}}
+    out["evidence"] = ev
+    cand = {c["latent"]: c for c in layer["candidates"]}
+    stats = {k: dict(v) for k, v in (out.get("stats") or {}).items()}
+    for j in out["members"]:
+        c = cand.get(int(j))
+        if c is not None and c.get("steering_auc") is not None:
+            stats.setdefault(str(j), {})["steering_auc"] = c["steering_auc"]
+    out["stats"] = stats
+    h = layer["baseline"]["heldout"]
+    out["description"] = (str(out.get("description", "")).split(" Read live")[0]
+                          + f" Read live (drifts with their steering on): it crosses on "
+                            f"{h.get('crossing_rate_steered_drift') or 0:.0%} of held-out steered drifts and on "
+                            f"{h.get('crossing_rate_steering_only') or 0:.0%} of on-topic answers read with the same "
+                            f"steering, against {h.get('crossing_rate_unsteered') or 0:.0%} unsteered.")
     return out
