@@ -90,12 +90,16 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
             rej = ", ".join(f"{why}: {n}" for why, n in (ev.get("rejected") or {}).items())
             st.caption(f"{ev.get('n_passing')} of {ev.get('n_candidates')} candidate latents passed every control "
                        f"(rejected: {rej or 'none'}). Per member: AUC, the AUC within tokens of the same id and "
-                       f"within the same distance from a segment start, the AUC of garbled vs clean text, and the "
-                       f"system-prompt ratio. Alert threshold {(g.threshold or {}).get('value')}: "
-                       f"{(g.threshold or {}).get('basis', '')}.")
+                       f"within the same distance from a segment start, the AUC of garbled vs clean text, the "
+                       f"system-prompt ratio and, read live, the AUC of on-topic text under the steering alone. "
+                       f"Alert threshold {(g.threshold or {}).get('value')}: {(g.threshold or {}).get('basis', '')}.")
             if g.extra.get("layers"):
                 st.markdown("**Per layer** (each layer's best group, the same held-out tokens)")
                 st.dataframe(pd.DataFrame(g.extra["layers"]), hide_index=True, width="stretch", key="tbl_layers")
+            if (ev.get("live") or {}).get("layers"):
+                st.markdown("**Per layer, drifts read live** (their steering on; distractors held out with their "
+                            f"prompts; `{ev['live'].get('report')}`)")
+                st.dataframe(pd.DataFrame(ev["live"]["layers"]), hide_index=True, width="stretch", key="tbl_layers_live")
         elif name == "circuit" and s:
             thr = g.threshold or {}
             params = g.extra.get("params") or {}

@@ -99,8 +99,10 @@ def test_every_page_with_the_shipped_block_20_readout_sae(page):
     assert not at.exception, [e.value for e in at.exception]
     eng = at.session_state.engine
     assert eng.has_readout_sae and eng.read_hook_name == "blocks.20.hook_resid_post"
+    errors = at.session_state.group_errors  # two backtracking groups of other SAEs: one note, not two
+    assert errors and len(set(errors)) == len(errors), errors
     assert PAGES[page] in " ".join(t.value for t in at.title) or page == "pages/home.py"
     if page == "pages/resistance.py":
         shown = " ".join(m.value for m in at.markdown)
-        assert "9 latents" in shown  # the block-20 circuit, not #1229 of the block-15 SAE
+        assert "11 latents" in shown  # the block-20 circuit (searched live), not #1229 of the block-15 SAE
         assert any("lives on the readout SAE" in c.value for c in at.caption)

@@ -265,8 +265,9 @@ def builtin_groups(engine) -> tuple[list[LatentGroup], list[str]]:
         if not g.matches(engine) and g.name in own:
             continue  # another model's copy of a group this model has its own of (e.g. the tuned model's circuit)
         if not g.matches(engine):
-            if g.name in ("resistance circuit", "backtracking"):  # the two every page relies on: say why it is missing
-                errors.append(f"{g.name}: found on another model or SAE, not shown here")
+            note = f"{g.name}: found on another model or SAE, not shown here"
+            if g.name in ("resistance circuit", "backtracking") and note not in errors:  # the two every page relies on
+                errors.append(note)
             continue  # another model's or another SAE's own group (the tuned model's, the block-20 readout's)
         elif max(g.members) >= engine.sae.d_sae:
             errors.append(f"{g.name}: latents beyond this SAE's 0..{engine.sae.d_sae - 1}")

@@ -133,7 +133,8 @@ def evidence_rows(group_extra: dict) -> list[dict]:
         row = {"measure (held-out prompts)": label, "this circuit": h.get(key)}
         if live:
             row["this circuit, drifts read live"] = live.get(key)
-        row[bname] = b.get(key) if b else None
+        if b:
+            row[bname] = b.get(key)
         row["a detector should show"] = want
         rows.append(row)
     return rows
@@ -198,7 +199,8 @@ def _annotate_live(group: dict, report: dict, layer: dict, report_path: str) -> 
     ev = dict(out.get("evidence") or {})
     ev["live"] = {"heldout": layer["baseline"]["heldout"], "report": str(report_path), "command": report.get("command"),
                   "drifts_read": report.get("drifts_read"), "distractors_held_out": report.get("distractors_held_out"),
-                  "controlled": {"members": layer["members"], "heldout": layer["heldout"]}}
+                  "controlled": {"members": layer["members"], "heldout": layer["heldout"]},
+                  "layers": [{k: v for k, v in r.items() if k != "members"} for r in report.get("layer_table") or []]}
     out["evidence"] = ev
     cand = {c["latent"]: c for c in layer["candidates"]}
     stats = {k: dict(v) for k, v in (out.get("stats") or {}).items()}
