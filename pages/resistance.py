@@ -87,6 +87,13 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
             ev = g.extra["evidence"]
             st.markdown("**Evidence and controls** (measured on held-out prompts; `esr-lab detectors token-search`)")
             st.dataframe(pd.DataFrame(evidence_rows(g.extra)), hide_index=True, width="stretch", key="tbl_evidence")
+            sep = ev.get("separation")
+            if sep:
+                st.markdown(f"**Live, on the evaluation run** (`{sep['run']}`, new prompts and distractors, each answer "
+                            f"replayed with its own steering): crosses on **{sep['steered_off_topic']['crossed']} of "
+                            f"{sep['steered_off_topic']['n']}** steered answers judged off-topic and on "
+                            f"**{sep['unsteered']['crossed']} of {sep['unsteered']['n']}** unsteered answers "
+                            f"(`{sep['command']}`).")
             rej = ", ".join(f"{why}: {n}" for why, n in (ev.get("rejected") or {}).items())
             st.caption(f"{ev.get('n_passing')} of {ev.get('n_candidates')} candidate latents passed every control "
                        f"(rejected: {rej or 'none'}). Per member: AUC, the AUC within tokens of the same id and "

@@ -174,6 +174,8 @@ def test_summary_of_a_run_whose_last_log_line_is_torn(tmp_path):
     (["detectors", "attribute", "--run", "."], ["not an experiment run folder"]),
     (["detectors", "inputs", "--data", "."], ["lacks answers.jsonl", "esr-lab finetune data"]),
     (["detectors", "inputs"], ["--data", "--live"]),
+    (["detectors", "separation", "--record"], ["--record", "--group"]),
+    (["detectors", "separation", "--run", "."], ["not an experiment run folder"]),
     (["detectors", "inputs", "--live", "--boost-range", "0.6,0.2"], ["boost range", "0 < LO <= HI"]),
     (["detectors", "inputs", "--live", "--boost-range", "nan,1"], ["boost range"]),
     (["detectors", "inputs", "--live", "--latents", "12,x"], ["comma-separated integers"]),

@@ -137,6 +137,8 @@ def test_the_block20_group_searched_live_passes_every_control_and_separates_part
     assert all(g.stats[str(j)]["steering_auc"] is not None for j in g.members)
     res = circuit_separation(ASSETS_DIR / "experiments" / "reference", _engine_for(g), g, n=12)
     assert res["steered_off_topic"]["crossed"] >= 2 and res["unsteered"]["crossed"] <= 1, res
+    rec = g.extra["evidence"]["separation"]  # what the Resistance page shows is what the command measures
+    assert (rec["steered_off_topic"], rec["unsteered"]) == (res["steered_off_topic"], res["unsteered"])
 
 
 def test_the_live_circuit_is_read_live_too_and_does_not_answer_to_the_steering_alone():
@@ -153,8 +155,11 @@ def test_the_live_circuit_separates_steered_off_topic_from_unsteered_answers(ste
     """#1229 on the reference run's own answers, replayed with their steering (evaluation prompts)."""
     from esr_core.experiments.mechanism import circuit_separation
 
-    res = circuit_separation(ASSETS_DIR / "experiments" / "reference", steer_engine, load_group(CIRCUIT), n=12)
+    g = load_group(CIRCUIT)
+    res = circuit_separation(ASSETS_DIR / "experiments" / "reference", steer_engine, g, n=12)
     assert res["steered_off_topic"]["crossed"] >= 8 and res["unsteered"]["crossed"] <= 3, res
+    rec = g.extra["evidence"]["separation"]
+    assert (rec["steered_off_topic"], rec["unsteered"]) == (res["steered_off_topic"], res["unsteered"])
 
 
 @pytest.mark.parametrize("sample", ["token_search_sample.json", "token_search_live_sample.json"])

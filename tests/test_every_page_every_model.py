@@ -105,4 +105,5 @@ def test_every_page_with_the_shipped_block_20_readout_sae(page):
     if page == "pages/resistance.py":
         shown = " ".join(m.value for m in at.markdown)
         assert "11 latents" in shown  # the block-20 circuit (searched live), not #1229 of the block-15 SAE
+        assert "Live, on the evaluation run" in shown and "3 of 12" in shown and "0 of 12" in shown
         assert any("lives on the readout SAE" in c.value for c in at.caption)

@@ -129,6 +129,8 @@ def register(sub) -> None:
     sp.add_argument("-n", type=int, default=12, help="answers of each kind")
     sp.add_argument("--off-topic-below", type=float, default=30.0,
                     help="a steered answer counts as off-topic when the judge scored its first attempt below this")
+    sp.add_argument("--record", action="store_true",
+                    help="write the result into each --group file's evidence (the Resistance page shows it)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=run_separation)
 
@@ -387,18 +389,35 @@ def run_attribute(args) -> int:
     return 0
 
 
+def separation_record(res: dict, args) -> dict:
+    """What `detectors separation --record` stores in a group's evidence."""
+    return {"run": _repo_relative(args.run), "n": args.n, "off_topic_below": args.off_topic_below,
+            "steered_off_topic": res["steered_off_topic"], "unsteered": res["unsteered"], "threshold": res["threshold"],
+            "command": f"esr-lab detectors separation --model {args.model} --run {_repo_relative(args.run)} -n {args.n}"
+                       + (f" --read-sae {_repo_relative(args.read_sae)}" if args.read_sae else "")
+                       + f" --off-topic-below {args.off_topic_below:g} --group GROUP --record"}
+
+
 def run_separation(args) -> int:
     from esr_core.experiments.mechanism import circuit_separation  # heavy: pandas (the run's trial table)
     from esr_core.steering.engines import get_engine  # heavy: pulls torch
 
+    if args.record and not args.group:
+        raise BadInput("--record writes into group files: name them with --group")
+    if not (Path(args.run) / "spec.json").exists():
+        raise BadInput(f"{args.run} is not an experiment run folder (no spec.json)")
     engine = get_engine(args.model, None, read_sae=args.read_sae)
     groups = [load_group(g) for g in args.group] or [group_for(engine, "circuit")]
     out = []
-    for g in groups:
+    for k, g in enumerate(groups):
         if g is None or not g.matches(engine):
             raise BadInput("The circuit does not belong to this model's readout SAE (pass --read-sae)")
         res = circuit_separation(args.run, engine, g, n=args.n, off_topic_below=args.off_topic_below)
         out.append({"group": g.name, "members": g.members, **res})
+        if args.record:
+            d = g.to_dict()
+            d.setdefault("evidence", {})["separation"] = separation_record(res, args)
+            save_group(LatentGroup.from_dict(d), args.group[k])
         if not args.json:
             print(f"{g.name} {g.members[:8]}{'...' if len(g.members) > 8 else ''}: crosses on "
                   f"{res['steered_off_topic']['crossed']}/{res['steered_off_topic']['n']} steered off-topic answers, "
