@@ -295,8 +295,8 @@ def evaluate_group(codes: TokenCodes, hook: str, members: Sequence[int], rows_ma
                           if sys_m is not None and members else None)
     sel = rows_mask
     for name, kind, cl in (("unsteered", "on", None), ("recovery_drift", "recovery", ["off"]),
-                           ("steered_drift", "drift", None), ("shuffled", "shuffle", None), ("repeated", "repeat", None),
-                           ("steering_only", "steer_only", None)):
+                           ("steered_drift", "drift", None), ("shuffled", "shuffle", None),
+                           ("repeated", "repeat", None), ("steering_only", "steer_only", None)):
         m = sel & (kinds == kind)
         if not m.any() and kind == "steer_only":
             continue
@@ -430,8 +430,10 @@ def run_search(model, saes: Sequence, params: TokenSearchParams | None = None, r
         layers.append(res)
     kinds = [c.kind for c in chats]
     live = any(c.steer for c in chats)
-    lat_search = {int(rows[i]["drift_latent"]) for i in search_idx if rows[i].get("drift") and "drift_latent" in rows[i]}
-    lat_held = {int(rows[i]["drift_latent"]) for i in held_idx if rows[i].get("drift") and "drift_latent" in rows[i]}
+    def drift_latents(idx):
+        return {int(rows[i]["drift_latent"]) for i in idx if rows[i].get("drift") and "drift_latent" in rows[i]}
+
+    lat_search, lat_held = drift_latents(search_idx), drift_latents(held_idx)
     return {"format": "esr-token-detectors-v1", "params": asdict(params), "model": model.name,
             "drifts_read": "with their steering on" if live else "unsteered",
             # True when no held-out drift was steered by a latent that a search drift was steered by

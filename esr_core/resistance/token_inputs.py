@@ -20,10 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from esr_core.errors import BadInput
 from esr_core.io import atomic_write_text
+from esr_core.jobs import check_cancel, report_fraction
+from esr_core.judge.scoring import score_many
 from esr_core.paths import ASSETS_DIR
 from esr_core.resistance.episodes import derangement, sentences, splice
+from esr_core.steering.interventions import Intervention
+from esr_core.steering.spec import GenerationSpec
 
 INPUTS_PATH = ASSETS_DIR / "prompts" / "detector_inputs.jsonl"
 RESTARTS = ("Wait, that's not what you asked.", "Actually, I got off track.", "Let me start over.",
@@ -91,7 +97,8 @@ def check_boost_range(lo: float, hi: float) -> tuple[float, float]:
     """A boost range in x median-norm units: finite, positive, ordered, at most 10."""
     lo, hi = float(lo), float(hi)
     if not (0 < lo <= hi <= 10):  # NaN fails every comparison
-        raise BadInput(f"The boost range must satisfy 0 < LO <= HI <= 10 (x the median residual norm), got {lo:g},{hi:g}")
+        raise BadInput(f"The boost range must satisfy 0 < LO <= HI <= 10 (x the median residual norm), "
+                       f"got {lo:g},{hi:g}")
     return lo, hi
 
 
@@ -111,13 +118,6 @@ def generate_live_drifts(engine, rows: Sequence[dict], latents: Sequence[int], b
     ``off_topic_below`` is kept as ``drift`` with ``drift_latent``, ``drift_boost`` (raw),
     ``drift_boost_norm``, ``drift_seed``, ``drift_score`` and ``drift_split``; the others keep none.
     """
-    import numpy as np  # heavy: numpy, with the model
-
-    from esr_core.jobs import check_cancel, report_fraction
-    from esr_core.judge.scoring import score_many
-    from esr_core.steering.interventions import Intervention
-    from esr_core.steering.spec import GenerationSpec
-
     if not latents:
         raise BadInput("Live drifts need at least one distractor latent")
     lo, hi = check_boost_range(*boost_range)

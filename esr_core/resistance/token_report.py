@@ -12,6 +12,10 @@ from esr_core.latents.groups import GROUP_FORMAT
 from esr_core.viz import palette
 
 
+MEMBER_STATS = ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc", "steering_auc", "system_ratio",
+                "on_mean", "off_mean")
+
+
 def best_layer(report: dict) -> dict:
     """The layer whose group separates best on held-out tokens within the crossing goal (<= 5 %)."""
     def key(layer):
@@ -36,11 +40,9 @@ def group_dict(report: dict, layer: dict, descriptions: dict[str, str], sae_iden
                         f"{report['n_heldout']} held-out prompts; each passes the token-id, segment-position, "
                         f"garbling and system-prompt controls"
                         + (" and, with the drifts read live (their steering on, distractors held out with their "
-                           "prompts), the steering-alone control" if report.get("drifts_read", "unsteered") != "unsteered"
-                           else "") + " (see evidence)."),
-        "stats": {str(j): {k: cand[j].get(k) for k in ("auc", "token_matched_auc", "position_matched_auc", "garbled_auc",
-                                                        "steering_auc", "system_ratio", "on_mean", "off_mean")}
-                  for j in layer["members"]},
+                           "prompts), the steering-alone control"
+                           if report.get("drifts_read", "unsteered") != "unsteered" else "") + " (see evidence)."),
+        "stats": {str(j): {k: cand[j].get(k) for k in MEMBER_STATS} for j in layer["members"]},
         "descriptions": descriptions,
         "threshold": {"value": layer["threshold"], "how": "sum", "ema_alpha": report["params"]["ema_alpha"],
                       "rule": "unsteered quantile",
@@ -162,8 +164,8 @@ def annotate_group(group: dict, report: dict, report_path: str = "assets/resista
         if c is None:
             continue
         stats.setdefault(str(j), {}).update({f"token_{k}" if k == "auc" else k: c[k] for k in (
-            "auc", "token_matched_auc", "position_matched_auc", "garbled_auc", "steering_auc", "system_ratio", "off_rate",
-            "on_rate") if k in c})
+            "auc", "token_matched_auc", "position_matched_auc", "garbled_auc", "steering_auc", "system_ratio",
+            "off_rate", "on_rate") if k in c})
         stats[str(j)]["controls_failed"] = ", ".join(c["rejected_by"]) or "none"
         for w in c["rejected_by"]:
             rejected[w] = rejected.get(w, 0) + 1
