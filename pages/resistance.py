@@ -18,7 +18,7 @@ from esr_core.experiments.conditions import BASE_CONDITIONS, CONDITIONS, build_c
 from esr_core.latents.groups import LatentGroup, group_for, shipped_group
 from esr_core.resistance import view as rv
 from esr_core.resistance.signals import ema
-from esr_core.resistance.token_report import evidence_rows
+from esr_core.resistance.token_report import evidence_rows, separation_line
 from esr_core.steering.interventions import Intervention
 from esr_core.steering.spec import GenerationSpec
 from esr_core.viz import palette
@@ -87,13 +87,8 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
             ev = g.extra["evidence"]
             st.markdown("**Evidence and controls** (measured on held-out prompts; `esr-lab detectors token-search`)")
             st.dataframe(pd.DataFrame(evidence_rows(g.extra)), hide_index=True, width="stretch", key="tbl_evidence")
-            sep = ev.get("separation")
-            if sep:
-                st.markdown(f"**Live, on the evaluation run** (`{sep['run']}`, new prompts and distractors, each answer "
-                            f"replayed with its own steering): crosses on **{sep['steered_off_topic']['crossed']} of "
-                            f"{sep['steered_off_topic']['n']}** steered answers judged off-topic and on "
-                            f"**{sep['unsteered']['crossed']} of {sep['unsteered']['n']}** unsteered answers "
-                            f"(`{sep['command']}`).")
+            if ev.get("separation"):
+                st.markdown(separation_line(ev["separation"]))
             rej = ", ".join(f"{why}: {n}" for why, n in (ev.get("rejected") or {}).items())
             st.caption(f"{ev.get('n_passing')} of {ev.get('n_candidates')} candidate latents passed every control "
                        f"(rejected: {rej or 'none'}). Per member: AUC, the AUC within tokens of the same id and "
@@ -106,7 +101,8 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
             if (ev.get("live") or {}).get("layers"):
                 st.markdown("**Per layer, drifts read live** (their steering on; distractors held out with their "
                             f"prompts; `{ev['live'].get('report')}`)")
-                st.dataframe(pd.DataFrame(ev["live"]["layers"]), hide_index=True, width="stretch", key="tbl_layers_live")
+                st.dataframe(pd.DataFrame(ev["live"]["layers"]), hide_index=True, width="stretch",
+                             key="tbl_layers_live")
         elif name == "circuit" and s:
             thr = g.threshold or {}
             params = g.extra.get("params") or {}

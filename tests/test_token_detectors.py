@@ -254,3 +254,10 @@ def test_a_live_report_adds_its_own_column_beside_the_existing_evidence():
     assert steer["this circuit"] is None and steer["this circuit, drifts read live"] == 0.13
     assert rows["unsteered answers that cross the alert threshold"]["this circuit, drifts read live"] == 0.14
     assert tr.annotate_group(out, report, "r.json")["description"].count("Read live") == 1  # idempotent
+
+
+def test_the_separation_line_says_both_counts_and_the_command():
+    sep = {"run": "assets/experiments/reference", "steered_off_topic": {"crossed": 3, "n": 12},
+           "unsteered": {"crossed": 0, "n": 12}, "command": "esr-lab detectors separation --record"}
+    line = tr.separation_line(sep)
+    assert "**3 of 12** steered" in line and "**0 of 12** unsteered" in line and "--record" in line

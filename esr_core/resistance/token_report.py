@@ -142,6 +142,14 @@ def evidence_rows(group_extra: dict) -> list[dict]:
     return rows
 
 
+def separation_line(sep: dict) -> str:
+    """The evaluation-run crossings recorded by ``detectors separation --record``, as one Markdown line."""
+    st, un = sep["steered_off_topic"], sep["unsteered"]
+    return (f"**Live, on the evaluation run** (`{sep['run']}`, new prompts and distractors, each answer replayed "
+            f"with its own steering): crosses on **{st['crossed']} of {st['n']}** steered answers judged off-topic "
+            f"and on **{un['crossed']} of {un['n']}** unsteered answers (`{sep['command']}`).")
+
+
 def annotate_group(group: dict, report: dict, report_path: str = "assets/resistance/token_search.json") -> dict:
     """Add a token-level report's evidence to an existing group (the one it was compared with).
 
