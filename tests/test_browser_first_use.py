@@ -224,6 +224,10 @@ def test_switching_the_model_keeps_each_models_runs_and_steering(server, browser
     page.get_by_role("option", name=re.compile("SmolLM2-135M-Instruct")).click()
     page.locator(".esr-iv-chip").first.wait_for(timeout=LONG)
     expect(page.locator(".esr-iv-chip").first).to_contain_text(f"add #{EXAMPLE['latent']}", timeout=LONG)
+    # the chip can arrive before the results panel is redrawn: Gemma's run stays on screen (stale) until
+    # the rerun replaces it, so wait for SmolLM2's run and an idle app, then read it
+    expect(page.locator(".esr-run-view")).to_have_attribute("data-model", smol["model"], timeout=LONG)
+    wait_app_idle(page, LONG)
     assert shown_run(page)["id"] == smol["id"]
     page.context.close()
 
