@@ -21,6 +21,24 @@ REQUIRED_ASSETS = ("sae/smollm2-135m-instruct", "catalog/smollm2-135m-instruct",
                    "experiments/reference", "examples.json")
 
 
+def repo_relative(path) -> str:
+    """``path`` as written from the checkout's root when it lies inside it (so a report, group or link
+    names shipped files the same way on every machine); any other path, or a relative name that is no
+    file here (such as an SAE-Lens ``release:sae_id``), as given."""
+    if not Path(path).is_absolute() and not Path(path).exists():
+        return str(path)
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def from_repo(path) -> Path:
+    """The absolute path a repo-relative name (or an absolute path) stands for."""
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else REPO_ROOT / p).resolve()
+
+
 def cache_dir() -> Path:
     """User cache root (``ESR_LAB_CACHE`` or ``~/.cache/esr-lab``); never inside the repo."""
     env = os.environ.get("ESR_LAB_CACHE")

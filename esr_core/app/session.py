@@ -23,7 +23,7 @@ from esr_core.latents.search import embed_query, warm_search
 from esr_core.models.adapters import check_adapter
 from esr_core.models.embeddings import embedding_model
 from esr_core.models.registry import DEFAULT_MODEL, get_entry, list_models
-from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_dir
+from esr_core.paths import ASSETS_DIR, cache_dir, from_repo
 from esr_core.steering.interventions import Intervention
 
 log = logging.getLogger(__name__)
@@ -278,8 +278,7 @@ def builtin_groups(engine) -> tuple[list[LatentGroup], list[str]]:
 
 # ------------------------------------------------------------------ what a visitor may ask to load
 def _inside_allowed(path: str) -> bool:
-    p = Path(path).expanduser()
-    p = (p if p.is_absolute() else REPO_ROOT / p).resolve()
+    p = from_repo(path)
     return any(p.is_relative_to(Path(root).resolve()) for root in (ASSETS_DIR, cache_dir()))
 
 

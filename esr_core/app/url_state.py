@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from esr_core.app import run_store, session
 from esr_core.errors import BadInput
 from esr_core.latents.groups import LatentGroup, decode_groups, encode_groups
-from esr_core.paths import REPO_ROOT
+from esr_core.paths import from_repo, repo_relative
 from esr_core.steering.interventions import MODES, POSITIONS, UNITS, Intervention, default_units
 from esr_core.steering.spec import SAMPLERS
 
@@ -228,15 +227,8 @@ def link_folder(folder: str | None) -> str | None:
     on another server), else as it is."""
     if not folder:
         return None
-    try:
-        return str(Path(folder).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(folder)
+    return repo_relative(folder)
 
 
 def _same_folder(a: str, b: str) -> bool:
-    def full(p: str) -> Path:
-        q = Path(p)
-        return (q if q.is_absolute() else REPO_ROOT / q).resolve()
-
-    return full(a) == full(b)
+    return from_repo(a) == from_repo(b)

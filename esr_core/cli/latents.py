@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from esr_core.cli.common import StderrProgress, dump_json, sae_spec
 from esr_core.errors import BadInput
@@ -17,7 +16,7 @@ from esr_core.latents.search import latents_firing_on, search_latents, warm_sear
 from esr_core.models.loading import load_model
 from esr_core.models.registry import DEFAULT_MODEL, get_entry
 from esr_core.models.sae import load_sae
-from esr_core.paths import REPO_ROOT
+from esr_core.paths import repo_relative
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -105,11 +104,7 @@ def cmd_build(args) -> int:
           f"answers into {out}", file=sys.stderr)
     cmd = "esr-lab " + " ".join(sys.argv[1:]) if sys.argv and "esr-lab" in sys.argv[0] else \
         f"esr-lab catalog build --model {args.model}" + (f" --sae {args.sae}" if args.sae else "") + f" --tokens {args.tokens}"
-    sae_name = spec
-    try:
-        sae_name = str(Path(spec).resolve().relative_to(REPO_ROOT))
-    except (ValueError, OSError):
-        pass
+    sae_name = repo_relative(spec)
     build_catalog(model, sae, texts, chats, out, progress=StderrProgress(), max_tokens=args.tokens,
                   batch_size=args.batch_size, budget_mb=args.budget_mb, command=cmd, sae_name=sae_name,
                   corpus_note=note)

@@ -21,7 +21,7 @@ from esr_core.latents.groups import (
     shipped_group,
 )
 from esr_core.models.registry import DEFAULT_MODEL
-from esr_core.paths import REPO_ROOT
+from esr_core.paths import repo_relative
 from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
@@ -302,14 +302,6 @@ def run_inputs(args) -> int:
     return 0
 
 
-def _repo_relative(path) -> str:
-    """A path inside the checkout as written from its root (reports name their inputs portably)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(p)
-
 
 def run_token_search(args) -> int:
     from esr_core.steering.engines import get_engine  # heavy: pulls torch
@@ -326,7 +318,7 @@ def run_token_search(args) -> int:
     report = run_search(engine.model, saes, params, rows=rows, baselines=baselines, steer_sae=engine.sae,
                         progress=None if args.json else StderrProgress(newline=True))
     report["layer_table"] = layer_table(report)
-    report["inputs"] = _repo_relative(args.inputs or INPUTS_PATH)
+    report["inputs"] = repo_relative(args.inputs or INPUTS_PATH)
     report["command"] = "esr-lab detectors token-search " + " ".join(
         [f"--model {args.model}"] + [f"--sae {s}" for s in args.sae]
         + ([f"--inputs {args.inputs}"] if args.inputs else [])
@@ -391,10 +383,10 @@ def run_attribute(args) -> int:
 
 def separation_record(res: dict, args) -> dict:
     """What `detectors separation --record` stores in a group's evidence."""
-    return {"run": _repo_relative(args.run), "n": args.n, "off_topic_below": args.off_topic_below,
+    return {"run": repo_relative(args.run), "n": args.n, "off_topic_below": args.off_topic_below,
             "steered_off_topic": res["steered_off_topic"], "unsteered": res["unsteered"], "threshold": res["threshold"],
-            "command": f"esr-lab detectors separation --model {args.model} --run {_repo_relative(args.run)} -n {args.n}"
-                       + (f" --read-sae {_repo_relative(args.read_sae)}" if args.read_sae else "")
+            "command": f"esr-lab detectors separation --model {args.model} --run {repo_relative(args.run)} -n {args.n}"
+                       + (f" --read-sae {repo_relative(args.read_sae)}" if args.read_sae else "")
                        + f" --off-topic-below {args.off_topic_below:g} --group GROUP --record"}
 
 

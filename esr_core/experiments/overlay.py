@@ -69,7 +69,7 @@ from esr_core.judge.restart_phrases import find_restart_phrases
 from esr_core.latents.catalog.store import sae_weights_hash
 from esr_core.latents.groups import LatentGroup, allowed_group_file, group_for, load_group, readout_sae
 from esr_core.models.hooks import capture_batches
-from esr_core.paths import REPO_ROOT
+from esr_core.paths import repo_relative
 from esr_core.resistance.backtracking import BacktrackingParams
 from esr_core.resistance.detectors import encode
 from esr_core.resistance.episodes import build_episodes, load_inputs, render_pair, sentences
@@ -208,12 +208,7 @@ def _group_summary(g: LatentGroup | None, source: str) -> dict | None:
 
 def resolve_groups(engine, params: OverlayParams, spec=None) -> tuple[LatentGroup, LatentGroup | None, dict]:
     """(circuit, backtracking or None, where each came from) for this engine's SAE."""
-    def rel(p) -> str:
-        try:
-            return str(Path(p).resolve().relative_to(REPO_ROOT))
-        except (ValueError, OSError):
-            return str(p)
-
+    rel = repo_relative
     src = {}
     if params.circuit_path:
         circuit = load_group(params.circuit_path)

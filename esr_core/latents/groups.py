@@ -23,7 +23,7 @@ import numpy as np
 from esr_core.errors import BadInput, EsrError
 from esr_core.io import atomic_write_json, read_json, safe_name
 from esr_core.latents.catalog.store import load_catalog_for_names, sae_weights_hash
-from esr_core.paths import ASSETS_DIR, REPO_ROOT, cache_dir, cache_subdir
+from esr_core.paths import ASSETS_DIR, cache_dir, cache_subdir, from_repo, repo_relative
 from esr_core.steering.interventions import Intervention
 from esr_core.viz import palette
 
@@ -237,11 +237,7 @@ def readout_sae(engine):
 def sae_identity(engine, sae=None) -> dict:
     """Which SAE a group belongs to (``sae``, else the engine's readout SAE): decoder hash plus source."""
     sae = sae or readout_sae(engine)
-    src = str(sae.source)
-    try:
-        src = str(Path(src).resolve().relative_to(REPO_ROOT))
-    except (ValueError, OSError):
-        pass
+    src = repo_relative(sae.source)
     return {"weights_hash": sae_weights_hash(sae), "fingerprint": sae.key, "source": src,
             "hook": sae.hook_name, "d_sae": int(sae.d_sae)}
 
@@ -308,8 +304,7 @@ def _norm_name(name: str) -> str:
 def allowed_group_file(path: str | Path) -> Path | None:
     """``path`` (relative to the checkout) when it is a .json file inside the shipped assets or
     the user cache; None anywhere else, so a name from a config or URL never opens other files."""
-    p = Path(path)
-    p = (p if p.is_absolute() else REPO_ROOT / p).resolve()
+    p = from_repo(path)
     if p.suffix != ".json":
         return None
     for root in (ASSETS_DIR, cache_dir()):
