@@ -122,6 +122,26 @@ def test_activations_read_the_readout_sae_after_the_steering(read_engine):
     assert (plain.z - res.z).abs().max() > 1e-2
 
 
+def test_a_steered_latent_is_read_on_the_steering_sae_not_at_the_readout_sae_s_same_id(read_engine, engine):
+    """A replay with steering shows the distractor's own activation: its id belongs to the steering SAE
+    (here beyond the readout SAE's 512 latents, which once raised IndexError in `detectors separation`)."""
+    from esr_core.resistance.view import replay_episode
+
+    latent = read_engine.sae.d_sae - 1
+    assert latent >= READ_D_SAE
+    iv = Intervention(latent, "add", 40.0, "raw", "all")
+    res, same = read_engine.activations(text=TEXT, interventions=[iv]), engine.activations(text=TEXT, interventions=[iv])
+    assert res.z_steer.shape == (len(res.token_ids), read_engine.sae.d_sae)
+    assert torch.allclose(res.z_steer, same.z, atol=1e-5, rtol=0)  # the steering SAE's code, after the steering
+    assert same.z_steer is same.z  # one SAE: the readout is the steering code
+    prompt, answer = "How do I boil an egg?", "Put the egg in boiling water for eight minutes, then cool it."
+    rep = replay_episode(read_engine, prompt, answer, None, steering=[iv])
+    ref = replay_episode(engine, prompt, answer, None, steering=[iv])
+    got, want = rep["distractor_series"][latent], ref["distractor_series"][latent]
+    assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    assert max(want) > 1.0  # the steered latent is active where it is added
+
+
 def test_clamp_uses_the_steering_code_and_the_readout_stays_downstream(read_engine):
     """A clamp needs the steering SAE's code at layer 15; the readout is still layer 20's."""
     sae = read_engine.sae

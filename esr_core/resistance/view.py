@@ -323,9 +323,9 @@ def replay_episode(engine, prompt: str, response: str, circuit: LatentGroup | No
         out["crossings"] = [first + c for c in threshold_crossings(resp, thr)] if thr is not None else []
         out["verdict"] = verdict(out["summary"]["circuit"], judgement)
     out["distractor_series"] = {}
-    for iv in steering:
+    for iv in steering:  # a steered latent is the steering SAE's: read it there, not at a readout SAE's same id
         lat = int(iv.latent if hasattr(iv, "latent") else iv["latent"])
-        out["distractor_series"][lat] = z[:, lat].float().numpy().astype(float)
+        out["distractor_series"][lat] = acts.z_steer[:, lat].float().numpy().astype(float)
     return out
 
 

@@ -58,6 +58,9 @@ class ActsResult:
     offsets: list[tuple[int, int]]
     z: torch.Tensor  # [T, d_sae] readout SAE's code at the readout hook (after any interventions upstream)
     text: str
+    # [T, d_sae of the steering SAE] its code at the steering hook, after the steering: a steered latent's own
+    # activation (its ids are the steering SAE's, which a readout SAE at another hook does not share)
+    z_steer: torch.Tensor | None = None
 
 
 @dataclass
@@ -83,6 +86,8 @@ class _Ctx:
         self.pos: torch.Tensor | None = None  # [B, T] position of each column within its row (-1 = pad)
         self.last_z: torch.Tensor | None = None  # the readout code of the last forward
         self.need_z = True
+        self.steer_z: torch.Tensor | None = None  # the steering SAE's code, kept when want_steer_z
+        self.want_steer_z = False
 
 
 class Engine:
@@ -174,6 +179,8 @@ class Engine:
                                   coef, iv.latent, self._W_dec[iv.latent])
         if not self.has_readout_sae:
             ctx.last_z = z
+        elif ctx.want_steer_z:
+            ctx.steer_z = z if z is not None else self.sae.encode(h).float()
         return h
 
     def _read_hook(self, h: torch.Tensor) -> None:
@@ -452,14 +459,17 @@ class Engine:
                    ivs=self.compile_interventions(list(interventions)))
         ctx = _Ctx(self, [row], [0])
         ctx.pos = torch.arange(len(ids)).view(1, -1).to(self.device)
+        ctx.want_steer_z = self.has_readout_sae
         self._enter()
         try:
             self._forward(ctx, input_ids=torch.tensor([ids], device=self.device))
         finally:
             self._leave()
         z = ctx.last_z[0].cpu()
+        z_steer = ctx.steer_z[0].cpu() if ctx.steer_z is not None else z
         offsets = [tuple(map(int, o)) for o in enc.get("offset_mapping", [(0, 0)] * len(ids))]
-        return ActsResult(token_ids=ids, tokens=[tok.decode([t]) for t in ids], offsets=offsets, z=z, text=text)
+        return ActsResult(token_ids=ids, tokens=[tok.decode([t]) for t in ids], offsets=offsets, z=z, text=text,
+                          z_steer=z_steer)
 
     @property
     def busy(self) -> bool:
