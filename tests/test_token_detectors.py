@@ -261,3 +261,34 @@ def test_the_separation_line_says_both_counts_and_the_command():
            "unsteered": {"crossed": 0, "n": 12}, "command": "esr-lab detectors separation --record"}
     line = tr.separation_line(sep)
     assert "**3 of 12** steered" in line and "**0 of 12** unsteered" in line and "--record" in line
+
+
+def _report(sha="abc", hook="blocks.24.hook_resid_post", read="with their steering on", held=("p1", "p2")):
+    row = {"hook": hook, "group": "searched", "size": 2, "members": [3, 4], "token_auc": 0.67,
+           "unsteered_crossing": 0.098, "threshold": 35.0}
+    return {"inputs_sha1": sha, "drifts_read": read, "n_heldout": len(held), "heldout_ids": list(held),
+            "layers": [{"hook": hook, "sae": {"source": "/cache/sae/L24", "d_sae": 4096}}], "layer_table": [row]}
+
+
+def test_a_layer_searched_later_on_the_same_inputs_joins_the_table_and_other_inputs_are_refused():
+    base = _report(hook="blocks.15.hook_resid_post")
+    live_group = {"members": [1229], "evidence": {"heldout": {}, "live": {
+        "report": "base.json", "layers": [{"hook": "blocks.15.hook_resid_post", "group": "searched", "token_auc": 0.7}]}}}
+    out = tr.add_layer_rows(live_group, _report(), "l24.json", base)
+    rows = out["evidence"]["live"]["layers"]
+    assert [r["hook"] for r in rows] == ["blocks.15.hook_resid_post", "blocks.24.hook_resid_post"]
+    assert rows[1]["report"] == "l24.json" and rows[1]["sae"] == "/cache/sae/L24" and rows[1]["d_sae"] == 4096
+    assert "members" not in rows[1] and rows[1]["token_auc"] == 0.67
+    assert live_group["evidence"]["live"]["layers"][0]["token_auc"] == 0.7 and len(live_group["evidence"]["live"]["layers"]) == 1
+    again = tr.add_layer_rows(out, _report(), "l24.json", base)  # adding it twice changes nothing
+    assert again["evidence"]["live"]["layers"] == rows
+    # a group made by the search keeps its own table and records its inputs itself
+    searched = {"members": [7], "summary": {"inputs_sha1": "abc", "drifts_read": "with their steering on",
+                                            "n_heldout": 2}, "layers": []}
+    assert [r["hook"] for r in tr.add_layer_rows(searched, _report(), "l24.json")["layers"]] == ["blocks.24.hook_resid_post"]
+    for bad, why in ((_report(sha="zzz"), "other inputs"), (_report(read="unsteered"), "another way"),
+                     (_report(held=("p1", "p9")), "other prompts")):
+        with pytest.raises(BadInput, match=why):
+            tr.add_layer_rows(live_group, bad, "x.json", base)
+    with pytest.raises(BadInput, match="needed to compare"):
+        tr.add_layer_rows(live_group, _report(), "l24.json", None)

@@ -21,7 +21,7 @@ from esr_core.latents.groups import (
     shipped_group,
 )
 from esr_core.models.registry import DEFAULT_MODEL
-from esr_core.paths import repo_relative
+from esr_core.paths import from_repo, repo_relative
 from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
@@ -35,7 +35,14 @@ from esr_core.resistance.token_inputs import (
     load_detector_inputs,
     write_inputs,
 )
-from esr_core.resistance.token_report import annotate_group, best_layer, group_dict, layer_table, save_report
+from esr_core.resistance.token_report import (
+    add_layer_rows,
+    annotate_group,
+    best_layer,
+    group_dict,
+    layer_table,
+    save_report,
+)
 from esr_core.resistance.view import replay_episode
 from esr_core.steering.interventions import Intervention, parse_cli_pair
 
@@ -138,6 +145,9 @@ def register(sub) -> None:
     an.add_argument("--report", required=True)
     an.add_argument("--group", required=True, help="the group the report compared with (its baseline)")
     an.add_argument("--out", default=None, help="default: overwrite --group")
+    an.add_argument("--add-layers", action="store_true",
+                    help="only add --report's layers (searched later on the same inputs, e.g. another SAE) to the "
+                         "group's per-layer table, keeping its evidence")
     an.set_defaults(func=run_annotate)
 
     i = dsub.add_parser("inputs", help="build the detector inputs file from `esr-lab finetune data` output, or "
@@ -421,6 +431,15 @@ def run_separation(args) -> int:
 
 def run_annotate(args) -> int:
     group = load_group(args.group).to_dict()
+    if args.add_layers:
+        live = (group.get("evidence") or {}).get("live")
+        base = read_json(from_repo(live["report"])) if live and live.get("report") else None
+        out = add_layer_rows(group, read_json(args.report), repo_relative(args.report), base)
+        save_group(LatentGroup.from_dict(out), args.out or args.group)
+        rows = (out["evidence"]["live"] if live else out)["layers"]
+        print(f"{args.out or args.group}: per-layer table now has {len(rows)} rows "
+              f"({', '.join(sorted({r['hook'] for r in rows}))})")
+        return 0
     out = annotate_group(group, read_json(args.report), args.report)
     save_group(LatentGroup.from_dict(out), args.out or args.group)
     ev = out["evidence"]

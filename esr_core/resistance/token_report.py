@@ -226,3 +226,40 @@ def _annotate_live(group: dict, report: dict, layer: dict, report_path: str) -> 
                             f"{h.get('crossing_rate_steering_only') or 0:.0%} of on-topic answers read with the same "
                             f"steering, against {h.get('crossing_rate_unsteered') or 0:.0%} unsteered.")
     return out
+
+
+def add_layer_rows(group: dict, report: dict, report_path: str, base: dict | None = None) -> dict:
+    """Another layer, searched later on the same inputs, added to a group's per-layer table.
+
+    The table a group shows (its live evidence's, else its own) came from one report, ``base``
+    (read from the path the group records; a group made by the search records its inputs' hash
+    itself). A report over other inputs, another held-out split or the other reading condition
+    would not be comparable, so it is refused; rows of the same hook and group are replaced, so
+    adding a report twice changes nothing. Each added row names its report and SAE.
+    """
+    live = (group.get("evidence") or {}).get("live")
+    ref = base or {}
+    sha = ref.get("inputs_sha1") if live else (group.get("summary") or {}).get("inputs_sha1")
+    read = ref.get("drifts_read") if live else (group.get("summary") or {}).get("drifts_read")
+    n_held = ref.get("n_heldout") if live else (group.get("summary") or {}).get("n_heldout")
+    if live and not base:
+        raise BadInput(f"The report behind this group's live table ({live.get('report')}) is needed to compare inputs")
+    if not sha or sha != report.get("inputs_sha1"):
+        raise BadInput(f"{report_path} was searched on other inputs ({report.get('inputs_sha1')}) than this group's "
+                       f"table ({sha}): its rows would not be comparable")
+    if read != report.get("drifts_read", "unsteered") or n_held != report.get("n_heldout") or (
+            base and base.get("heldout_ids") != report.get("heldout_ids")):
+        raise BadInput(f"{report_path} reads the drifts another way or holds out other prompts than this group's table")
+    sae = {la["hook"]: (la.get("sae") or {}) for la in report["layers"]}
+    new = [{**{k: v for k, v in r.items() if k != "members"}, "report": str(report_path),
+            "sae": str(sae.get(r["hook"], {}).get("source", "")), "d_sae": sae.get(r["hook"], {}).get("d_sae")}
+           for r in report.get("layer_table") or []]
+    out = dict(group)
+    old = (live or {}).get("layers") if live else group.get("layers")
+    keys = {(r["hook"], r["group"]) for r in new}
+    rows = [r for r in old or [] if (r.get("hook"), r.get("group")) not in keys] + new
+    if live:
+        out["evidence"] = {**out["evidence"], "live": {**live, "layers": rows}}
+    else:
+        out["layers"] = rows
+    return out
