@@ -33,6 +33,14 @@ def repo_relative(path) -> str:
         return str(path)
 
 
+def portable_name(path) -> str:
+    """A path as a record shown to others names it: from the checkout's root, else ``~/...`` under the
+    user's home (a cache), else as given; :func:`from_repo` reads each form back."""
+    name = repo_relative(path)
+    home = str(Path.home())
+    return "~" + name[len(home):] if name == home or name.startswith(home + "/") else name
+
+
 def from_repo(path) -> Path:
     """The absolute path a repo-relative name (or an absolute path) stands for."""
     p = Path(path).expanduser()

@@ -103,6 +103,10 @@ for tab, g, name in ((tabs[0], circuit, "circuit"), (tabs[1], backtrack, "backtr
                             f"prompts; `{ev['live'].get('report')}`)")
                 st.dataframe(pd.DataFrame(ev["live"]["layers"]), hide_index=True, width="stretch",
                              key="tbl_layers_live")
+            if any(r.get("report") for r in (ev.get("live") or {}).get("layers") or g.extra.get("layers") or []):
+                st.caption("A row that names its own report and SAE was searched later on the same inputs and "
+                           "held-out split (`esr-lab detectors annotate --add-layers`); an SAE under `~/.cache` is "
+                           "not shipped: docs/RESISTANCE.md gives the command that trains it.")
         elif name == "circuit" and s:
             thr = g.threshold or {}
             params = g.extra.get("params") or {}

@@ -107,3 +107,8 @@ def test_every_page_with_the_shipped_block_20_readout_sae(page):
         assert "11 latents" in shown  # the block-20 circuit (searched live), not #1229 of the block-15 SAE
         assert "Live, on the evaluation run" in shown and "3 of 12" in shown and "0 of 12" in shown
         assert any("lives on the readout SAE" in c.value for c in at.caption)
+        # the block-24 search (same inputs, its SAE not shipped) is a row of the per-layer table, said so
+        layers = next(d.value for d in at.dataframe if "hook" in d.value.columns and "report" in d.value.columns)
+        row = layers[layers["hook"] == "blocks.24.hook_resid_post"].iloc[0]
+        assert row["size"] == 14 and row["unsteered_crossing"] == pytest.approx(0.0978)
+        assert row["sae"].startswith("~/.cache/") and any("--add-layers" in c.value for c in at.caption)

@@ -130,7 +130,8 @@ def test_a_steered_latent_is_read_on_the_steering_sae_not_at_the_readout_sae_s_s
     latent = read_engine.sae.d_sae - 1
     assert latent >= READ_D_SAE
     iv = Intervention(latent, "add", 40.0, "raw", "all")
-    res, same = read_engine.activations(text=TEXT, interventions=[iv]), engine.activations(text=TEXT, interventions=[iv])
+    res = read_engine.activations(text=TEXT, interventions=[iv])
+    same = engine.activations(text=TEXT, interventions=[iv])
     assert res.z_steer.shape == (len(res.token_ids), read_engine.sae.d_sae)
     assert torch.allclose(res.z_steer, same.z, atol=1e-5, rtol=0)  # the steering SAE's code, after the steering
     assert same.z_steer is same.z  # one SAE: the readout is the steering code

@@ -273,19 +273,22 @@ def _report(sha="abc", hook="blocks.24.hook_resid_post", read="with their steeri
 def test_a_layer_searched_later_on_the_same_inputs_joins_the_table_and_other_inputs_are_refused():
     base = _report(hook="blocks.15.hook_resid_post")
     live_group = {"members": [1229], "evidence": {"heldout": {}, "live": {
-        "report": "base.json", "layers": [{"hook": "blocks.15.hook_resid_post", "group": "searched", "token_auc": 0.7}]}}}
+        "report": "base.json",
+        "layers": [{"hook": "blocks.15.hook_resid_post", "group": "searched", "token_auc": 0.7}]}}}
     out = tr.add_layer_rows(live_group, _report(), "l24.json", base)
     rows = out["evidence"]["live"]["layers"]
     assert [r["hook"] for r in rows] == ["blocks.15.hook_resid_post", "blocks.24.hook_resid_post"]
     assert rows[1]["report"] == "l24.json" and rows[1]["sae"] == "/cache/sae/L24" and rows[1]["d_sae"] == 4096
     assert "members" not in rows[1] and rows[1]["token_auc"] == 0.67
-    assert live_group["evidence"]["live"]["layers"][0]["token_auc"] == 0.7 and len(live_group["evidence"]["live"]["layers"]) == 1
+    kept = live_group["evidence"]["live"]["layers"]  # the group passed in is not changed
+    assert kept[0]["token_auc"] == 0.7 and len(kept) == 1
     again = tr.add_layer_rows(out, _report(), "l24.json", base)  # adding it twice changes nothing
     assert again["evidence"]["live"]["layers"] == rows
     # a group made by the search keeps its own table and records its inputs itself
     searched = {"members": [7], "summary": {"inputs_sha1": "abc", "drifts_read": "with their steering on",
                                             "n_heldout": 2}, "layers": []}
-    assert [r["hook"] for r in tr.add_layer_rows(searched, _report(), "l24.json")["layers"]] == ["blocks.24.hook_resid_post"]
+    rows = tr.add_layer_rows(searched, _report(), "l24.json")["layers"]
+    assert [r["hook"] for r in rows] == ["blocks.24.hook_resid_post"]
     for bad, why in ((_report(sha="zzz"), "other inputs"), (_report(read="unsteered"), "another way"),
                      (_report(held=("p1", "p9")), "other prompts")):
         with pytest.raises(BadInput, match=why):

@@ -21,7 +21,7 @@ from esr_core.latents.groups import (
     shipped_group,
 )
 from esr_core.models.registry import DEFAULT_MODEL
-from esr_core.paths import from_repo, repo_relative
+from esr_core.paths import from_repo, portable_name
 from esr_core.models.sae import load_sae
 from esr_core.resistance.backtracking import BacktrackingParams, find_backtracking
 from esr_core.resistance.detectors import DetectorParams, find_detectors
@@ -328,9 +328,9 @@ def run_token_search(args) -> int:
     report = run_search(engine.model, saes, params, rows=rows, baselines=baselines, steer_sae=engine.sae,
                         progress=None if args.json else StderrProgress(newline=True))
     report["layer_table"] = layer_table(report)
-    report["inputs"] = repo_relative(args.inputs or INPUTS_PATH)
+    report["inputs"] = portable_name(args.inputs or INPUTS_PATH)
     report["command"] = "esr-lab detectors token-search " + " ".join(
-        [f"--model {args.model}"] + [f"--sae {s}" for s in args.sae]
+        [f"--model {args.model}"] + [f"--sae {portable_name(s)}" for s in args.sae]
         + ([f"--inputs {args.inputs}"] if args.inputs else [])
         + ([f"--n-prompts {args.n_prompts}"] if args.n_prompts else []))
     if args.report:
@@ -393,10 +393,10 @@ def run_attribute(args) -> int:
 
 def separation_record(res: dict, args) -> dict:
     """What `detectors separation --record` stores in a group's evidence."""
-    return {"run": repo_relative(args.run), "n": args.n, "off_topic_below": args.off_topic_below,
+    return {"run": portable_name(args.run), "n": args.n, "off_topic_below": args.off_topic_below,
             "steered_off_topic": res["steered_off_topic"], "unsteered": res["unsteered"], "threshold": res["threshold"],
-            "command": f"esr-lab detectors separation --model {args.model} --run {repo_relative(args.run)} -n {args.n}"
-                       + (f" --read-sae {repo_relative(args.read_sae)}" if args.read_sae else "")
+            "command": f"esr-lab detectors separation --model {args.model} --run {portable_name(args.run)} -n {args.n}"
+                       + (f" --read-sae {portable_name(args.read_sae)}" if args.read_sae else "")
                        + f" --off-topic-below {args.off_topic_below:g} --group GROUP --record"}
 
 
@@ -434,7 +434,7 @@ def run_annotate(args) -> int:
     if args.add_layers:
         live = (group.get("evidence") or {}).get("live")
         base = read_json(from_repo(live["report"])) if live and live.get("report") else None
-        out = add_layer_rows(group, read_json(args.report), repo_relative(args.report), base)
+        out = add_layer_rows(group, read_json(args.report), portable_name(args.report), base)
         save_group(LatentGroup.from_dict(out), args.out or args.group)
         rows = (out["evidence"]["live"] if live else out)["layers"]
         print(f"{args.out or args.group}: per-layer table now has {len(rows)} rows "

@@ -9,6 +9,7 @@ from pathlib import Path
 from esr_core.errors import BadInput
 from esr_core.io import atomic_write_json
 from esr_core.latents.groups import GROUP_FORMAT
+from esr_core.paths import portable_name
 from esr_core.viz import palette
 
 
@@ -252,8 +253,8 @@ def add_layer_rows(group: dict, report: dict, report_path: str, base: dict | Non
         raise BadInput(f"{report_path} reads the drifts another way or holds out other prompts than this group's table")
     sae = {la["hook"]: (la.get("sae") or {}) for la in report["layers"]}
     new = [{**{k: v for k, v in r.items() if k != "members"}, "report": str(report_path),
-            "sae": str(sae.get(r["hook"], {}).get("source", "")), "d_sae": sae.get(r["hook"], {}).get("d_sae")}
-           for r in report.get("layer_table") or []]
+            "sae": portable_name(sae.get(r["hook"], {}).get("source", "")),
+            "d_sae": sae.get(r["hook"], {}).get("d_sae")} for r in report.get("layer_table") or []]
     out = dict(group)
     old = (live or {}).get("layers") if live else group.get("layers")
     keys = {(r["hook"], r["group"]) for r in new}
