@@ -121,9 +121,12 @@ def shot(page, name: str) -> Path:
 
 
 def wait_app_idle(page, timeout: float = 180_000) -> None:
-    """Wait until Streamlit has finished the current script run (no 'running' indicator)."""
+    """Wait until Streamlit has finished the current script run: no 'running' indicator and no stale
+    element left from the previous run (the indicator shows only after a delay; stale elements, kept
+    on screen until the run replaces or drops them, are marked data-stale at once)."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') || "
-        "!document.querySelector('[data-testid=\"stStatusWidget\"]').textContent.match(/Running|Stop/)",
+        "() => (!document.querySelector('[data-testid=\"stStatusWidget\"]') || "
+        "!document.querySelector('[data-testid=\"stStatusWidget\"]').textContent.match(/Running|Stop/)) && "
+        "!document.querySelector('[data-testid=\"stElementContainer\"][data-stale=\"true\"]')",
         timeout=timeout)

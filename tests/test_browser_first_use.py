@@ -194,10 +194,14 @@ def test_switching_the_model_keeps_each_models_runs_and_steering(server, browser
     # the page redraws for Gemma once its engine is ready (the sidebar's loader reruns the app)
     expect(page.locator(".esr-iv-chip")).to_have_count(0, timeout=LONG)
     expect(page.locator(".esr-run-view")).to_have_count(0, timeout=LONG)
-    wait_app_idle(page, LONG)
     page.get_by_text(re.compile(r"1 run made with another model")).wait_for(timeout=LONG)
-    body = page.locator('[data-testid="stMain"]').inner_text()
-    assert f"#{EXAMPLE['latent']}" not in body  # SmolLM2's steering stays with SmolLM2
+    # SmolLM2's steering stays with SmolLM2 (waited for: elements of SmolLM2's page stay on screen,
+    # marked stale, until the run for Gemma drops them)
+    main = page.locator('[data-testid="stMain"]')
+    expect(main).not_to_contain_text(f"#{EXAMPLE['latent']}", timeout=LONG)
+    wait_app_idle(page, LONG)
+    body = main.inner_text()
+    assert f"#{EXAMPLE['latent']}" not in body
     assert page.locator(".esr-run-view").count() == 0
     assert "out of range" not in body
     page.get_by_text(re.compile(r"1 run made with another model")).wait_for(timeout=LONG)
