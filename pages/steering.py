@@ -75,11 +75,12 @@ def stream(spec) -> None:
 def file_interrupted_run() -> None:
     """A stream the previous script run did not finish (Stop, another click, a stopped script)."""
     live = ss.get("live")
-    if live is not None and live.status == "running":
-        _ui.keep_run(live.record("stopped"))
+    rec = live.end("stopped") if live is not None else None
+    if rec is not None:  # closed first: a token the old script run still makes is not added
+        _ui.keep_run(rec)
         ss.live = None
-        st.info(f"Stopped: kept {live.n_tokens.get('steered', 0)} steered and {live.n_tokens.get('default', 0)} "
-                "default tokens.")
+        kept = {run: len(res.token_ids) for run, res in rec.results.items()}
+        st.info(f"Stopped: kept {kept.get('steered', 0)} steered and {kept.get('default', 0)} default tokens.")
 
 
 def _stream_into_cards(spec, live, groups) -> None:
@@ -106,12 +107,13 @@ def _stream_into_cards(spec, live, groups) -> None:
                 slots[run].html(live_card(run, live.texts.get(run, ""), live.n_tokens[run], status,
                                           trackers[run].badges_html(), title=titles[run]))
     except EsrError as exc:
-        live.status = "failed"
+        live.end("failed")
         ss.live = None
         st.error(str(exc))
         return
-    rec = live.record("done")
-    live.status = "done"
+    rec = live.end("done")
+    if rec is None:  # stopped meanwhile: the next script run filed it
+        return
     _ui.keep_run(rec)
     ss.live, ss.sel_token = None, None
     stream_area.empty()

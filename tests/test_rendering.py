@@ -262,6 +262,18 @@ def test_live_run_partial_record_keeps_tokens():
     assert live.record("done").results["default"].stop_reason == "eos"
 
 
+def test_a_closed_live_run_ignores_late_tokens():
+    """After Stop the old script run may still add a token while the next one files the record."""
+    live = _live()
+    rec = live.end("stopped")
+    assert rec.status == "stopped" and len(rec.results["steered"].token_ids) == 2
+    late = TokenEvent(run="steered", step=2, token_id=13, text="C", acts={5: 1.0}, top=[])
+    assert live.add(late) is None
+    assert live.n_tokens == {"steered": 2, "default": 1} and live.texts["steered"] == "A<b>"
+    assert live.end("done") is None and live.status == "stopped"  # the first close wins
+    assert len(live.record().results["steered"].token_ids) == 2
+
+
 def test_run_record_json_round_trip_and_errors():
     rec = _live().record("done")
     back = RunRecord.from_json(rec.to_json())

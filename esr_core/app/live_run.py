@@ -8,6 +8,7 @@ scale.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,7 +29,11 @@ from esr_core.steering.spec import GenerationSpec, PromptReadout, RunDone, RunRe
 
 @dataclass
 class LiveRun:
-    """Folds streamed events into per-run text as they arrive; survives a rerun in session state."""
+    """Folds streamed events into per-run text as they arrive; survives a rerun in session state.
+
+    Once :meth:`end` closes it, later events are ignored: after a Stop, Streamlit starts the next
+    script run at once while the old one may still be producing a token, so the record filed and
+    the counts shown must come from one closed state."""
     spec: GenerationSpec
     model: str
     sae: str
@@ -42,9 +47,25 @@ class LiveRun:
     compare_model: str = ""  # a second model streaming the same steering as run "compare"
     read_sae: str | None = None  # the readout SAE's source when it is not the steering SAE
     dtype: str = "float32"  # the engine's weights dtype, recorded with the run
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, ev) -> str | None:
-        """Record one event; returns the run it belongs to."""
+        """Record one event; returns the run it belongs to (None once the run is closed)."""
+        with self._lock:
+            if self.status != "running":
+                return None
+            return self._add(ev)
+
+    def end(self, status: str) -> RunRecord | None:
+        """Close the run as ``status`` ("done", "stopped", "failed") and return its record; None
+        when another script run closed it first."""
+        with self._lock:
+            if self.status != "running":
+                return None
+            self.status = status
+            return self.record(status)
+
+    def _add(self, ev) -> str | None:
         self.events.append(ev)
         if isinstance(ev, PromptReadout):
             if ev.run != "compare":
