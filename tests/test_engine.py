@@ -290,3 +290,22 @@ def test_shipped_default_answers_are_the_engines_greedy_answers():
     got = [res["default"].text.strip() for res in eng.generate_batch(specs)]
     assert got == [r["answer"] for r in recs]
     assert recs[0]["settings"]["generated_with"] == "esr_core.steering.engine.generate_batch"
+
+
+def test_generation_passes_the_kv_cache_under_the_current_keyword(engine):
+    """transformers 5.25 renamed the forward's ``past_key_values`` to ``cache`` and drops the old
+    name in 5.40: generation must use whichever name the installed release takes."""
+    import warnings
+
+    from esr_core.models.loading import kv_cache_arg
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return None
+
+    assert kv_cache_arg(Old()) == "past_key_values"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = engine.generate(GenerationSpec(prompt="How do I boil an egg?", max_new_tokens=3, runs=["default"]))
+    assert len(res["default"].token_ids) == 3
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import inspect
 import os
 import threading
 from dataclasses import dataclass
@@ -198,6 +199,12 @@ def check_dtype(dtype: str | None) -> str:
     if d not in DTYPES:
         raise BadInput(f"Unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     return d
+
+
+def kv_cache_arg(hf_model) -> str:
+    """The forward's KV-cache keyword for this transformers: 5.25 renamed ``past_key_values`` to
+    ``cache`` (the old name is removed in 5.40), earlier releases know only the old name."""
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32") -> LoadedModel:

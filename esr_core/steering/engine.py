@@ -24,7 +24,7 @@ import torch
 
 from esr_core.errors import BadInput, EsrError
 from esr_core.models.hooks import capture, hook_module, on_output
-from esr_core.models.loading import LoadedModel
+from esr_core.models.loading import LoadedModel, kv_cache_arg
 from esr_core.models.sae import SaeHandle
 from esr_core.steering.interventions import (
     Intervention,
@@ -122,6 +122,7 @@ class Engine:
         # the loop reads the last position's logits only: a model that can skip the others does
         # (the prompt's lm_head is most of a batched prefill's work)
         self.last_logits_only = _keeps_logits(model.hf_model)
+        self._kv_arg = kv_cache_arg(model.hf_model)
 
     # ------------------------------------------------------------------ set-up helpers
     def _eos_token_ids(self) -> set[int]:
@@ -326,8 +327,8 @@ class Engine:
 
         cache = DynamicCache()
         last = {"logits_to_keep": 1} if self.last_logits_only else {}
-        kw = dict(input_ids=input_ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True,
-                  **last)
+        kw = {"input_ids": input_ids.to(dev), "position_ids": pos.to(dev), "use_cache": True, self._kv_arg: cache,
+              **last}
         if any(pad_left):
             kw["attention_mask"] = attn.to(dev)
         out = self._forward(ctx, **kw)
@@ -363,9 +364,8 @@ class Engine:
             gone = torch.tensor([done[b] for b in live])
             ctx.pos = torch.where(gone, torch.full((n,), -1), next_pos).view(n, 1).to(dev)
             attn = torch.cat([attn, (~gone).long().view(n, 1)], dim=1)
-            kw = dict(input_ids=torch.tensor(chosen, dtype=torch.long).view(n, 1).to(dev),
-                      position_ids=next_pos.view(n, 1).to(dev), past_key_values=cache, use_cache=True,
-                      **last)
+            kw = {"input_ids": torch.tensor(chosen, dtype=torch.long).view(n, 1).to(dev),
+                  "position_ids": next_pos.view(n, 1).to(dev), "use_cache": True, self._kv_arg: cache, **last}
             if any(pad_left[b] for b in live) or bool(gone.any()):
                 kw["attention_mask"] = attn.to(dev)
             out = self._forward(ctx, **kw)

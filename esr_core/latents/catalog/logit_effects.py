@@ -19,6 +19,7 @@ import numpy as np
 
 from esr_core.jobs import Progress, check_cancel, report_fraction
 from esr_core.models.hooks import on_output
+from esr_core.models.loading import kv_cache_arg
 
 # our own neutral openings: the next token could be many things
 CONTEXTS = ("The weather today is", "She walked into the room and", "Here is a simple recipe:",
@@ -54,6 +55,7 @@ def causal_logit_effects(model, sae, scales: np.ndarray, k: int = 10, batch_size
         return h
 
     total = torch.zeros(d_sae, int(hf.config.vocab_size), dtype=torch.float32)
+    kv = kv_cache_arg(hf)
     handle = on_output(model, sae.hook_name, add_at_last)
     n_steps = len(contexts) * ((d_sae + batch_size - 1) // batch_size)
     step = 0
@@ -63,14 +65,14 @@ def causal_logit_effects(model, sae, scales: np.ndarray, k: int = 10, batch_size
                 ids = tok(c, return_tensors="pt").input_ids.to(dev)
                 prefix, last = ids[:, :-1], ids[:, -1:]
                 cache = DynamicCache()
-                hf(input_ids=prefix, past_key_values=cache, use_cache=True)
-                clean = hf(input_ids=last, past_key_values=_copy(cache, 1), use_cache=True).logits[0, -1]
+                hf(input_ids=prefix, use_cache=True, **{kv: cache})
+                clean = hf(input_ids=last, use_cache=True, **{kv: _copy(cache, 1)}).logits[0, -1]
                 clean = clean.float().log_softmax(-1).cpu()
                 for a in range(0, d_sae, batch_size):
                     check_cancel(cancel, "Logit effects")
                     b = min(a + batch_size, d_sae)
                     push["delta"] = W[a:b] * scales_t[a:b, None]
-                    out = hf(input_ids=last.expand(b - a, -1), past_key_values=_copy(cache, b - a), use_cache=True)
+                    out = hf(input_ids=last.expand(b - a, -1), use_cache=True, **{kv: _copy(cache, b - a)})
                     push["delta"] = None
                     total[a:b] += out.logits[:, -1].float().log_softmax(-1).cpu() - clean[None]
                     step += 1
