@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import inspect
+import logging
 import os
 import threading
 from dataclasses import dataclass
